@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run through its interpreter on CPU tensors. The variable must be
+# set before any module decorated with @triton.jit is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def kvasir_root():
+    root = SHARED_DATA / "kvasir-seg"
+    if not (root / "images").is_dir():
+        pytest.skip(f"real Kvasir-SEG data not found at {root}")
+    return root
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
