@@ -31,7 +31,7 @@ def want_cuda():
 
 def extension():
     sources = ["csrc/module.cpp", "csrc/contrast_aggregate.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]
     macros = []
     if not want_cuda():
         return cpp_extension.CppExtension(
@@ -44,7 +44,7 @@ def extension():
     return cpp_extension.CUDAExtension(
         "condseg_ops._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
         define_macros=macros,
     )
 

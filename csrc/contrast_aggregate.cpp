@@ -3,6 +3,8 @@
 
 #include <torch/library.h>
 
+#include <sstream>
+
 namespace condseg_ops {
 
 namespace {

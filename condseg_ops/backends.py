@@ -1,0 +1,139 @@
+"""Which backend runs a call, which can run here at all, and why not.
+
+Precedence of a forced choice: the ``backend=`` argument, then the innermost ``use_backend``
+context, then the ``CONDSEG_OPS_BACKEND`` environment variable. Without one, CUDA tensors go to
+the compiled CUDA kernels, else Triton, else the reference; CPU tensors to the compiled CPU
+kernels, else the reference.
+"""
+import contextlib
+import functools
+import importlib
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("condseg_ops")
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "CONDSEG_OPS_BACKEND"
+
+_forced_stack = []
+
+
+def _load_compiled():
+    """Returns (module, None) or (None, why it is missing)."""
+    try:
+        return importlib.import_module("condseg_ops._C"), None
+    except ImportError as error:
+        return None, (f"the compiled extension condseg_ops._C is not built ({error}); "
+                      "reinstall with `pip install --no-build-isolation .`")
+
+
+COMPILED, COMPILED_ERROR = _load_compiled()
+
+
+def build_info():
+    """How condseg_ops._C was built (backends, CUDA architectures, torch, compiler), or None."""
+    return dict(COMPILED.build_info) if COMPILED is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_module():
+    """The Triton kernels module, imported on first use (importing triton is slow)."""
+    return importlib.import_module("condseg_ops.triton_kernels")
+
+
+def _triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(name, device_type):
+    """None when backend ``name`` can run tensors of ``device_type`` here, else the reason."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {BACKENDS}"
+    if name == "reference":
+        return None
+    if name == "triton":
+        try:
+            module = triton_module()
+        except ImportError as error:
+            return f"the Triton backend could not be imported ({error})"
+        if not module.TRITON_AVAILABLE:
+            return module.TRITON_UNAVAILABLE_REASON
+        if device_type != "cuda" and not (device_type == "cpu" and _triton_interpreted()):
+            return f"Triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device_type}"
+        return None
+    if COMPILED is None:
+        return COMPILED_ERROR
+    if name == "cpu" and device_type != "cpu":
+        return f"the compiled CPU kernels run CPU tensors, not {device_type}"
+    if name == "cuda":
+        if "cuda" not in COMPILED.build_info["backends"]:
+            return ("condseg_ops._C was built without CUDA kernels (no CUDA toolkit or a CPU-only torch "
+                    "at build time)")
+        if device_type != "cuda":
+            return f"the compiled CUDA kernels run CUDA tensors, not {device_type}"
+    return None
+
+
+def available_backends(device_type=None):
+    """Backends that can run here: for ``device_type`` ("cpu"/"cuda") when given, else for any."""
+    types = [device_type] if device_type else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [name for name in BACKENDS if any(unavailable_reason(name, t) is None for t in types)]
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Forces ``name`` for every call inside the block (``None`` restores automatic choice)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"use_backend: unknown backend {name!r}; choose one of {BACKENDS}")
+    _forced_stack.append(name)
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def _forced_choice(argument):
+    if argument is not None:
+        return argument, "the backend= argument"
+    if _forced_stack and _forced_stack[-1] is not None:
+        return _forced_stack[-1], "use_backend()"
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR], f"the {ENV_VAR} environment variable"
+    return None, None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(device_type, skipped):
+    logger.info("condseg_ops: for %s tensors %s", device_type, skipped)
+
+
+def _automatic(device_type):
+    preferred = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+    skipped = []
+    for name in preferred:
+        reason = unavailable_reason(name, device_type)
+        if reason is None:
+            if skipped:
+                _log_fallback_once(device_type, f"using {name!r}: " + "; ".join(skipped))
+            return name
+        skipped.append(f"{name!r} unavailable: {reason}")
+    return "reference"
+
+
+@torch.compiler.assume_constant_result
+def _select(device_type, argument):
+    name, source = _forced_choice(argument)
+    if name is None:
+        return _automatic(device_type)
+    reason = unavailable_reason(name, device_type)
+    if reason is not None:
+        raise RuntimeError(f"condseg_ops: backend {name!r} (forced by {source}) cannot run here: {reason}")
+    return name
+
+
+def select_backend(device_type, argument=None):
+    """The backend a call on ``device_type`` tensors uses; raises if a forced one cannot run."""
+    return _select(device_type, argument)

@@ -1,0 +1,375 @@
+// CPU kernels of condseg_ops::contrast_aggregate (forward and backward).
+//
+// Per pixel q and head g the op applies M_q = softmax(fg) @ softmax(bg) to the K x K window of q
+// and folds the result back. The source of a term, seen from its destination r, is r + d with only
+// (2K-1)^2 possible offsets d, so we first collapse the K^2 matrices covering r into one weight per
+// offset, Wt_r[d], and then out[c, r] = sum_d Wt_r[d] * V[c, r + d]: (2K-1)^2 multiply-adds per
+// channel, no K^2 x C intermediate, gather form (deterministic), loops contiguous along W.
+#include "../contrast_aggregate.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace condseg_ops {
+namespace {
+
+// Window slot p <-> offset (row, col) = dilation * (p / K - K/2, p % K - K/2); neighbour index
+// d <-> offset dilation * (d / reach - (K-1), d % reach - (K-1)).
+struct Layout {
+  explicit Layout(const Geometry& g)
+      : B(g.batch), C(g.channels), H(g.height), W(g.width), heads(g.heads), K(g.kernel_size),
+        k2(g.slots()), dil(g.dilation), reach(g.reach()), D(g.neighbours()), Cg(g.group_channels()) {}
+  int64_t B, C, H, W, heads, K, k2, dil, reach, D, Cg;
+  int64_t slot_dy(int64_t p) const { return dil * (p / K - K / 2); }
+  int64_t slot_dx(int64_t p) const { return dil * (p % K - K / 2); }
+  int64_t neighbour(int64_t p, int64_t s) const {  // index of off(s) - off(p)
+    return (s / K - p / K + K - 1) * reach + (s % K - p % K + K - 1);
+  }
+  int64_t nb_dy(int64_t d) const { return dil * (d / reach - (K - 1)); }
+  int64_t nb_dx(int64_t d) const { return dil * (d % reach - (K - 1)); }
+  bool inside(int64_t y, int64_t x) const { return y >= 0 && y < H && x >= 0 && x < W; }
+  // [begin, end) of x for which x + dx stays inside the row.
+  int64_t x_begin(int64_t dx) const { return std::max<int64_t>(0, -dx); }
+  int64_t x_end(int64_t dx) const { return std::min<int64_t>(W, W - dx); }
+};
+
+// exp for softmax arguments in [-87, 0] (the caller clamps): Cephes-style polynomial, written so
+// the compiler vectorises it (std::exp is a scalar libm call, the bottleneck of the op on CPU).
+// float: ~1 ulp; double keeps std::exp (gradcheck precision).
+constexpr float kExpFloor = -87.0f;  // exp(-87) ~ 1.6e-38: still a normal float
+
+inline float exp_nonpositive(float x) {
+  // Round to nearest by adding and removing 1.5 * 2^23 (floor() is a libm call without SSE4.1).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// probs = row-wise softmax(scale * logits) of an n x n matrix (N = n when known at compile time).
+template <int64_t N, typename scalar_t, typename acc_t>
+void softmax_rows(const scalar_t* logits, acc_t scale, int64_t runtime_n, acc_t* probs) {
+  const int64_t n = N > 0 ? N : runtime_n;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* row = logits + i * n;
+    acc_t top = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = 0; j < n; ++j) top = std::max(top, scale * static_cast<acc_t>(row[j]));
+    for (int64_t j = 0; j < n; ++j)
+      probs[i * n + j] = std::max(scale * static_cast<acc_t>(row[j]) - top, acc_t(kExpFloor));
+  }
+  for (int64_t j = 0; j < n * n; ++j) probs[j] = exp_nonpositive(probs[j]);
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += probs[i * n + j];
+    const acc_t inv = acc_t(1) / sum;
+    for (int64_t j = 0; j < n; ++j) probs[i * n + j] *= inv;
+  }
+}
+
+// out = a @ b for n x n matrices.
+template <int64_t N, typename acc_t>
+void matmul(const acc_t* a, const acc_t* b, int64_t runtime_n, acc_t* out) {
+  const int64_t n = N > 0 ? N : runtime_n;
+  for (int64_t p = 0; p < n; ++p) {
+    acc_t* row = out + p * n;
+    for (int64_t s = 0; s < n; ++s) row[s] = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      const acc_t w = a[p * n + t];
+      for (int64_t s = 0; s < n; ++s) row[s] += w * b[t * n + s];
+    }
+  }
+}
+
+// out = a^T @ b and out = a @ b^T for n x n matrices (the two products of the backward).
+template <int64_t N, typename acc_t>
+void matmul_at_b(const acc_t* a, const acc_t* b, int64_t runtime_n, acc_t* out) {
+  const int64_t n = N > 0 ? N : runtime_n;
+  for (int64_t t = 0; t < n * n; ++t) out[t] = 0;
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t t = 0; t < n; ++t) {
+      const acc_t w = a[p * n + t];
+      for (int64_t s = 0; s < n; ++s) out[t * n + s] += w * b[p * n + s];
+    }
+}
+
+template <int64_t N, typename acc_t>
+void matmul_a_bt(const acc_t* a, const acc_t* b, int64_t runtime_n, acc_t* out) {
+  const int64_t n = N > 0 ? N : runtime_n;
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t t = 0; t < n; ++t) {
+      acc_t sum = 0;
+      for (int64_t s = 0; s < n; ++s) sum += a[p * n + s] * b[t * n + s];
+      out[p * n + t] = sum;
+    }
+}
+
+// mix[b, y, x, g] = softmax(fg) @ softmax(bg) (or softmax(fg) alone), laid out like attn_fg.
+template <int64_t N, typename scalar_t, typename acc_t>
+void mixing_matrices(const Layout& L, const scalar_t* fg, const scalar_t* bg, acc_t scale, acc_t* out) {
+  const int64_t n = L.k2, nn = n * n;
+  at::parallel_for(0, L.B * L.H * L.W * L.heads, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> p_fg(nn), p_bg(nn);
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t* m = out + i * nn;
+      if (bg == nullptr) {
+        softmax_rows<N>(fg + i * nn, scale, n, m);
+        continue;
+      }
+      softmax_rows<N>(fg + i * nn, scale, n, p_fg.data());
+      softmax_rows<N>(bg + i * nn, scale, n, p_bg.data());
+      matmul<N>(p_fg.data(), p_bg.data(), n, m);
+    }
+  });
+}
+
+// weights[b, g, d, y, x] = Wt_(y,x)[d]: the mixing weights of every window covering (y, x),
+// gathered by source offset d.
+template <typename acc_t>
+at::Tensor neighbour_weights(const Layout& L, const at::Tensor& mix) {
+  at::Tensor weights = at::empty({L.B, L.heads, L.D, L.H, L.W}, mix.options());
+  const acc_t* m = mix.data_ptr<acc_t>();
+  acc_t* w = weights.data_ptr<acc_t>();
+  const int64_t nn = L.k2 * L.k2, HW = L.H * L.W;
+  at::parallel_for(0, L.B * L.H, 4, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(L.D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / L.H, y = row % L.H;
+      for (int64_t x = 0; x < L.W; ++x)
+        for (int64_t g = 0; g < L.heads; ++g) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t p = 0; p < L.k2; ++p) {
+            const int64_t qy = y - L.slot_dy(p), qx = x - L.slot_dx(p);
+            if (!L.inside(qy, qx)) continue;
+            const acc_t* mrow = m + (((b * L.H + qy) * L.W + qx) * L.heads + g) * nn + p * L.k2;
+            for (int64_t s = 0; s < L.k2; ++s) acc[L.neighbour(p, s)] += mrow[s];
+          }
+          acc_t* dst = w + (b * L.heads + g) * L.D * HW + y * L.W + x;
+          for (int64_t d = 0; d < L.D; ++d) dst[d * HW] = acc[d];
+        }
+    }
+  });
+  return weights;
+}
+
+// Applies the neighbour weights to every channel of src (b, c, y, x):
+// with transpose=false, out[r] = sum_d Wt_r[d] src[r + d] (forward);
+// with transpose=true,  out[t] = sum_d Wt_{t-d}[d] src[t - d] (gradient of value).
+template <typename scalar_t, typename acc_t>
+void apply_weights(const Layout& L, const acc_t* weights, const scalar_t* src, scalar_t* out,
+                   bool transpose) {
+  const int64_t HW = L.H * L.W;
+  at::parallel_for(0, L.B * L.C * L.H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(L.W);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bc = row / L.H, y = row % L.H, b = bc / L.C, g = (bc % L.C) / L.Cg;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const acc_t* wg = weights + (b * L.heads + g) * L.D * HW;
+      for (int64_t d = 0; d < L.D; ++d) {
+        const int64_t dy = transpose ? -L.nb_dy(d) : L.nb_dy(d);
+        const int64_t dx = transpose ? -L.nb_dx(d) : L.nb_dx(d);
+        const int64_t sy = y + dy;
+        if (sy < 0 || sy >= L.H) continue;
+        const int64_t x0 = L.x_begin(dx), x1 = L.x_end(dx);
+        const scalar_t* s = src + bc * HW + sy * L.W + dx;
+        // Forward reads the weight at the destination; the transpose at the source.
+        const acc_t* w = wg + d * HW + (transpose ? sy * L.W + dx : y * L.W);
+        acc_t* __restrict__ a = acc.data();
+        for (int64_t x = x0; x < x1; ++x) a[x] += w[x] * static_cast<acc_t>(s[x]);
+      }
+      scalar_t* o = out + bc * HW + y * L.W;
+      for (int64_t x = 0; x < L.W; ++x) o[x] = static_cast<scalar_t>(acc[x]);
+    }
+  });
+}
+
+// grad_weights[b, g, d, y, x] = sum_{c in head g} grad_out[b, c, y, x] * value[b, c, (y, x) + d].
+template <typename scalar_t, typename acc_t>
+at::Tensor weight_gradients(const Layout& L, const scalar_t* grad_out, const scalar_t* value,
+                            const at::TensorOptions& acc_options) {
+  at::Tensor grad_w = at::empty({L.B, L.heads, L.D, L.H, L.W}, acc_options);
+  acc_t* gw = grad_w.data_ptr<acc_t>();
+  const int64_t HW = L.H * L.W;
+  at::parallel_for(0, L.B * L.heads * L.H, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bg = row / L.H, y = row % L.H, b = bg / L.heads, g = bg % L.heads;
+      const int64_t c0 = b * L.C + g * L.Cg;
+      for (int64_t d = 0; d < L.D; ++d) {
+        acc_t* __restrict__ a = gw + (bg * L.D + d) * HW + y * L.W;
+        std::fill(a, a + L.W, acc_t(0));
+        const int64_t dy = L.nb_dy(d), dx = L.nb_dx(d), sy = y + dy;
+        if (sy < 0 || sy >= L.H) continue;
+        const int64_t x0 = L.x_begin(dx), x1 = L.x_end(dx);
+        for (int64_t c = c0; c < c0 + L.Cg; ++c) {
+          const scalar_t* go = grad_out + c * HW + y * L.W;
+          const scalar_t* v = value + c * HW + sy * L.W + dx;
+          for (int64_t x = x0; x < x1; ++x) a[x] += static_cast<acc_t>(go[x]) * static_cast<acc_t>(v[x]);
+        }
+      }
+    }
+  });
+  return grad_w;
+}
+
+// grad_logits = scale * P * (grad_P - rowsum(grad_P * P)) for an n x n row-softmax P.
+template <int64_t N, typename scalar_t, typename acc_t>
+void softmax_backward_rows(const acc_t* probs, const acc_t* grad_probs, acc_t scale, int64_t runtime_n,
+                           scalar_t* grad_logits) {
+  const int64_t n = N > 0 ? N : runtime_n;
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t dot = 0;
+    for (int64_t j = 0; j < n; ++j) dot += grad_probs[i * n + j] * probs[i * n + j];
+    for (int64_t j = 0; j < n; ++j)
+      grad_logits[i * n + j] =
+          static_cast<scalar_t>(scale * probs[i * n + j] * (grad_probs[i * n + j] - dot));
+  }
+}
+
+// Gradients of the logits, one pixel and head at a time: grad_M from grad_weights, then through
+// M = P_fg @ P_bg and the two softmaxes (recomputed, never saved).
+template <int64_t N, typename scalar_t, typename acc_t>
+void logit_gradients(const Layout& L, const acc_t* grad_w, const scalar_t* fg, const scalar_t* bg,
+                     acc_t scale, scalar_t* grad_fg, scalar_t* grad_bg) {
+  const int64_t n = L.k2, nn = n * n, HW = L.H * L.W;
+  at::parallel_for(0, L.B * L.H * L.W * L.heads, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> g_mix(nn), p_fg(nn), p_bg(nn), g_fg(nn), g_bg(nn);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i % L.heads, pixel = i / L.heads;
+      const int64_t b = pixel / HW, y = (pixel % HW) / L.W, x = pixel % L.W;
+      const acc_t* gw = grad_w + (b * L.heads + g) * L.D * HW;
+      for (int64_t p = 0; p < n; ++p) {
+        const int64_t ry = y + L.slot_dy(p), rx = x + L.slot_dx(p);
+        const bool in = L.inside(ry, rx);
+        for (int64_t s = 0; s < n; ++s)
+          g_mix[p * n + s] = in ? gw[L.neighbour(p, s) * HW + ry * L.W + rx] : acc_t(0);
+      }
+      softmax_rows<N>(fg + i * nn, scale, n, p_fg.data());
+      if (bg == nullptr) {
+        softmax_backward_rows<N>(p_fg.data(), g_mix.data(), scale, n, grad_fg + i * nn);
+        continue;
+      }
+      softmax_rows<N>(bg + i * nn, scale, n, p_bg.data());
+      matmul_a_bt<N>(g_mix.data(), p_bg.data(), n, g_fg.data());  // grad_P_fg = grad_M @ P_bg^T
+      matmul_at_b<N>(p_fg.data(), g_mix.data(), n, g_bg.data());  // grad_P_bg = P_fg^T @ grad_M
+      softmax_backward_rows<N>(p_fg.data(), g_fg.data(), scale, n, grad_fg + i * nn);
+      softmax_backward_rows<N>(p_bg.data(), g_bg.data(), scale, n, grad_bg + i * nn);
+    }
+  });
+}
+
+// Calls fn(std::integral_constant<int64_t, K*K>) for the common kernel sizes (loops of known
+// length vectorise) and fn(integral_constant<int64_t, 0>) (runtime length) otherwise.
+template <typename Fn>
+void dispatch_slots(int64_t k2, const Fn& fn) {
+  switch (k2) {
+    case 1: return fn(std::integral_constant<int64_t, 1>());
+    case 9: return fn(std::integral_constant<int64_t, 9>());
+    case 25: return fn(std::integral_constant<int64_t, 25>());
+    case 49: return fn(std::integral_constant<int64_t, 49>());
+    default: return fn(std::integral_constant<int64_t, 0>());
+  }
+}
+
+bool is_empty(const Geometry& g) {
+  return g.batch == 0 || g.channels == 0 || g.height == 0 || g.width == 0;
+}
+
+template <typename acc_t>
+at::TensorOptions acc_options_of(const at::Tensor& t) {
+  return t.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+}
+
+at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& fg_in,
+                       const std::optional<at::Tensor>& bg_in, int64_t kernel_size, int64_t dilation,
+                       double scale) {
+  const Geometry geo = check_inputs(value_in, fg_in, bg_in, kernel_size, dilation);
+  if (is_empty(geo)) return at::zeros(value_in.sizes(), value_in.options());
+  const at::Tensor value = value_in.contiguous(), fg = fg_in.contiguous();
+  const at::Tensor bg = bg_in.has_value() ? bg_in->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(value.sizes(), value.options());
+  const Layout L(geo);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "contrast_aggregate_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto options = acc_options_of<acc_t>(value);
+    const scalar_t* bg_ptr = bg.defined() ? bg.data_ptr<scalar_t>() : nullptr;
+    at::Tensor mix = at::empty(fg.sizes(), options);
+    dispatch_slots(L.k2, [&](auto slots) {
+      mixing_matrices<decltype(slots)::value>(L, fg.data_ptr<scalar_t>(), bg_ptr, static_cast<acc_t>(scale),
+                                              mix.data_ptr<acc_t>());
+    });
+    at::Tensor weights = neighbour_weights<acc_t>(L, mix);
+    apply_weights<scalar_t, acc_t>(L, weights.data_ptr<acc_t>(), value.data_ptr<scalar_t>(),
+                                   out.data_ptr<scalar_t>(), /*transpose=*/false);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& value_in, const at::Tensor& fg_in,
+    const std::optional<at::Tensor>& bg_in, int64_t kernel_size, int64_t dilation, double scale) {
+  const Geometry geo = check_inputs(value_in, fg_in, bg_in, kernel_size, dilation);
+  check_grad_out(grad_in, value_in);
+  const bool has_bg = bg_in.has_value();
+  if (is_empty(geo)) {
+    return {at::zeros(value_in.sizes(), value_in.options()), at::zeros(fg_in.sizes(), fg_in.options()),
+            has_bg ? at::zeros(bg_in->sizes(), bg_in->options()) : at::empty({0}, value_in.options())};
+  }
+  const at::Tensor grad_out = grad_in.contiguous(), value = value_in.contiguous(), fg = fg_in.contiguous();
+  const at::Tensor bg = has_bg ? bg_in->contiguous() : at::Tensor();
+  at::Tensor grad_value = at::empty(value.sizes(), value.options());
+  at::Tensor grad_fg = at::empty(fg.sizes(), fg.options());
+  at::Tensor grad_bg = has_bg ? at::empty(bg.sizes(), bg.options()) : at::empty({0}, value.options());
+  const Layout L(geo);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "contrast_aggregate_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto options = acc_options_of<acc_t>(value);
+    const acc_t s = static_cast<acc_t>(scale);
+    const scalar_t* bg_ptr = has_bg ? bg.data_ptr<scalar_t>() : nullptr;
+    {
+      at::Tensor mix = at::empty(fg.sizes(), options);
+      dispatch_slots(L.k2, [&](auto slots) {
+        mixing_matrices<decltype(slots)::value>(L, fg.data_ptr<scalar_t>(), bg_ptr, s, mix.data_ptr<acc_t>());
+      });
+      at::Tensor weights = neighbour_weights<acc_t>(L, mix);
+      apply_weights<scalar_t, acc_t>(L, weights.data_ptr<acc_t>(), grad_out.data_ptr<scalar_t>(),
+                                     grad_value.data_ptr<scalar_t>(), /*transpose=*/true);
+    }
+    at::Tensor grad_w = weight_gradients<scalar_t, acc_t>(L, grad_out.data_ptr<scalar_t>(),
+                                                          value.data_ptr<scalar_t>(), options);
+    dispatch_slots(L.k2, [&](auto slots) {
+      logit_gradients<decltype(slots)::value>(L, grad_w.data_ptr<acc_t>(), fg.data_ptr<scalar_t>(), bg_ptr, s,
+                                              grad_fg.data_ptr<scalar_t>(),
+                                              has_bg ? grad_bg.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {grad_value, grad_fg, grad_bg};
+}
+
+}  // namespace
+}  // namespace condseg_ops
+
+TORCH_LIBRARY_IMPL(condseg_ops, CPU, m) {
+  m.impl("contrast_aggregate", &condseg_ops::forward_cpu);
+  m.impl("contrast_aggregate_backward", &condseg_ops::backward_cpu);
+}

@@ -1,0 +1,113 @@
+"""The op as a torch custom op: backend dispatch, opcheck, torch.compile, autocast."""
+import logging
+
+import pytest
+import torch
+
+import condseg_ops
+from condseg_ops import backends, contrast_aggregate, contrast_aggregate_reference
+from op_cases import grads, make_inputs
+
+
+# --- dispatch ----------------------------------------------------------------------------------------
+
+def test_automatic_choice_on_cpu_is_the_compiled_kernel():
+    assert backends.select_backend("cpu") == "cpu"
+
+
+def test_forcing_precedence(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.select_backend("cpu") == "reference"
+    with condseg_ops.use_backend("cpu"):
+        assert backends.select_backend("cpu") == "cpu"  # context beats the environment
+        assert backends.select_backend("cpu", "reference") == "reference"  # argument beats both
+        with condseg_ops.use_backend(None):
+            assert backends.select_backend("cpu") == "reference"  # None defers to the environment
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert backends.select_backend("cpu") == "cpu"
+
+
+def test_forced_backend_that_cannot_run_says_why(monkeypatch):
+    with pytest.raises(RuntimeError, match=r"'cuda' \(forced by the backend= argument\).*CUDA"):
+        contrast_aggregate(*make_inputs(1, 4, 3, 3, 1, 3), backend="cuda")
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(RuntimeError, match="CONDSEG_OPS_BACKEND.*unknown backend 'nonsense'"):
+        contrast_aggregate(*make_inputs(1, 4, 3, 3, 1, 3))
+    with pytest.raises(ValueError, match="unknown backend"):
+        with condseg_ops.use_backend("fast"):
+            pass
+
+
+def test_missing_backend_falls_back_and_logs(monkeypatch, caplog):
+    monkeypatch.setattr(backends, "COMPILED", None)
+    monkeypatch.setattr(backends, "COMPILED_ERROR", "not built in this test")
+    backends._log_fallback_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="condseg_ops"):
+        assert backends.select_backend("cpu") == "reference"
+    assert "not built in this test" in caplog.text
+    assert "cpu" not in condseg_ops.available_backends("cpu")
+
+
+def test_available_backends_lists_what_runs_here():
+    names = condseg_ops.available_backends()
+    assert names[0] == "reference" and "cpu" in names
+    assert ("cuda" in names) == (torch.cuda.is_available() and "cuda" in condseg_ops.build_info()["backends"])
+
+
+# --- custom-op machinery -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dual", [True, False])
+def test_opcheck(dual):
+    value, attn_fg, attn_bg = make_inputs(2, 6, 5, 4, 2, 3, dual=dual, requires_grad=True)
+    torch.library.opcheck(torch.ops.condseg_ops.contrast_aggregate.default,
+                          (value, attn_fg, attn_bg, 3, 1, 0.5))
+    grad_out = torch.randn(2, 6, 5, 4)
+    torch.library.opcheck(torch.ops.condseg_ops.contrast_aggregate_backward.default,
+                          (grad_out, value.detach(), attn_fg.detach(),
+                           None if attn_bg is None else attn_bg.detach(), 3, 1, 0.5))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    def fn(value, attn_fg, attn_bg):
+        return torch.tanh(contrast_aggregate(value * 2, attn_fg, attn_bg, 3, 1, 0.5, backend="cpu"))
+
+    inputs = make_inputs(2, 6, 7, 5, 2, 3, requires_grad=True)
+    grad_out = torch.randn(2, 6, 7, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    expected, expected_grads = grads(fn, inputs, grad_out)
+    out, got_grads = grads(compiled, inputs, grad_out)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_torch_compile_of_the_layer(variant):
+    torch.manual_seed(0)
+    layer = condseg_ops.ContrastAggregation(8, num_heads=2, guide_dim=6, variant=variant)
+    x, f_fg, f_bg = torch.randn(2, 8, 6, 5), torch.randn(2, 6, 6, 5), torch.randn(2, 6, 6, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, f_fg, f_bg), layer(x, f_fg, f_bg))
+    compiled(x, f_fg, f_bg).sum().backward()
+    expected = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    layer(x, f_fg, f_bg).sum().backward()
+    for name, param in layer.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name])
+
+
+# --- autocast ------------------------------------------------------------------------------------------
+
+def test_autocast_runs_in_the_autocast_dtype():
+    value, attn_fg, attn_bg = make_inputs(1, 8, 6, 6, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = contrast_aggregate(value, attn_fg.bfloat16(), attn_bg, backend="cpu")
+    assert out.dtype == torch.bfloat16
+    expected = contrast_aggregate_reference(value, attn_fg.bfloat16().float(), attn_bg)
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
+    with pytest.raises(ValueError, match="attn_fg has dtype"):  # outside autocast: no silent casts
+        contrast_aggregate(value, attn_fg.bfloat16(), attn_bg)
