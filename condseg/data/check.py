@@ -1,0 +1,106 @@
+"""check_dataset: every problem of a dataset folder, reported at once (``condseg data check``)."""
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dataset import load_pair
+from .errors import DatasetError, MissingFilesError
+from .layouts import SPLITS, Sample, _index_layout, find_samples, resolve_layout
+
+
+@dataclass
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self):
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class DatasetReport:
+    root: str
+    layout: str = None
+    pairs: int = 0
+    splits: dict = field(default_factory=dict)   # split -> number of usable pairs
+    problems: list = field(default_factory=list)
+
+    @property
+    def ok(self):
+        return not self.problems
+
+    def __str__(self):
+        lines = [f"dataset {self.root}: layout {self.layout or 'unknown'}, {self.pairs} image/mask pairs"]
+        lines += [f"  split {k}: {v} pairs" for k, v in self.splits.items()]
+        if self.ok:
+            lines.append("no problems found")
+        else:
+            lines.append(f"{len(self.problems)} problem(s):")
+            lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _check_pair(sample, binarize, classes):
+    try:
+        load_pair(sample, 3, classes, binarize)
+    except DatasetError as e:
+        return Problem(e.path or str(sample.image), str(e))
+    return None
+
+
+def check_dataset(root, classes=1, workers=4):
+    """Scan a dataset folder and return a DatasetReport listing every problem found: missing ids
+    in split files, empty splits, duplicate ids, unpaired files, unreadable or corrupt files,
+    images and masks of different sizes, mask values outside the classes."""
+    root = Path(root)
+    report = DatasetReport(str(root))
+    layouts = {}
+    for split in (None,) + SPLITS:
+        try:
+            layouts[split] = resolve_layout(root, split)
+        except DatasetError as e:
+            if split is None:
+                report.problems.append(Problem(str(root), str(e)))
+                return report
+            if (root / f"{split}.txt").is_file():
+                report.problems.append(Problem(str(root / f"{split}.txt"), str(e)))
+    report.layout = layouts[None].name
+    # every file in every folder, whichever split names it
+    seen = {}
+    for layout in layouts.values():
+        key = (layout.image_dir, layout.mask_dir)
+        if key in seen:
+            continue
+        try:
+            images, masks = _index_layout(layout)
+        except DatasetError as e:
+            report.problems.append(Problem(str(layout.image_dir), str(e)))
+            continue
+        seen[key] = [Sample(i, images[i], masks[i]) for i in sorted(images) if i in masks]
+        for i in sorted(set(images) - set(masks)):
+            report.problems.append(Problem(str(images[i]), f"image has no mask in {layout.mask_dir}"))
+        for i in sorted(set(masks) - set(images)):
+            report.problems.append(Problem(str(masks[i]), f"mask has no image in {layout.image_dir}"))
+        binarize = layout.binarize
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = pool.map(lambda s: _check_pair(s, binarize, classes), seen[key])
+            report.problems += [p for p in found if p is not None]
+    report.pairs = sum(len(v) for v in seen.values())
+    for split, layout in layouts.items():
+        if split is None:
+            continue
+        try:
+            samples, _ = find_samples(root, split)
+            report.splits[split] = len(samples)
+        except MissingFilesError as e:
+            for folder, ids in e.missing.items():
+                report.problems.append(Problem(str(layout.split_file or folder),
+                                               f"split {split!r}: {len(ids)} id(s) with no file in "
+                                               f"{folder}: {', '.join(ids)}"))
+            try:
+                report.splits[split] = len(find_samples(root, split, True, warn=lambda m: None)[0])
+            except DatasetError:
+                report.splits[split] = 0
+        except DatasetError as e:
+            report.problems.append(Problem(str(layout.split_file or layout.image_dir), str(e)))
+    return report

@@ -1,0 +1,81 @@
+"""Reading images and masks from disk (Pillow), with errors that name the file."""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DatasetError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+_READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _open(path, kind):
+    try:
+        img = Image.open(path)
+        img.load()  # decode now, so truncated files fail here and not later
+        return img
+    except FileNotFoundError:
+        raise DatasetError(f"{kind} file not found: {path}", path) from None
+    except _READ_ERRORS as e:
+        raise DatasetError(f"cannot read {kind} {path}: {e}", path) from None
+
+
+def _to_array(img):
+    """Pixel array of any Pillow mode, and the maximum value of its range."""
+    if img.mode == "1":
+        return np.array(img, dtype=np.uint8), 1
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return np.array(img).astype(np.int64), 65535
+    if img.mode == "F":
+        return np.array(img, dtype=np.float32), 1.0
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    return np.array(img), 255
+
+
+def read_image(path, channels=3):
+    """Image as a uint8 array (H, W, channels); grayscale, RGB, RGBA, palette and 16-bit inputs work."""
+    img = _open(path, "image")
+    arr, top = _to_array(img)
+    if top != 255:
+        arr = np.clip(arr.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
+    arr = arr.astype(np.uint8, copy=False)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    arr = arr[:, :, :3] if arr.shape[2] >= 3 else arr[:, :, :1]  # drop alpha
+    if channels == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif channels == 1 and arr.shape[2] == 3:
+        arr = np.array(Image.fromarray(arr).convert("L"))[:, :, None]
+    elif channels not in (1, 3):
+        raise ValueError(f"read_image: channels must be 1 or 3, got {channels}")
+    return np.ascontiguousarray(arr)
+
+
+def read_mask(path, binarize="half", classes=1):
+    """Mask as a uint8 array (H, W).
+
+    Binary (``classes == 1``): foreground where the value is at least half the range of the file's
+    pixel type (128 for 8-bit, 32768 for 16-bit), or any non-zero value with ``binarize="nonzero"``
+    (instance-label masks such as GlaS). Multi-channel masks are reduced by their channel maximum.
+    Multi-class (``classes > 1``): the stored values are class indices and must be < classes.
+    """
+    img = _open(path, "mask")
+    arr, top = _to_array(img)
+    if arr.ndim == 3:
+        arr = arr[:, :, :3].max(axis=2)
+    if classes > 1:
+        if arr.size and (arr.min() < 0 or arr.max() >= classes):
+            raise DatasetError(f"mask {path} has values {sorted(np.unique(arr).tolist())[:10]} "
+                               f"outside the {classes} class indices 0..{classes - 1}", path)
+        return arr.astype(np.uint8)
+    if binarize == "nonzero":
+        return (arr > 0).astype(np.uint8)
+    if binarize != "half":
+        raise ValueError(f"read_mask: binarize must be 'half' or 'nonzero', got {binarize!r}")
+    return (arr >= top / 2).astype(np.uint8)
+
+
+def is_image_file(path):
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS

@@ -1,0 +1,84 @@
+"""One training epoch and one validation pass, for either stage."""
+import math
+
+import torch
+
+from .. import losses
+from ..data import augment
+from ..metrics import MetricTracker
+from ..models import ConDSegOutput
+from .runlog import Progress
+from .runtime import any_rank, autocast
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _targets(masks, classes):
+    """(binary float target for the foreground, the stage-2 mask target)."""
+    if classes > 1:
+        return (masks > 0).float(), masks[:, 0].long()
+    return masks.float(), masks.float()
+
+
+def train_epoch(model, loader, optimizer, scaler, stage, cfg, device, amp, ctx, label=""):
+    """Train one epoch; returns the mean loss and, in stage 2, its parts. Raises TrainingDiverged
+    (on every rank) as soon as a loss is not finite, before it reaches the weights."""
+    model.train()
+    totals, steps = {}, 0
+    progress = Progress(len(loader), label, enabled=cfg.progress and ctx.is_main)
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True).float().div_(255)
+        masks = batch["mask"].to(device, non_blocking=True)
+        images, masks = augment.geometric(images, masks, rotation=cfg.rotation, labels=cfg.classes > 1)
+        fg, target = _targets(masks, cfg.classes)
+        if stage == 1:
+            x = augment.normalize(torch.cat([images, augment.strong(images)]))
+            with autocast(device, amp):
+                logits = model(x)
+            a, b = logits.float().chunk(2)
+            loss = losses.stage1_loss(a, b, fg, cfg.consistency_threshold)
+            parts = {}
+        else:
+            with autocast(device, amp):
+                out = model(augment.normalize(images), return_aux=True)
+            out = ConDSegOutput(*(o.float() for o in out))
+            loss, parts = losses.stage2_loss(out, target)
+        value = float(loss.detach())
+        if any_rank(ctx, not math.isfinite(value), device):
+            progress.close()
+            raise TrainingDiverged(f"{label}: the loss became {value} at step {steps + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        steps += 1
+        totals["train_loss"] = totals.get("train_loss", 0.0) + value
+        for k in ("mask", "fg", "bg", "compl"):
+            if k in parts:
+                totals[f"loss_{k}"] = totals.get(f"loss_{k}", 0.0) + float(parts[k])
+        progress.update(loss=totals["train_loss"] / steps)
+    progress.close()
+    return {k: v / max(1, steps) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def validate(model, loader, cfg, device, amp):
+    """Validation loss (Lmask) and metrics (mIoU, mDSC, recall, precision: per-image means)."""
+    model.eval()
+    tracker, loss_sum, count = MetricTracker(), 0.0, 0
+    for batch in loader:
+        images = augment.normalize(batch["image"].to(device, non_blocking=True))
+        fg, target = _targets(batch["mask"].to(device, non_blocking=True), cfg.classes)
+        with autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        t = fg if logits.shape[1] == 1 else target
+        loss_sum += float(losses.mask_loss(logits, t)) * images.shape[0]
+        count += images.shape[0]
+        tracker.update(logits, t)
+    metrics = tracker.compute()
+    out = {"val_loss": loss_sum / max(1, count)}
+    out.update({f"val_{k}": metrics[k] for k in ("mIoU", "mDSC", "recall", "precision")})
+    return out

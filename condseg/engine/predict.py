@@ -1,0 +1,157 @@
+"""Prediction on image files of any size: masks at each input's own size, optional overlays,
+probability maps and SID uncertainty maps. Decoding runs in data-loader workers and PNG writing
+in a thread pool, so the model does not wait on I/O."""
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.augment import normalize
+from ..data.dataset import resize_image
+from ..data.errors import DatasetError
+from ..data.io import is_image_file, read_image
+from .builders import load_model
+from .runtime import resolve_device
+
+PALETTE = np.array([(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255),
+                    (0, 255, 255), (255, 128, 0)], dtype=np.uint8)
+
+
+def list_inputs(inputs):
+    """Image files from files and folders (a folder's image files, sorted, not recursive)."""
+    files = []
+    for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
+            if not found:
+                raise DatasetError(f"no image files in {path}", path)
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DatasetError(f"input not found: {path}", path)
+    return files
+
+
+class _Images(Dataset):
+    def __init__(self, files, size, channels):
+        self.files, self.size, self.channels = files, size, channels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        arr = read_image(self.files[i], self.channels)
+        return resize_image(arr, self.size), i, arr.shape[:2]
+
+
+def _collate(items):
+    return torch.stack([it[0] for it in items]), [it[1] for it in items], [it[2] for it in items]
+
+
+def _hot(values):
+    """uint8 (H, W) -> RGB 'hot' colour map (black, red, yellow, white)."""
+    v = values.astype(np.float32) / 255.0
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def draw_overlay(image, labels, alpha=0.4):
+    """The image (H, W, 3) with the predicted classes tinted and their outline drawn."""
+    out = image.astype(np.float32)
+    colours = PALETTE[np.minimum(labels, len(PALETTE) - 1)].astype(np.float32)
+    fg = labels > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
+    pad = np.pad(labels, 1, mode="edge")
+    edge = fg & ((pad[:-2, 1:-1] != labels) | (pad[2:, 1:-1] != labels)
+                 | (pad[1:-1, :-2] != labels) | (pad[1:-1, 2:] != labels))
+    out[edge] = (255, 255, 0)
+    return out.astype(np.uint8)
+
+
+def _unique_stem(path, used):
+    stem, k = path.stem, 1
+    while stem in used:
+        stem, k = f"{path.stem}_{k}", k + 1
+    used.add(stem)
+    return stem
+
+
+def _write(record, labels, prob, unc, classes, write_overlay):
+    stem_path = record["stem_path"]
+    mask = labels.astype(np.uint8) * (255 if classes == 1 else 1)
+    Image.fromarray(mask).save(record["mask"])
+    if prob is not None:
+        Image.fromarray(prob).save(f"{stem_path}_prob.png")
+    if unc is not None:
+        Image.fromarray(_hot(unc)).save(f"{stem_path}_uncertainty.png")
+    if write_overlay:
+        image = read_image(record["input"], 3)
+        Image.fromarray(draw_overlay(image, labels)).save(record["overlay"])
+
+
+@torch.no_grad()
+def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, uncertainty=False,
+            device="auto", batch_size=8, workers=2, threshold=0.5):
+    """Segment image files (any size, any of jpg/png/bmp/tif) with a trained checkpoint.
+
+    Each input is resized to the training size, segmented, and the logits are resized back to the
+    input's size. Writes to ``out_dir``: ``<stem>.png`` (binary mask 0/255, or class indices),
+    and optionally ``<stem>_overlay.png``, ``<stem>_prob.png`` (foreground probability x 255) and
+    ``<stem>_uncertainty.png`` (the SID uncertainty branch's map, stage-2 checkpoints only).
+    Returns one dict per input with the paths written.
+    """
+    device = resolve_device(device)
+    model, state = load_model(checkpoint, device)
+    mcfg = state["model_config"]
+    classes = mcfg.get("classes", 1)
+    if uncertainty and mcfg["arch"] != "condseg":
+        raise ValueError(f"uncertainty maps come from the stage-2 network; {checkpoint} is a stage-1 checkpoint")
+    files = list_inputs(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loader = DataLoader(_Images(files, tuple(state["image_size"]), mcfg["in_channels"]), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    used, records, pending = set(), [], []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for images, indices, sizes in loader:
+            x = normalize(images.to(device, non_blocking=True))
+            if uncertainty:
+                out = model(x, return_aux=True)
+                logits, unc_logits = out.mask.float(), out.uc.float()
+            else:
+                logits, unc_logits = model(x).float(), None
+            for j, i in enumerate(indices):
+                size = tuple(sizes[j])
+                up = F.interpolate(logits[j:j + 1], size=size, mode="bilinear", align_corners=False)[0]
+                if classes == 1:
+                    p = torch.sigmoid(up[0])
+                    labels = (p >= threshold).to(torch.uint8)
+                else:
+                    p = 1 - torch.softmax(up, dim=0)[0]  # probability of any foreground class
+                    labels = up.argmax(0).to(torch.uint8)
+                prob = (p * 255).round().to(torch.uint8).cpu().numpy() if probabilities else None
+                unc = None
+                if unc_logits is not None:
+                    u = F.interpolate(unc_logits[j:j + 1], size=size, mode="bilinear", align_corners=False)
+                    unc = (torch.sigmoid(u[0, 0]) * 255).round().to(torch.uint8).cpu().numpy()
+                stem_path = out_dir / _unique_stem(files[i], used)
+                record = {"input": str(files[i]), "mask": f"{stem_path}.png", "stem_path": str(stem_path)}
+                if overlay:
+                    record["overlay"] = f"{stem_path}_overlay.png"
+                if probabilities:
+                    record["probability"] = f"{stem_path}_prob.png"
+                if unc is not None:
+                    record["uncertainty"] = f"{stem_path}_uncertainty.png"
+                records.append(record)
+                pending.append(pool.submit(_write, record, labels.cpu().numpy(), prob, unc, classes, overlay))
+        for job in pending:
+            job.result()
+    for r in records:
+        del r["stem_path"]
+    return records

@@ -1,0 +1,153 @@
+"""Where and how training runs: device, mixed precision, seeding, RNG state, torchrun/DDP."""
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(device="auto"):
+    """torch.device from "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested but CUDA is not available in this torch build "
+                           f"({torch.__version__}); use --device cpu")
+    return device
+
+
+def amp_dtype(amp, device):
+    """The autocast dtype for ``amp`` in ("auto", "bf16", "fp16", "off"): None means float32.
+    CPU always trains in float32."""
+    if amp in (None, False, "off", "none", "fp32"):
+        return None
+    if device.type != "cuda":
+        return None
+    if amp in ("auto", True):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    raise ValueError(f"amp must be one of auto, bf16, fp16, off; got {amp!r}")
+
+
+def autocast(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled, device):
+    """Opt-in deterministic mode: deterministic algorithms (warning where none exists), no cuDNN
+    autotuning. Off: cuDNN picks the fastest kernels."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = bool(enabled)
+        torch.backends.cudnn.benchmark = not enabled
+
+
+def rng_state():
+    """All RNG states as checkpoint-safe values (tensors, ints, lists: loads with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_gauss": random.getstate()[2],
+             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@dataclass
+class DistContext:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def init_distributed(device):
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL for CUDA, gloo for
+    CPU. Returns (DistContext, device), the device being this rank's GPU on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank, world, local, owns), device
+
+
+def close_distributed(ctx):
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast(ctx, value):
+    """Rank 0's Python value on every rank."""
+    if not ctx.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(ctx, value):
+    """List of every rank's value (on every rank)."""
+    if not ctx.enabled:
+        return [value]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def any_rank(ctx, flag, device):
+    """True on all ranks when ``flag`` is true on any rank."""
+    if not ctx.enabled:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(ctx):
+    if ctx.enabled:
+        dist.barrier()

@@ -1,0 +1,277 @@
+"""Two-stage ConDSeg training (DESIGN.md section 5): stage 1, stage 2, or both in one call.
+
+Run folder contents: stage1_last.pt / stage1_best.pt, stage2_last.pt / stage2_best.pt (last: full
+state for resuming; best: weights of the best validation mDSC), log.csv, curves.png, train.log,
+tensorboard/ (when installed), splits/ (when a validation split had to be held out).
+"""
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..data.dataset import SegmentationDataset, as_size, collate
+from ..data.layouts import available_splits, find_samples
+from .builders import build_model, make_optimizer, make_scheduler, model_config
+from .checkpoints import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .loops import TrainingDiverged, train_epoch, validate
+from .runlog import RunLog
+from .runtime import (amp_dtype, barrier, broadcast, close_distributed, gather, init_distributed,
+                      resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state)
+
+PRELOAD_LIMIT = 4 << 30  # bytes of decoded uint8 pixels kept in memory by preload="auto"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_metrics: dict
+    history: list = field(default_factory=list)
+
+
+def checkpoint_path(run_dir, stage, kind):
+    return Path(run_dir) / f"stage{stage}_{kind}.pt"
+
+
+def train(config=None, **options):
+    """Train ConDSeg; ``config`` is a TrainConfig, or pass its fields as keyword arguments.
+
+    Returns a TrainResult with the best checkpoint (by validation mDSC) of the last stage trained.
+    Works the same under ``torchrun`` (one process per GPU, or per CPU slot with gloo).
+    """
+    cfg = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
+    device = resolve_device(cfg.device)
+    set_deterministic(cfg.deterministic, device)
+    ctx, device = init_distributed(device)
+    try:
+        return _Trainer(cfg, device, ctx).run()
+    finally:
+        close_distributed(ctx)
+
+
+class _Trainer:
+    def __init__(self, cfg, device, ctx):
+        self.cfg, self.device, self.ctx = cfg, device, ctx
+        self.run_dir = Path(cfg.out)
+        self.amp = amp_dtype(cfg.amp, device)
+        self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
+        existing = sorted(self.run_dir.glob("stage*_last.pt"))
+        if existing and not (cfg.resume or cfg.overwrite):
+            raise FileExistsError(f"{self.run_dir} already holds a run ({existing[0].name}); pass "
+                                  f"resume=True (--resume) to continue it or overwrite=True (--overwrite)")
+        if cfg.resume and not existing:
+            raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {self.run_dir}")
+        if cfg.overwrite and not cfg.resume and ctx.is_main:
+            for p in self.run_dir.glob("stage*_*.pt"):
+                p.unlink()
+            for p in (self.run_dir / "log.csv", self.run_dir / "train.log"):
+                p.unlink(missing_ok=True)
+        barrier(ctx)
+        self.train_ds, self.val_ds = self._datasets()
+
+    # -- data ---------------------------------------------------------------------------------
+    def _datasets(self):
+        cfg, root = self.cfg, self.cfg.data_root
+        splits = available_splits(root)
+        kw = dict(image_size=cfg.image_size, in_channels=cfg.in_channels, classes=cfg.classes,
+                  skip_missing=cfg.skip_missing, warn=self.log.info if self.ctx.is_main else (lambda m: None))
+        train_split = cfg.train_split if (cfg.train_split in splits or str(cfg.train_split).endswith(".txt")) else None
+        val_split = cfg.val_split if (cfg.val_split in splits or str(cfg.val_split).endswith(".txt")) else None
+        if val_split is None:
+            samples, _ = find_samples(root, train_split, cfg.skip_missing, warn=lambda m: None)
+            ids = [s.id for s in samples]
+            order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            n_val = max(1, round(len(ids) * cfg.val_fraction))
+            val_ids, train_ids = [ids[i] for i in order[:n_val]], [ids[i] for i in order[n_val:]]
+            if self.ctx.is_main:
+                (self.run_dir / "splits").mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "splits" / "train.txt").write_text("\n".join(train_ids) + "\n")
+                (self.run_dir / "splits" / "val.txt").write_text("\n".join(val_ids) + "\n")
+                self.log.info(f"no '{cfg.val_split}' split in {root}: holding out {n_val} of {len(ids)} "
+                              f"pairs for validation (ids in {self.run_dir / 'splits'})")
+            train_kw, val_kw = dict(split=train_split, ids=train_ids), dict(split=train_split, ids=val_ids)
+        else:
+            train_kw, val_kw = dict(split=train_split), dict(split=val_split)
+        h, w = as_size(cfg.image_size)
+        train_ds = SegmentationDataset(root, **train_kw, **kw)
+        val_ds = SegmentationDataset(root, **val_kw, **kw)
+        if self._preload(len(train_ds) + len(val_ds), h * w * (cfg.in_channels + 1)):
+            train_ds = SegmentationDataset(root, **train_kw, preload=True, **{**kw, "warn": lambda m: None})
+            val_ds = SegmentationDataset(root, **val_kw, preload=True, **{**kw, "warn": lambda m: None})
+        if self.ctx.is_main:
+            self.log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation pairs from {root} "
+                          f"({train_ds.layout.name} layout) at {h}x{w}")
+        return train_ds, val_ds
+
+    def _preload(self, count, bytes_per_item):
+        if self.cfg.preload == "auto":
+            return count * bytes_per_item <= PRELOAD_LIMIT
+        return bool(self.cfg.preload) and self.cfg.preload != "false"
+
+    def _workers(self):
+        if self.cfg.workers is not None:
+            return self.cfg.workers
+        return 0 if self.train_ds._cache is not None else 4
+
+    def _loaders(self):
+        cfg, ctx = self.cfg, self.ctx
+        workers = self._workers()
+        sampler = DistributedSampler(self.train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                     seed=cfg.seed)
+        per_rank = len(sampler)
+        common = dict(collate_fn=collate, num_workers=workers, pin_memory=self.device.type == "cuda",
+                      persistent_workers=workers > 0)
+        train = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler,
+                           drop_last=per_rank > cfg.batch_size, **common)
+        val = DataLoader(self.val_ds, batch_size=cfg.batch_size * 2, shuffle=False, **common)
+        return train, sampler, val
+
+    # -- resuming -----------------------------------------------------------------------------
+    def _resume_point(self):
+        """(stage to start, its last checkpoint or None, state whose RNG/history carry over)."""
+        stages = self.cfg.stages
+        for stage in reversed(stages):
+            path = checkpoint_path(self.run_dir, stage, "last")
+            if path.is_file():
+                state = load_checkpoint(path)
+                if state.get("finished") and stage != stages[-1]:
+                    return stage + 1, None, state
+                return stage, state, state
+        return stages[0], None, None
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self):
+        cfg, ctx = self.cfg, self.ctx
+        seed_everything(cfg.seed + ctx.rank)
+        start, resume_state, carry = self._resume_point() if cfg.resume else (cfg.stages[0], None, None)
+        history = list(carry["history"]) if carry else []
+        if carry is not None and resume_state is None:
+            self._restore_rng(carry)
+        result = None
+        for stage in cfg.stages:
+            if stage < start:
+                continue
+            result = self._run_stage(stage, resume_state if stage == start else None, history)
+            history = result.history
+        self.log.close()
+        return result
+
+    def _restore_rng(self, state):
+        rngs = state["rng"]
+        set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
+
+    def _init_stage2_encoder(self, model):
+        cfg = self.cfg
+        source = cfg.stage1_checkpoint or checkpoint_path(self.run_dir, 1, "best")
+        if not Path(source).is_file():
+            if cfg.stage1_checkpoint:
+                raise FileNotFoundError(f"stage-1 checkpoint not found: {source}")
+            self.log.info("stage 2 without a stage-1 checkpoint: the encoder starts from "
+                          + ("encoder_weights" if cfg.encoder_weights else "scratch"))
+            return bool(cfg.encoder_weights)
+        state = load_checkpoint(source)
+        if state["model_config"]["arch"] != "stage1":
+            raise ValueError(f"{source} is not a stage-1 checkpoint (arch {state['model_config']['arch']!r})")
+        model.load_stage1_encoder(state["model"])
+        self.log.info(f"stage 2: encoder initialised from {source} (epoch {state['epoch']})")
+        return True
+
+    def _run_stage(self, stage, resume, history):
+        cfg, ctx, device = self.cfg, self.ctx, self.device
+        epochs = cfg.stage1_epochs if stage == 1 else cfg.epochs
+        mcfg = model_config(stage, cfg.encoder, cfg.in_channels, cfg.classes, cfg.decoder_channels, cfg.cdfa_variant)
+        model = build_model(mcfg, encoder_weights=None if resume else cfg.encoder_weights)
+        if stage == 1:
+            lr, encoder_lr = cfg.stage1_lr, None
+        else:
+            pretrained = resume["encoder_initialised"] if resume else self._init_stage2_encoder(model)
+            lr, encoder_lr = cfg.lr, (cfg.encoder_lr if pretrained else None)
+        model.to(device)
+        optimizer = make_optimizer(model, lr, encoder_lr, cfg.weight_decay)
+        scheduler = make_scheduler(optimizer, cfg.scheduler, epochs, cfg.lr_patience, cfg.lr_factor)
+        scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        start, best, best_epoch, bad = 0, -math.inf, 0, 0
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+            start, best = resume["epoch"], resume["best_score"]
+            best_epoch, bad = resume["best_epoch"], resume["bad_epochs"]
+            history = list(resume["history"])
+            self._restore_rng(resume)
+            self.log.info(f"stage {stage}: resuming after epoch {start} of {epochs}")
+        wrapped = model
+        if ctx.enabled:
+            wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_loader, sampler, val_loader = self._loaders()
+        last = checkpoint_path(self.run_dir, stage, "last")
+        best_path = checkpoint_path(self.run_dir, stage, "best")
+        static = {"stage": stage, "model_config": mcfg, "train_config": cfg.to_dict(),
+                  "image_size": list(as_size(cfg.image_size)), "normalization": "imagenet",
+                  "encoder_initialised": bool(stage == 1 or encoder_lr is not None)}
+        if start >= epochs or (resume is not None and resume.get("finished")):
+            self.log.info(f"stage {stage}: already finished")
+            return TrainResult(self.run_dir, best_path, last, resume.get("best_metrics", {}), history)
+        best_metrics = resume.get("best_metrics", {}) if resume else {}
+        self.log.info(f"stage {stage}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+                      f"epochs {start + 1}..{epochs}, device {device}"
+                      + (f" x{ctx.world_size}" if ctx.enabled else "")
+                      + (f", autocast {self.amp}" if self.amp else ""))
+        for epoch in range(start, epochs):
+            sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            try:
+                stats = train_epoch(wrapped, train_loader, optimizer, scaler, stage, cfg, device, self.amp, ctx,
+                                    label=f"stage {stage} epoch {epoch + 1}/{epochs}")
+            except TrainingDiverged as e:
+                kept = (f"the last good checkpoint is {last} (epoch {epoch})" if last.is_file()
+                        else "no checkpoint was written")
+                msg = (f"training stopped: {e}; {kept}. Lower the learning rate, or use --amp off "
+                       f"if mixed precision is on")
+                self.log.info(msg)
+                raise TrainingDiverged(msg) from None
+            val = validate(model, val_loader, cfg, device, self.amp) if ctx.is_main else None
+            val = broadcast(ctx, val)
+            if scheduler is not None:
+                scheduler.step(val["val_loss"]) if cfg.scheduler == "plateau" else scheduler.step()
+            groups = {g.get("name", "all"): g["lr"] for g in optimizer.param_groups}
+            row = {"stage": stage, "epoch": epoch + 1, **stats, **val,
+                   "lr": groups.get("rest", groups.get("all")), "lr_encoder": groups.get("encoder"),
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            history.append(row)
+            improved = val["val_mDSC"] > best
+            if improved:
+                best, best_epoch, bad = val["val_mDSC"], epoch + 1, 0
+                best_metrics = {k: v for k, v in val.items()}
+            else:
+                bad += 1
+            stop = bool(cfg.early_stop) and bad >= cfg.early_stop
+            rngs = gather(ctx, rng_state())
+            if ctx.is_main:
+                state = {**static, "epoch": epoch + 1, "metrics": val, "best_metrics": best_metrics,
+                         "best_score": best, "best_epoch": best_epoch, "history": history}
+                if improved:
+                    save_checkpoint({**state, "model": model.state_dict()}, best_path)
+                save_checkpoint({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                                 "scaler": scaler.state_dict(), "rng": rngs, "bad_epochs": bad,
+                                 "finished": stop or epoch + 1 == epochs}, last)
+                self.log.epoch(row, history)
+                self.log.info(f"stage {stage} epoch {epoch + 1}/{epochs}: loss {stats['train_loss']:.4f}, "
+                              f"val loss {val['val_loss']:.4f}, mDSC {val['val_mDSC']:.4f}, "
+                              f"mIoU {val['val_mIoU']:.4f}{' (best)' if improved else ''}, {row['seconds']:.1f}s")
+            barrier(ctx)
+            if stop:
+                self.log.info(f"stage {stage}: early stop, no better mDSC for {bad} epochs "
+                              f"(best {best:.4f} at epoch {best_epoch})")
+                break
+        return TrainResult(self.run_dir, best_path, last, best_metrics, history)

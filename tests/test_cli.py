@@ -1,0 +1,98 @@
+"""The condseg command line: help, data check, train/evaluate/predict round trip, errors, demo."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from condseg.cli import main
+from condseg.data import make_synthetic_dataset
+from condseg.engine.demo import run_demo
+
+TINY = ["--image-size", "32", "--batch-size", "4", "--encoder", "resnet18", "--decoder-channels", "16",
+        "--no-progress", "--no-tensorboard", "--device", "cpu"]
+
+_THREADS = torch.get_num_threads()
+
+
+def setup_module():
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, above all on a busy CPU
+
+
+def teardown_module():
+    torch.set_num_threads(_THREADS)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--help"],
+                                  ["data", "check", "--help"], ["demo", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0 and "usage: condseg" in capsys.readouterr().out
+
+
+def test_data_check(tmp_path, capsys):
+    root = make_synthetic_dataset(tmp_path / "d", train=3, val=2, size=32)
+    assert main(["data", "check", str(root)]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    (root / "images" / "blob_0001.png").write_bytes(b"broken")
+    (root / "val.txt").write_text("blob_0003\nghost\n")
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "2 problem(s)" in out and "blob_0001.png" in out and "ghost" in out
+
+
+def test_train_evaluate_predict_round_trip(tmp_path, capsys):
+    root = make_synthetic_dataset(tmp_path / "d", train=8, val=4, size=32)
+    run = tmp_path / "run"
+    assert main(["train", str(root), "--out", str(run), "--epochs", "1", "--stage1-epochs", "1", *TINY]) == 0
+    assert "best checkpoint:" in capsys.readouterr().out
+    ckpt = run / "stage2_best.pt"
+    out_json = tmp_path / "eval.json"
+    assert main(["evaluate", str(ckpt), str(root), "--split", "val", "--out", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["images"] == 4 and out_json.with_suffix(".csv").is_file()
+    img = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((45, 61, 3), np.uint8)).save(img)
+    assert main(["predict", str(ckpt), str(img), "--out", str(tmp_path / "pred"), "--overlay"]) == 0
+    assert Image.open(tmp_path / "pred" / "odd.png").size == (61, 45)
+    assert (tmp_path / "pred" / "odd_overlay.png").is_file()
+    # --resume of a finished run is a no-op; a second run without --resume or --overwrite refuses
+    again = ["train", str(root), "--out", str(run), "--epochs", "1", "--stage1-epochs", "1", "--resume", *TINY]
+    assert main(again) == 0
+    assert main(["train", str(root), "--out", str(run), *TINY]) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    root = make_synthetic_dataset(tmp_path / "d", train=4, val=2, size=32)
+    (root / "train.txt").write_text((root / "train.txt").read_text() + "lost_id\n")
+    assert main(["train", str(root), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "lost_id" in err and str(root / "images") in err and "--skip-missing" in err
+    assert main(["evaluate", str(tmp_path / "nope.pt"), str(root)]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "nope.pt"), str(root / "images"), "--out", str(tmp_path / "p")]) == 1
+
+
+def test_skip_missing_trains(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", train=8, val=4, size=32)
+    (root / "train.txt").write_text((root / "train.txt").read_text() + "lost_id\n")
+    assert main(["train", str(root), "--out", str(tmp_path / "r"), "--stage", "1", "--epochs", "1",
+                 "--skip-missing", *TINY]) == 0
+    assert "lost_id" in (tmp_path / "r" / "train.log").read_text()
+
+
+def test_demo_small(tmp_path):
+    out = run_demo(tmp_path / "demo", train_images=8, val_images=4, epochs=1, stage1_epochs=1, image_size=32,
+                   echo=lambda m: None, progress=False, tensorboard=False)
+    assert out["checkpoint"].is_file() and out["evaluation"].is_file() and out["curves"].is_file()
+    assert len(list(out["predictions"].glob("*_overlay.png"))) == 4
+    assert 0 <= out["summary"]["mDSC"] <= 1
+
+
+@pytest.mark.slow
+def test_demo_command(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "validation: mDSC" in out and "predictions" in out

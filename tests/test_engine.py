@@ -1,0 +1,290 @@
+"""Training (both stages), resume, checkpoints, NaN stop, evaluation, prediction, DDP — tiny, on CPU."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from condseg.data import make_synthetic_dataset
+from condseg.engine import (CheckpointError, TrainingDiverged, evaluate, load_checkpoint, load_model, predict,
+                            save_checkpoint, train)
+from condseg.engine import checkpoints as ckpt_module
+from condseg.engine import loops, runlog
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(image_size=32, batch_size=4, encoder="resnet18", decoder_channels=16, epochs=2, stage1_epochs=1,
+            progress=False, tensorboard=False, stage1_lr=1e-3, lr=1e-3, encoder_lr=1e-4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread, above all on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "data", train=8, val=4, size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(synth, tmp_path_factory):
+    """One uninterrupted two-stage run, shared by several tests."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    return train(data_root=str(synth), out=str(out), **TINY)
+
+
+def _tensors_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _tensors_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _tensors_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_two_stage_training_on_synthetic(trained):
+    run = trained.run_dir
+    for name in ("stage1_last.pt", "stage1_best.pt", "stage2_last.pt", "stage2_best.pt", "log.csv",
+                 "curves.png", "train.log"):
+        assert (run / name).is_file(), name
+    assert trained.best_checkpoint == run / "stage2_best.pt"
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("1", "1"), ("2", "1"), ("2", "2")]
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows) and rows[1]["lr_encoder"] == "0.0001"
+    last = torch.load(run / "stage2_last.pt", weights_only=True)  # plain contents only
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "history", "epoch"} <= last.keys()
+    assert last["epoch"] == 2 and last["finished"] and last["model_config"]["arch"] == "condseg"
+    assert Image.open(run / "curves.png").size == (960, 400)
+
+
+def test_stage2_encoder_comes_from_stage1(trained):
+    s1 = load_checkpoint(trained.run_dir / "stage1_best.pt")
+    model, _ = load_model(trained.best_checkpoint)
+    # after stage-2 training the encoder moved, but its BN running stats started from stage 1: the
+    # stage-1 weights loaded into a fresh model reproduce the stage-1 encoder exactly
+    fresh = type(model)(encoder_name="resnet18", decoder_channels=16)
+    fresh.load_stage1_encoder(s1["model"])
+    for k, v in fresh.encoder.state_dict().items():
+        assert torch.equal(v, s1["model"][f"encoder.{k}"]), k
+
+
+def test_train_on_real_kvasir_images(kvasir_root, tmp_path):
+    ids = (kvasir_root / "val.txt").read_text().split()
+    (tmp_path / "tr.txt").write_text("\n".join(ids[:8]))
+    (tmp_path / "va.txt").write_text("\n".join(ids[8:12]))
+    result = train(data_root=str(kvasir_root), out=str(tmp_path / "run"), train_split=str(tmp_path / "tr.txt"),
+                   val_split=str(tmp_path / "va.txt"), **{**TINY, "image_size": 64, "epochs": 1})
+    assert result.best_checkpoint.is_file() and 0 <= result.best_metrics["val_mDSC"] <= 1
+    summary = evaluate(result.best_checkpoint, kvasir_root, split=str(tmp_path / "va.txt"), original_size=True)
+    assert summary["images"] == 4 and summary["resolution"] == "original"
+
+
+def test_evaluate_writes_csv_and_json(trained, synth, tmp_path):
+    out = tmp_path / "eval" / "val.json"
+    summary = evaluate(trained.best_checkpoint, synth, split="val", out=out)
+    saved = json.loads(out.read_text())
+    assert saved["images"] == 4 and saved["resolution"] == "32x32"
+    for key in ("mIoU", "mDSC", "recall", "precision"):
+        assert 0 <= saved[key] <= 1 and saved[key] == pytest.approx(summary[key])
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["id"] for r in rows] == (synth / "val.txt").read_text().split()
+    assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(saved["mDSC"], abs=1e-5)
+    # stage-1 checkpoints evaluate too
+    assert evaluate(trained.run_dir / "stage1_best.pt", synth, split="val")["images"] == 4
+
+
+def test_predict_keeps_each_input_size(trained, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.randint(0, 255, (50, 70, 3), np.uint8)).save(inputs / "wide.png")
+    Image.fromarray(np.random.randint(0, 255, (33, 21), np.uint8)).save(inputs / "gray.jpg")
+    single = tmp_path / "rgba.png"
+    Image.fromarray(np.random.randint(0, 255, (100, 90, 4), np.uint8)).save(single)
+    records = predict(trained.best_checkpoint, [inputs, single], tmp_path / "out", overlay=True,
+                      probabilities=True, uncertainty=True, workers=0, batch_size=2)
+    sizes = {"gray": (21, 33), "wide": (70, 50), "rgba": (90, 100)}
+    assert len(records) == 3
+    for r in records:
+        stem = Path(r["input"]).stem
+        for key in ("mask", "overlay", "probability", "uncertainty"):
+            assert Image.open(r[key]).size == sizes[stem], (key, stem)
+        assert set(np.unique(np.array(Image.open(r["mask"])))) <= {0, 255}
+    with pytest.raises(ValueError, match="stage-1 checkpoint"):
+        predict(trained.run_dir / "stage1_best.pt", [single], tmp_path / "o2", uncertainty=True, workers=0)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [1, 2], ids=["after-stage1", "mid-stage2"])
+def test_resume_equals_uninterrupted(synth, trained, tmp_path, monkeypatch, stop_after):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    original = runlog.RunLog.epoch
+
+    def epoch_then_die(self, row, history):
+        original(self, row, history)
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            raise _Interrupt
+
+    monkeypatch.setattr(runlog.RunLog, "epoch", epoch_then_die)
+    with pytest.raises(_Interrupt):
+        train(data_root=str(synth), out=str(out), **TINY)
+    monkeypatch.setattr(runlog.RunLog, "epoch", original)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(data_root=str(synth), out=str(out), **TINY)
+    train(data_root=str(synth), out=str(out), resume=True, **TINY)
+    for name in ("stage2_last.pt", "stage2_best.pt"):
+        a = load_checkpoint(trained.run_dir / name)
+        b = load_checkpoint(out / name)
+        for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_score"):
+            if key in a:
+                _tensors_equal(a[key], b[key], key)
+        strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+        assert strip(a["history"]) == strip(b["history"])
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert len(rows) == 3
+
+
+def test_checkpoint_write_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "w": torch.arange(10)}, path)
+
+    def half_then_fail(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(10)}, path)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.arange(10))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoint_process_killed_mid_write_keeps_old_file(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "w": torch.arange(10)}, path)
+    script = f"""
+import os, signal, torch
+from condseg.engine import checkpoints
+real = torch.save
+def save_half_and_die(obj, f):
+    real(obj, f)
+    f.flush()
+    f.truncate(f.tell() // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoints.torch.save = save_half_and_die
+checkpoints.save_checkpoint({{"epoch": 2, "w": torch.zeros(100000)}}, {str(path)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.arange(10))
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a condseg checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"format": "condseg-checkpoint", "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = loops.losses.stage1_loss
+
+    def poisoned(a, b, target, threshold=0.5):
+        calls["n"] += 1
+        loss = real(a, b, target, threshold)
+        return loss * float("nan") if calls["n"] > 2 else loss  # epoch 1 has 2 steps
+
+    monkeypatch.setattr(loops.losses, "stage1_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="nan") as err:
+        train(data_root=str(synth), out=str(out), **{**TINY, "stage1_epochs": 3})
+    assert str(out / "stage1_last.pt") in str(err.value)
+    state = load_checkpoint(out / "stage1_last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
+
+
+def test_held_out_validation_and_config_errors(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", train=10, val=0, size=32)
+    (root / "train.txt").unlink()
+    result = train(data_root=str(root), out=str(tmp_path / "run"), stage="1", val_fraction=0.2,
+                   **{**TINY, "epochs": 1, "stage1_epochs": None})
+    val_ids = (tmp_path / "run" / "splits" / "val.txt").read_text().split()
+    assert len(val_ids) == 2 and result.best_checkpoint.name == "stage1_best.pt"
+    with pytest.raises(ValueError, match="multiple of 16"):
+        train(data_root=str(root), out=str(tmp_path / "x"), image_size=40)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(data_root=str(root), out=str(tmp_path / "y"), resume=True, **TINY)
+
+
+def test_ddp_two_gloo_processes(synth, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "condseg.cli", "train", str(synth), "--out", str(out), "--epochs", "1", "--stage1-epochs", "1",
+           "--image-size", "32", "--batch-size", "2", "--encoder", "resnet18", "--decoder-channels", "16",
+           "--device", "cpu", "--no-progress", "--no-tensorboard"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x2" in (out / "train.log").read_text()
+    state = load_checkpoint(out / "stage2_last.pt")
+    assert len(state["rng"]) == 2 and state["epoch"] == 1
+    assert len(list(csv.DictReader(open(out / "log.csv")))) == 2
+
+
+def test_multiclass_train_evaluate_predict(synth, tmp_path):
+    root = tmp_path / "mc"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for split in ("train", "val"):
+        ids = (synth / f"{split}.txt").read_text().split()
+        (root / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for sid in ids:
+            (root / "images" / f"{sid}.png").write_bytes((synth / "images" / f"{sid}.png").read_bytes())
+            blob = np.array(Image.open(synth / "masks" / f"{sid}.png")) > 0
+            labels = blob.astype(np.uint8)
+            labels[:, 16:] *= 2  # class 1 on the left, class 2 on the right
+            Image.fromarray(labels).save(root / "masks" / f"{sid}.png")
+    result = train(data_root=str(root), out=str(tmp_path / "run"), classes=3, **{**TINY, "epochs": 1})
+    summary = evaluate(result.best_checkpoint, root, split="val")
+    assert summary["images"] == 4 and 0 <= summary["mDSC"] <= 1
+    records = predict(result.best_checkpoint, [root / "images" / f"{ids[0]}.png"], tmp_path / "p", overlay=True,
+                      workers=0)
+    assert set(np.unique(np.array(Image.open(records[0]["mask"])))) <= {0, 1, 2}
