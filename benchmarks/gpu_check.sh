@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# One-call GPU check (issue 3): build condseg against the torch already installed on the GPU
+# machine, run the CUDA (and Triton) tests, run the op benchmark, write everything under $OUT and
+# print a short table last. Meant to finish in under 8 minutes on an H100, build included (sm_90 only).
+#
+# Usage (from anywhere):  bash benchmarks/gpu_check.sh
+# Environment: OUT (default ./gpu_out), GPU_CHECK_BUDGET_S (default 450: stages are cut short so
+# the whole run fits), FPS_ARGS (extra arguments for benchmarks/fps.py).
+# Output: $OUT/build.log, tests.log, op_bench.log, op_bench.jsonl (JSON lines, one per row),
+# fps.jsonl (when benchmarks/fps.py exists), summary.txt.
+# Every stage runs even when an earlier one failed (the benchmark still gives numbers for the
+# backends that work); the exit status is non-zero when any stage failed.
+set -euo pipefail
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY=python3
+T0=$(date +%s)
+DEADLINE=$((T0 + ${GPU_CHECK_BUDGET_S:-450}))
+FAILED=0
+STAGES=()
+
+# run_stage NAME LIMIT_S RESERVE_S CMD...: runs CMD with at most LIMIT_S seconds, and never past
+# the deadline minus RESERVE_S (time kept for the later stages); records its status.
+run_stage() {
+  local name=$1 limit=$2 reserve=$3
+  shift 3
+  local left=$((DEADLINE - $(date +%s) - reserve))
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then
+    STAGES+=("$name|SKIPPED (out of time)|0")
+    FAILED=1
+    echo "=== [$name] skipped: out of time"
+    return 0
+  fi
+  echo "=== [$name] (limit ${limit}s) $*"
+  local start rc
+  start=$(date +%s)
+  set +e
+  timeout -s INT -k 20 "$limit" "$@"
+  rc=$?
+  set -e
+  local verdict="ok"
+  if ((rc == 124 || rc == 137)); then verdict="TIMED OUT"; elif ((rc != 0)); then verdict="FAILED (rc=$rc)"; fi
+  [[ $verdict == ok ]] || FAILED=1
+  STAGES+=("$name|$verdict|$(($(date +%s) - start))")
+}
+
+echo "=== environment"
+nvidia-smi -L || true
+$PY - <<'EOF' || true
+import sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+EOF
+
+# 1. Build against the installed torch (no network: no build isolation, no dependencies).
+build() {
+  $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
+  local rc=$?
+  grep -E "^\[[0-9]+/[0-9]+\]|error|Successfully installed" "$OUT/build.log" | cut -c1-200 | tail -20
+  if ((rc != 0)); then tail -60 "$OUT/build.log"; fi
+  # import from outside the source tree, so that the installed package is the one checked
+  (cd "$OUT" && $PY -c "import condseg_ops, torch; info = condseg_ops.build_info(); \
+print('installed', condseg_ops.__file__, info); \
+assert info and 'cuda' in info['backends'], 'CUDA kernels missing from the build'; \
+assert 'cuda' in condseg_ops.available_backends('cuda')") || rc=1
+  return $rc
+}
+export -f build
+export PY OUT
+run_stage build 240 300 bash -c build
+
+# 2. Tests. -P keeps the source tree off sys.path: the installed package (with its _C) is tested.
+pytest_stage() {
+  local file=$1
+  $PY -P -m pytest -x -q -rs "$file" 2>&1 | tee -a "$OUT/tests.log"
+  return "${PIPESTATUS[0]}"
+}
+export -f pytest_stage
+: >"$OUT/tests.log"
+run_stage cuda-tests 220 190 bash -c "pytest_stage tests/test_cuda.py"
+if [[ -f tests/test_triton.py ]]; then
+  run_stage triton-tests 120 130 bash -c "pytest_stage tests/test_triton.py"
+fi
+
+# 3. Op benchmark: ConDSeg's four levels at B=12 (the bars' shape is 12x128x128x128), fp32 and bf16.
+bench() {
+  $PY -P benchmarks/op_bench.py --device cuda --shapes levels --batch 12 --dtypes float32,bfloat16 \
+    --backends reference,cuda,triton --iters 10 --warmup 2 --out "$OUT/op_bench.jsonl" 2>&1 |
+    tee "$OUT/op_bench.log"
+  return "${PIPESTATUS[0]}"
+}
+export -f bench
+rm -f "$OUT/op_bench.jsonl"
+run_stage op-bench 150 30 bash -c bench
+
+# 4. End-to-end benchmark: only when benchmarks/fps.py exists (its arguments: FPS_ARGS).
+if [[ -f benchmarks/fps.py ]]; then
+  # >>> end-to-end benchmark (benchmarks/fps.py) <<<
+  # shellcheck disable=SC2086  # FPS_ARGS is a list of arguments
+  run_stage fps 90 5 $PY -P benchmarks/fps.py --device cuda --quick --budget 70 ${FPS_ARGS:-} --json "$OUT/fps.jsonl"
+fi
+
+# 5. Short table last: the bars' shape from the benchmark, then the stages.
+{
+  echo
+  echo "=== op benchmark at B=12, C=128, 128x128, heads=4, K=3, dual softmax"
+  if [[ -s "$OUT/op_bench.jsonl" ]]; then
+    $PY -P - "$OUT/op_bench.jsonl" <<'EOF' || true
+import json, sys
+sys.path.insert(0, "benchmarks")
+import op_bench
+rows = [json.loads(line) for line in open(sys.argv[1])]
+main = [r for r in rows if (r["B"], r["C"], r["H"], r["W"], r["heads"], r["dual"]) == (12, 128, 128, 128, 4, True)]
+op_bench.print_table(main)
+op_bench.print_bars(rows, True)
+EOF
+  else
+    echo "(no benchmark rows)"
+  fi
+  echo
+  echo "=== gpu_check stages ($(($(date +%s) - T0)) s in all; results in $OUT)"
+  printf '%-14s %-22s %s\n' stage status seconds
+  for entry in "${STAGES[@]}"; do
+    IFS='|' read -r name verdict secs <<<"$entry"
+    printf '%-14s %-22s %s\n' "$name" "$verdict" "$secs"
+  done
+  grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -12 || true
+} | tee "$OUT/summary.txt"
+exit $FAILED

@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""Op-level benchmark of condseg_ops.contrast_aggregate against the unfold/fold reference.
+
+Per row (shape x dtype x pass x backend): median time, speedup over the reference measured in the
+same run, achieved GB/s against the minimum bytes the pass must move (inputs read once, outputs
+written once) and that rate as a share of a device-to-device copy measured in the same run, and the
+peak memory of the pass (allocated during the pass, on top of its inputs) next to the reference's.
+
+Shapes (C=128, heads=4, K=3 unless the grid says otherwise):
+  main    ConDSeg's level-1 CDFA at 256x256 input: H=W=128, B=12 on CUDA, B=1 on CPU
+  levels  ConDSeg's four levels at 256x256 input: H=W in 16, 32, 64, 128, B in 1, 12
+  grid    roofline grid: B in 1, 4, 16 x C in 64..512 x H=W in 8..64
+Passes: forward (under no_grad), backward (after an untimed forward), forward+backward.
+
+Examples:
+  python benchmarks/op_bench.py                      # CUDA: levels, every backend, fp32 + bf16
+  python benchmarks/op_bench.py --device cpu         # CPU main row: cpu vs reference
+  python benchmarks/op_bench.py --shapes grid --dtypes float32 --backends cuda,reference --quick
+Rows go to benchmarks/results/<date>-<device>.jsonl (or --out) as JSON lines; a table and the
+issue's bars (CUDA: main shape) are printed last. Exit status 1 if any row failed.
+"""
+import argparse
+import datetime
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import condseg_ops
+except ImportError:  # running from a source checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import condseg_ops
+from condseg_ops.reference import contrast_aggregate_reference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+PASSES = ("forward", "backward", "forward+backward")
+BARS_CUDA = {  # issue 3, measured at the main shape, dual softmax, fp32 (bf16 for the last)
+    "forward speedup >= 10x": 10.0,
+    "forward+backward speedup >= 6x": 6.0,
+    "forward >= 50% of copy bandwidth": 0.5,
+    "forward+backward peak memory <= 1/5 of reference": 0.2,
+    "bf16 forward >= 1.6x faster than fp32": 1.6,
+}
+BARS_CPU = {"forward speedup >= 5x": 5.0, "forward+backward speedup >= 4x": 4.0}  # issue 2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--shapes", default=None, help="main | levels | grid | all (default: levels on CUDA, main on CPU)")
+    p.add_argument("--batch", default=None, help="comma list: keep only these batch sizes")
+    p.add_argument("--backends", default=None,
+                   help="comma list of reference,cuda,triton,cpu (default: those that run on the device)")
+    p.add_argument("--dtypes", default=None, help="comma list (default: float32,bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--passes", default=None, help="comma list of forward,backward,forward+backward "
+                   "(default: all on CUDA, forward,forward+backward on CPU)")
+    p.add_argument("--softmax", default="dual", help="comma list of dual,single (default: dual)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per row (default 20 CUDA, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 3 CUDA, 1 CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer iterations (5 timed, 1 warm-up)")
+    p.add_argument("--max-ref-seconds", type=float, default=20.0,
+                   help="skip reference rows whose estimated time per iteration exceeds this (CPU)")
+    p.add_argument("--out", default=None, help="JSON lines file (default benchmarks/results/<date>-<device>.jsonl)")
+    p.add_argument("--no-save", action="store_true", help="print only, write no JSON")
+    return p.parse_args(argv)
+
+
+def split(text):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def shape_list(which, device):
+    main_b = 12 if device == "cuda" else 1
+    main = [(main_b, 128, 128, 128, 4)]
+    levels = [(b, 128, s, s, 4) for b in (1, 12) for s in (16, 32, 64, 128)]
+    grid = [(b, c, s, s, 4) for b in (1, 4, 16) for c in (64, 128, 256, 512) for s in (8, 16, 32, 64)]
+    table = {"main": main, "levels": levels, "grid": grid, "all": levels + grid}
+    if which not in table:
+        raise SystemExit(f"--shapes must be one of {sorted(table)}, got {which!r}")
+    return table[which]
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """Times one region: CUDA events on CUDA, perf_counter on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device == "cuda":
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            self.end.record()
+        else:
+            self.ms_value = (time.perf_counter() - self.t0) * 1e3
+
+    def ms(self):
+        if self.device == "cuda":
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end)
+        return self.ms_value
+
+
+def make_inputs(B, C, H, W, heads, K, dual, dtype, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    k2 = K * K
+    value = torch.randn(B, C, H, W, device=device, dtype=dtype, generator=gen)
+    fg = torch.randn(B, H, W, heads, k2, k2, device=device, dtype=dtype, generator=gen)
+    bg = torch.randn(B, H, W, heads, k2, k2, device=device, dtype=dtype, generator=gen) if dual else None
+    grad = torch.randn(B, C, H, W, device=device, dtype=dtype, generator=gen)
+    return value, fg, bg, grad
+
+
+def op_for(backend, K, scale):
+    if backend == "reference":
+        return lambda v, f, b: contrast_aggregate_reference(v, f, b, K, 1, scale)
+    return lambda v, f, b: condseg_ops.contrast_aggregate(v, f, b, K, 1, scale, backend=backend)
+
+
+def min_bytes(pass_name, B, C, H, W, heads, K, dual, itemsize):
+    """Bytes a pass must move at least: every input read once, every output written once."""
+    planes = B * C * H * W
+    attn = (2 if dual else 1) * B * H * W * heads * K ** 4
+    forward = 2 * planes + attn              # read value, logits; write out
+    backward = 3 * planes + 2 * attn         # read grad_out, value, logits; write their gradients
+    return itemsize * {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_name]
+
+
+def measure(fn, inputs, grad, pass_name, device, warmup, iters):
+    """(median ms, peak MB above the inputs) of one pass."""
+    value, fg, bg = inputs
+
+    def leaves():
+        return [t.detach().requires_grad_() for t in (value, fg, bg) if t is not None]
+
+    def call(ls):
+        return fn(ls[0], ls[1], ls[2] if bg is not None else None)
+
+    def once():
+        if pass_name == "forward":
+            with torch.no_grad(), Timer(device) as t:
+                call([value, fg, bg])
+            return t
+        ls = leaves()
+        if pass_name == "backward":
+            out = call(ls)
+            with Timer(device) as t:
+                out.backward(grad)
+            return t
+        with Timer(device) as t:
+            call(ls).backward(grad)
+        return t
+
+    for _ in range(warmup):
+        once()
+    sync(device)
+    peak_mb = None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = [once().ms() for _ in range(iters)]
+    if device == "cuda":
+        sync(device)
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return statistics.median(times), peak_mb
+
+
+def copy_gbps(device, nbytes, iters):
+    """Device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
+    nbytes = int(min(max(nbytes, 64 << 20), 2 << 30))
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(max(iters, 5)):
+        with Timer(device) as t:
+            dst.copy_(src)
+        times.append(t.ms())
+    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def reference_estimate(B, C, H, W, heads, K, dual, itemsize, pass_name):
+    """Rough bytes the reference allocates in a pass (unfold windows dominate) and its CPU time."""
+    windows = B * C * K * K * H * W * itemsize
+    attn = (2 if dual else 1) * B * H * W * heads * K ** 4 * itemsize
+    factor = 4 if pass_name == "forward" else 9
+    return factor * windows + 3 * attn, factor * windows / 1.5e9
+
+
+def available(backend, device):
+    if backend == "reference":
+        return None
+    names = condseg_ops.available_backends(device)
+    if backend in names:
+        return None
+    try:
+        condseg_ops.contrast_aggregate(*make_inputs(1, 4, 3, 3, 1, 3, True, torch.float32, device)[:3],
+                                       backend=backend)
+    except Exception as error:  # noqa: BLE001 - report why, do not stop
+        return str(error).splitlines()[0][:200]
+    return None
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    on_cuda = device == "cuda"
+    shapes = shape_list(args.shapes or ("levels" if on_cuda else "main"), device)
+    if args.batch:
+        keep = {int(b) for b in split(args.batch)}
+        shapes = [s for s in shapes if s[0] in keep]
+    dtypes = split(args.dtypes or ("float32,bfloat16" if on_cuda else "float32"))
+    passes = split(args.passes or (",".join(PASSES) if on_cuda else "forward,forward+backward"))
+    softmaxes = split(args.softmax)
+    backends = split(args.backends or ("reference,cuda,triton" if on_cuda else "reference,cpu"))
+    iters = 5 if args.quick else (args.iters or (20 if on_cuda else 5))
+    warmup = 1 if args.quick else (args.warmup if args.warmup is not None else (3 if on_cuda else 1))
+    for name in dtypes:
+        if name not in DTYPES:
+            raise SystemExit(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+    for name in passes:
+        if name not in PASSES:
+            raise SystemExit(f"unknown pass {name!r}; choose from {PASSES}")
+    if "reference" not in backends:
+        backends = ["reference"] + backends  # speedups need it
+    skipped_backends = {b: available(b, device) for b in backends}
+    for name, why in skipped_backends.items():
+        if why:
+            print(f"# backend {name} skipped: {why}")
+    backends = [b for b in backends if not skipped_backends[b]]
+
+    dev_name = device_name(device)
+    date = datetime.datetime.now().strftime("%Y-%m-%d")
+    out_path = Path(args.out) if args.out else RESULTS / f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', dev_name).strip('-')}.jsonl"
+    command = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    print(f"# {dev_name}, torch {torch.__version__}, condseg_ops backends {condseg_ops.available_backends(device)}")
+    if condseg_ops.build_info():
+        print(f"# build_info {condseg_ops.build_info()}")
+    largest = max(min_bytes("forward", *s, 3, True, 4) for s in shapes)
+    bandwidth = copy_gbps(device, largest, iters)
+    print(f"# device-to-device copy: {bandwidth:.0f} GB/s")
+
+    rows, failures = [], 0
+    for (B, C, H, W, heads) in shapes:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for softmax in softmaxes:
+                dual = softmax == "dual"
+                K, scale = 3, (C // heads) ** -0.5
+                try:
+                    value, fg, bg, grad = make_inputs(B, C, H, W, heads, K, dual, dtype, device)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"# {B}x{C}x{H}x{W}: inputs do not fit, skipped")
+                    continue
+                for pass_name in passes:
+                    ref_ms = ref_peak = None
+                    ref_note = ""
+                    for backend in backends:
+                        row = {"device": dev_name, "date": date, "torch": torch.__version__, "command": command,
+                               "bench": "op", "backend": backend, "dtype": dtype_name, "pass": pass_name,
+                               "B": B, "C": C, "H": H, "W": W, "heads": heads, "K": K, "dual": dual,
+                               "iters": iters, "ms": None, "ref_ms": None, "speedup": None, "gbps": None,
+                               "copy_gbps": round(bandwidth, 1), "pct_of_copy": None, "peak_mem_mb": None,
+                               "ref_peak_mem_mb": None, "note": ""}
+                        if backend == "reference":
+                            est_bytes, est_s = reference_estimate(B, C, H, W, heads, K, dual, dtype.itemsize,
+                                                                  pass_name)
+                            free = torch.cuda.mem_get_info()[0] if on_cuda else None
+                            if on_cuda and est_bytes > 0.9 * free:
+                                ref_note = f"reference skipped: needs ~{est_bytes / 2**30:.1f} GiB"
+                            elif not on_cuda and est_s > args.max_ref_seconds:
+                                ref_note = f"reference skipped: ~{est_s:.0f} s per iteration"
+                            if ref_note:
+                                row["note"] = ref_note
+                                rows.append(row)
+                                continue
+                        fn = op_for(backend, K, scale)
+                        try:
+                            ms, peak = measure(fn, (value, fg, bg), grad, pass_name, device, warmup, iters)
+                        except torch.cuda.OutOfMemoryError:
+                            torch.cuda.empty_cache()
+                            row["note"] = "out of memory"
+                            if backend == "reference":
+                                ref_note = "reference out of memory"
+                            rows.append(row)
+                            continue
+                        except Exception as error:  # noqa: BLE001 - record and go on
+                            failures += 1
+                            row["note"] = f"error: {str(error).splitlines()[0][:300]}"
+                            print(f"# FAILED {backend} {dtype_name} {pass_name} {B}x{C}x{H}x{W}: {row['note']}")
+                            rows.append(row)
+                            continue
+                        if backend == "reference":
+                            ref_ms, ref_peak = ms, peak
+                        gbps = min_bytes(pass_name, B, C, H, W, heads, K, dual, dtype.itemsize) / (ms * 1e-3) / 1e9
+                        row.update(ms=round(ms, 4), ref_ms=None if ref_ms is None else round(ref_ms, 4),
+                                   speedup=None if ref_ms is None else round(ref_ms / ms, 2),
+                                   gbps=round(gbps, 1), pct_of_copy=round(gbps / bandwidth, 3),
+                                   peak_mem_mb=None if peak is None else round(peak, 1),
+                                   ref_peak_mem_mb=None if ref_peak is None else round(ref_peak, 1),
+                                   note=ref_note if backend != "reference" else "")
+                        rows.append(row)
+                del value, fg, bg, grad
+                if on_cuda:
+                    torch.cuda.empty_cache()
+
+    if not args.no_save:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    print_table(rows)
+    print_bars(rows, on_cuda)
+    if not args.no_save:
+        print(f"# {len(rows)} rows appended to {out_path}")
+    return 1 if failures else 0
+
+
+def print_table(rows):
+    header = ("shape BxCxHxW/heads", "dtype", "sm", "pass", "backend", "ms", "ref ms", "speedup", "GB/s",
+              "%copy", "peak MB", "ref MB", "note")
+    lines = [header]
+    for r in rows:
+        lines.append((f"{r['B']}x{r['C']}x{r['H']}x{r['W']}/{r['heads']}", r["dtype"], "2" if r["dual"] else "1",
+                      r["pass"], r["backend"], fmt(r["ms"], ".3f"), fmt(r["ref_ms"], ".3f"),
+                      fmt(r["speedup"], ".1f"), fmt(r["gbps"], ".3g"),
+                      fmt(None if r["pct_of_copy"] is None else 100 * r["pct_of_copy"], ".0f"),
+                      fmt(r["peak_mem_mb"], ".0f"), fmt(r["ref_peak_mem_mb"], ".0f"), r["note"][:40]))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    print()
+    for line in lines:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+
+
+def find(rows, **keys):
+    for r in rows:
+        if all(r.get(k) == v for k, v in keys.items()) and r["ms"] is not None:
+            return r
+    return None
+
+
+def print_bars(rows, on_cuda):
+    main = dict(C=128, H=128, W=128, heads=4, dual=True, B=12 if on_cuda else 1)
+    backend = "cuda" if on_cuda else "cpu"
+    fwd = find(rows, backend=backend, dtype="float32", **{"pass": "forward"}, **main)
+    both = find(rows, backend=backend, dtype="float32", **{"pass": "forward+backward"}, **main)
+    print(f"\n# bars at B={main['B']}, C=128, 128x128, heads=4, K=3, dual softmax ({backend} backend):")
+    checks = []
+    if on_cuda:
+        bf16 = find(rows, backend=backend, dtype="bfloat16", **{"pass": "forward"}, **main)
+        mem = None if both is None or not both["ref_peak_mem_mb"] else both["peak_mem_mb"] / both["ref_peak_mem_mb"]
+        values = [fwd and fwd["speedup"], both and both["speedup"], fwd and fwd["pct_of_copy"], mem,
+                  None if fwd is None or bf16 is None else fwd["ms"] / bf16["ms"]]
+        for (name, bar), value in zip(BARS_CUDA.items(), values):
+            ok = None if value is None else (value <= bar if "<=" in name else value >= bar)
+            checks.append((name, value, ok))
+    else:
+        for (name, bar), row in zip(BARS_CPU.items(), (fwd, both)):
+            value = row and row["speedup"]
+            checks.append((name, value, None if value is None else value >= bar))
+    for name, value, ok in checks:
+        verdict = "not measured" if ok is None else ("PASS" if ok else "FAIL")
+        print(f"#   {name:<50} {fmt(value, '.3g'):>8}  {verdict}")
+    if fwd and both:
+        print(f"# {backend} vs reference: forward {fwd['speedup']}x, forward+backward {both['speedup']}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

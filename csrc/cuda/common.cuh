@@ -1,0 +1,76 @@
+// Device helpers shared by the CUDA kernels of condseg_ops (generic and K = 3 paths).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace condseg_ops {
+namespace cuda {
+
+// Softmaxes run in base 2: softmax(scale * a) = exp2(a * scale * log2(e) - lse2).
+constexpr double kLog2e = 1.4426950408889634;
+
+__device__ __forceinline__ float exp2_acc(float x) { return exp2f(x); }  // ex2.approx (fast math)
+__device__ __forceinline__ double exp2_acc(double x) { return exp2(x); }
+__device__ __forceinline__ float log2_acc(float x) { return log2f(x); }
+__device__ __forceinline__ double log2_acc(double x) { return log2(x); }
+
+// Sizes of one call, in the kernels' terms (all int64 so that index arithmetic never overflows).
+struct Geo {
+  int64_t B, C, H, W, heads, Cg, HW;
+  int64_t K, k2, k4, R, dil, reach, D;  // reach = 2K-1, D = reach^2 source offsets
+};
+
+// Asynchronous global -> shared copies (sm_80+); plain copies on older architectures.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem) : "memory");
+#else
+  *static_cast<uint32_t*>(smem) = *static_cast<const uint32_t*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N committed groups of this thread are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Copies the 4-byte word at `word` (4-byte aligned) into shared memory, but only the bytes that
+// lie in [lo, hi): a word that straddles the end of a 2-byte tensor is copied one element at a time.
+template <typename T>
+__device__ __forceinline__ void copy_word(uint32_t* dst, const char* word, const char* lo, const char* hi) {
+  if (sizeof(T) >= 4 || (word >= lo && word + 4 <= hi)) {
+    cp_async_4(dst, word);
+  } else {
+    auto* d = reinterpret_cast<unsigned short*>(dst);
+    for (int h = 0; h < 2; ++h) {
+      const char* a = word + 2 * h;
+      if (a >= lo && a + 2 <= hi) d[h] = *reinterpret_cast<const unsigned short*>(a);
+    }
+  }
+}
+
+// Grid-stride loop bounds for a 1-D launch over `total` items.
+__device__ __forceinline__ int64_t global_thread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t global_stride() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
+}  // namespace cuda
+}  // namespace condseg_ops

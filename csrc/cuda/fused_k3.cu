@@ -1,0 +1,108 @@
+// Launchers of the fused K = 3 kernels (k3_kernels.cuh).
+#include "k3_kernels.cuh"
+#include "launch.cuh"
+
+#include <climits>
+
+namespace condseg_ops {
+namespace cuda {
+namespace {
+
+struct Tiles {
+  long long x, y, blocks;
+};
+
+Tiles tiles_of(const Geo& g, int tile_h, int tile_w) {
+  const long long tx = (g.W + tile_w - 1) / tile_w, ty = (g.H + tile_h - 1) / tile_h;
+  return {tx, ty, tx * ty * g.heads * g.B};
+}
+
+template <typename Kernel>
+cudaError_t allow_shared_memory(Kernel* kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+}  // namespace
+
+bool fused_sizes_ok(const Geo& g) {
+  if (g.HW > INT_MAX || g.C > INT_MAX || g.heads > INT_MAX) return false;
+  // offsets of the window centres of one weights_kernel tile from its first one (int32)
+  if (((k3::EH + 1) * g.W + k3::EW) * g.heads * k3::K4 > INT_MAX) return false;
+  const long long weights_blocks = tiles_of(g, k3::TH, k3::TW).blocks;
+  const long long grad_blocks = tiles_of(g, k3::BH, k3::BW).blocks;
+  const long long logit_blocks = (g.B * g.HW * g.heads + k3::NT4 - 1) / k3::NT4;
+  return weights_blocks <= INT_MAX && grad_blocks <= INT_MAX && logit_blocks <= INT_MAX;
+}
+
+template <typename T>
+int fused_shared_memory_bytes() {
+  int bytes = k3::weights_smem_bytes<T>();
+  if (k3::value_grad_smem_bytes > bytes) bytes = k3::value_grad_smem_bytes;
+  if (k3::logit_grad_smem_bytes<T, true>() > bytes) bytes = k3::logit_grad_smem_bytes<T, true>();
+  return bytes;
+}
+
+template <typename T>
+cudaError_t fused_weights(const Geo& g, const T* value, const T* fg, const T* bg, T* out, float* weights, float sl2,
+                          cudaStream_t stream) {
+  const Tiles tiles = tiles_of(g, k3::TH, k3::TW);
+  const int smem = k3::weights_smem_bytes<T>();
+  const long long attn_numel = g.B * g.HW * g.heads * g.k4, value_numel = g.B * g.C * g.HW;
+  auto launch = [&](auto kernel) {
+    const cudaError_t status = allow_shared_memory(kernel, smem);
+    if (status != cudaSuccess) return status;
+    kernel<<<static_cast<unsigned int>(tiles.blocks), k3::NT, smem, stream>>>(
+        value, fg, bg, out, weights, static_cast<int>(g.H), static_cast<int>(g.W), static_cast<int>(g.heads),
+        static_cast<int>(g.C), static_cast<int>(g.Cg), static_cast<int>(tiles.x), static_cast<int>(tiles.y),
+        attn_numel, value_numel, sl2);
+    return cudaGetLastError();
+  };
+  const bool dual = bg != nullptr, apply = out != nullptr;
+  if (dual && apply) return launch(k3::weights_kernel<T, true, true>);
+  if (dual) return launch(k3::weights_kernel<T, true, false>);
+  if (apply) return launch(k3::weights_kernel<T, false, true>);
+  return launch(k3::weights_kernel<T, false, false>);
+}
+
+template <typename T>
+cudaError_t fused_value_grad(const Geo& g, const T* grad_out, const T* value, const float* weights, T* grad_value,
+                             float* grad_weights, cudaStream_t stream) {
+  const Tiles tiles = tiles_of(g, k3::BH, k3::BW);
+  k3::value_grad_kernel<T><<<static_cast<unsigned int>(tiles.blocks), k3::NT, k3::value_grad_smem_bytes, stream>>>(
+      grad_out, value, weights, grad_value, grad_weights, static_cast<int>(g.H), static_cast<int>(g.W),
+      static_cast<int>(g.heads), static_cast<int>(g.C), static_cast<int>(g.Cg), static_cast<int>(tiles.x),
+      static_cast<int>(tiles.y));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t fused_logit_grad(const Geo& g, const T* fg, const T* bg, const float* grad_weights, T* grad_fg,
+                             T* grad_bg, float sl2, float scale, cudaStream_t stream) {
+  const long long pixel_heads = g.B * g.HW * g.heads;
+  const unsigned int blocks = static_cast<unsigned int>((pixel_heads + k3::NT4 - 1) / k3::NT4);
+  auto launch = [&](auto kernel, int smem) {
+    const cudaError_t status = allow_shared_memory(kernel, smem);
+    if (status != cudaSuccess) return status;
+    kernel<<<blocks, k3::NT4, smem, stream>>>(fg, bg, grad_weights, grad_fg, grad_bg, static_cast<int>(g.H),
+                                              static_cast<int>(g.W), static_cast<int>(g.heads), pixel_heads, sl2,
+                                              scale);
+    return cudaGetLastError();
+  };
+  if (bg != nullptr) return launch(k3::logit_grad_kernel<T, true>, k3::logit_grad_smem_bytes<T, true>());
+  return launch(k3::logit_grad_kernel<T, false>, k3::logit_grad_smem_bytes<T, false>());
+}
+
+#define CONDSEG_FUSED_INSTANTIATE(T)                                                                              \
+  template int fused_shared_memory_bytes<T>();                                                                    \
+  template cudaError_t fused_weights<T>(const Geo&, const T*, const T*, const T*, T*, float*, float, cudaStream_t); \
+  template cudaError_t fused_value_grad<T>(const Geo&, const T*, const T*, const float*, T*, float*, cudaStream_t); \
+  template cudaError_t fused_logit_grad<T>(const Geo&, const T*, const T*, const float*, T*, T*, float, float,     \
+                                           cudaStream_t);
+CONDSEG_FUSED_INSTANTIATE(float)
+CONDSEG_FUSED_INSTANTIATE(c10::Half)
+CONDSEG_FUSED_INSTANTIATE(c10::BFloat16)
+#undef CONDSEG_FUSED_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace condseg_ops

@@ -1,0 +1,612 @@
+// Fused CUDA kernels for the common case K = 3, dilation 1 (ConDSeg's setting), fp32/fp16/bf16.
+//
+// Notation (DESIGN.md section 2): slot p <-> offset off(p) = (p / 3 - 1, p % 3 - 1); for pixel q and
+// head g, M_q = softmax(fg) @ softmax(bg) (9 x 9, row-stochastic). Seen from its destination r, a
+// term of the fold reads value at r + d with d = off(s) - off(p) in [-2, 2]^2 (25 offsets), so
+//   Wt_r[d] = sum_{p: r - off(p) inside} sum_{s: off(s) - off(p) = d} M_{r - off(p)}[p, s]
+//   out[c, r] = sum_d Wt_r[d] V[c, r + d]                  (25 FMAs per channel, gather form)
+//
+// weights_kernel<APPLY=true> is the whole forward in one pass over the inputs: a block owns a
+// 12 x 32 output tile of one (batch, head). Phase 1 computes M for the tile plus a one-pixel ring
+// (14 x 34 = 476 window centres, two passes of 256 threads, one centre per thread), the logits
+// staged through shared memory with cp.async in rounds of 3 matrix rows (double-buffered), and
+// scatters the rows of M into Wt of the tile in shared memory (one slot p at a time, so the writes
+// of a round never collide: deterministic, no atomics). Phase 2 stages value with a 2-pixel ring, 8
+// channels at a time (cp.async, the next chunk in flight while the current one is applied), and each
+// thread applies Wt to a column of 3 output pixels (value loads shared by the 3 rows) for half of
+// the channels. Only the logits, value and
+// the output cross global memory. weights_kernel<APPLY=false> writes Wt (fp32, layout
+// (B, heads, 25, H, W)) instead: the first step of the backward.
+//
+// Backward: value_grad_kernel computes grad_value[c, t] = sum_d Wt_{t-d}[d] G[c, t-d] and
+// gWt_r[d] = sum_{c in head} G[c, r] V[c, r + d] (both gathers); logit_grad_kernel turns gWt into
+// gM_q[p, s] = gWt_{q+off(p)}[off(s) - off(p)], then gP_fg = gM P_bg^T, gP_bg = P_fg^T gM and the
+// softmax backward, one (pixel, head) per thread with its logits staged through shared memory.
+#pragma once
+
+#include "common.cuh"
+
+namespace condseg_ops {
+namespace cuda {
+namespace k3 {
+
+constexpr int K2 = 9, K4 = 81, D = 25;
+constexpr int NT = 256, NWARPS = NT / 32;
+
+// weights_kernel geometry.
+constexpr int TW = 32, TH = 12;                    // output tile
+constexpr int EW = TW + 2, EH = TH + 2, EP = EW * EH;  // window centres that reach the tile: 476
+constexpr int PASSES = (EP + NT - 1) / NT;         // 2
+constexpr int TP = TH * TW;                        // 384 output pixels
+constexpr int RPR = 3;                             // matrix rows per copy round
+constexpr int VW = TW + 4, VH = TH + 4;            // value tile with its 2-pixel ring
+constexpr int CC = 8;                              // channels per value stage
+constexpr int QR = 3;                              // output rows per thread in phase 2
+constexpr int NQ = (TH + QR - 1) / QR;             // row groups: 4
+constexpr int CSPLIT = NT / (NQ * TW);             // channel groups: 2
+static_assert(NQ * CSPLIT * TW == NT, "phase 2 must use every thread");
+static_assert(CC % CSPLIT == 0, "channel stage must split evenly");
+static_assert(PASSES * NT >= EP, "passes must cover the window centres");
+
+// 4-byte words holding one slot's rows of a round (the chunk may start mid-word for 2-byte
+// types); odd, so that threads reading their own slot hit distinct banks.
+template <typename T>
+constexpr int slot_words() {
+  return sizeof(T) == 4 ? RPR * K2 : (RPR * K2 * 2 + 2 + 3) / 4 + 1;  // 27 (fp32) or 15
+}
+
+// 4-byte words holding one value row of the phase-2 stage (VW elements, which may start mid-word).
+template <typename T>
+constexpr int raw_row_words() {
+  return sizeof(T) == 4 ? VW : (VW * 2 + 2 + 3) / 4;  // 36 or 19
+}
+
+template <typename T>
+constexpr int weights_smem_bytes() {
+  constexpr int wt = D * TP * 4;
+  constexpr int table = PASSES * NT * 4;
+  constexpr int rounds = 2 * NT * slot_words<T>() * 4;
+  constexpr int vstage = CC * VH * raw_row_words<T>() * 4 + CC * VH * VW * 4;
+  return wt + table + (rounds > vstage ? rounds : vstage);
+}
+
+// Element offset of a chunk inside its first word (0 for 4-byte types, 0 or 1 for 2-byte ones).
+template <typename T>
+__device__ __forceinline__ int word_phase(const T* p) {
+  return sizeof(T) == 4 ? 0 : static_cast<int>((reinterpret_cast<uintptr_t>(p) >> 1) & 1);
+}
+
+// Copies rows [row0, row0 + RPR) of every valid slot's matrix into buf (NT slots x slot_words):
+// lanes of a warp take consecutive words of one slot (two slots for 2-byte types), so the global
+// reads are coalesced. offsets[slot] is the element offset of the slot's matrix from `base` (the
+// block's first window centre), or -1. `checked`: a word of this block may stick out of the tensor
+// [lo, hi) (2-byte types, first and last matrix of the tensor only).
+template <typename T>
+__device__ __forceinline__ void issue_round(uint32_t* buf, const T* base, const int* offsets, int row0,
+                                            bool checked, const char* lo, const char* hi) {
+  constexpr int WPS = slot_words<T>();
+  constexpr int SPI = 32 / WPS;  // slots per warp iteration
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane / WPS, w = lane - sub * WPS;
+  if (sub >= SPI) return;
+  if constexpr (sizeof(T) == 4) {
+    const T* lane_src = base + row0 * K2 + w;
+    uint32_t* lane_dst = buf + w;
+#pragma unroll 4
+    for (int slot = warp; slot < NT; slot += NWARPS) {
+      const int off = offsets[slot];
+      if (off >= 0) cp_async_4(lane_dst + slot * WPS, lane_src + static_cast<unsigned>(off));
+    }
+  } else {
+    constexpr int CHUNK_WORDS = (2 + RPR * K2 * 2 + 3) / 4;  // 14 whatever the chunk's phase
+    if (w >= CHUNK_WORDS) return;
+    const T* lane_src = base + row0 * K2;
+    uint32_t* lane_dst = buf + w;
+    if (!checked) {
+#pragma unroll 4
+      for (int slot = warp * SPI + sub; slot < NT; slot += NWARPS * SPI) {
+        const int off = offsets[slot];
+        if (off < 0) continue;
+        const uintptr_t chunk = reinterpret_cast<uintptr_t>(lane_src + static_cast<unsigned>(off));
+        cp_async_4(lane_dst + slot * WPS, reinterpret_cast<const char*>(chunk & ~uintptr_t(3)) + 4 * w);
+      }
+    } else {
+      for (int slot = warp * SPI + sub; slot < NT; slot += NWARPS * SPI) {
+        const int off = offsets[slot];
+        if (off < 0) continue;
+        const uintptr_t chunk = reinterpret_cast<uintptr_t>(lane_src + static_cast<unsigned>(off));
+        copy_word<T>(lane_dst + slot * WPS, reinterpret_cast<const char*>(chunk & ~uintptr_t(3)) + 4 * w, lo, hi);
+      }
+    }
+  }
+}
+
+// Unnormalised softmax of one row of 9 logits in base 2: e[j] = exp2(sl2 * a[j] - max); returns 1/sum.
+template <typename T>
+__device__ __forceinline__ float softmax_row(const T* a, float sl2, float (&e)[K2]) {
+  float x[K2];
+  float top = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < K2; ++j) {
+    x[j] = static_cast<float>(a[j]);
+    top = fmaxf(top, sl2 * x[j]);
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < K2; ++j) {
+    e[j] = exp2f(fmaf(x[j], sl2, -top));
+    sum += e[j];
+  }
+  return 1.f / sum;
+}
+
+// The (batch, head, tile) of this block: heads vary fastest, so the blocks reading the same
+// pixels' logits (interleaved by head in memory) run together; then tiles along x, then y.
+struct BlockTile {
+  int b, g, oy0, ox0;
+};
+__device__ __forceinline__ BlockTile block_tile(int heads, int tiles_x, int tiles_y, int tile_h, int tile_w) {
+  int bid = blockIdx.x;
+  BlockTile t;
+  t.g = bid % heads;
+  bid /= heads;
+  t.ox0 = (bid % tiles_x) * tile_w;
+  bid /= tiles_x;
+  t.oy0 = (bid % tiles_y) * tile_h;
+  t.b = bid / tiles_y;
+  return t;
+}
+
+// log2-sum-exp2 of one row of 9 logits scaled by sl2.
+template <typename T>
+__device__ __forceinline__ float row_lse(const T* a, float sl2) {
+  float top = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < K2; ++j) top = fmaxf(top, sl2 * static_cast<float>(a[j]));
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < K2; ++j) sum += exp2f(fmaf(static_cast<float>(a[j]), sl2, -top));
+  return top + log2f(sum);
+}
+
+template <typename T, bool DUAL, bool APPLY>
+__global__ void __launch_bounds__(NT, 2)
+    weights_kernel(const T* __restrict__ value, const T* __restrict__ fg, const T* __restrict__ bg,
+                   T* __restrict__ out, float* __restrict__ weights, int H, int W, int heads, int C, int Cg,
+                   int tiles_x, int tiles_y, long long attn_numel, long long value_numel, float sl2) {
+  constexpr int WPS = slot_words<T>();
+  constexpr int NRP = DUAL ? 6 : 3;  // copy rounds per pass (bg rows first)
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* wt_s = reinterpret_cast<float*>(smem);                                   // [D][TP]
+  int* table = reinterpret_cast<int*>(smem + D * TP * 4);                         // [PASSES][NT]
+  unsigned char* stage = smem + D * TP * 4 + PASSES * NT * 4;
+  uint32_t* rounds = reinterpret_cast<uint32_t*>(stage);                          // [2][NT][WPS]
+
+  const int tid = threadIdx.x;
+  const BlockTile tile = block_tile(heads, tiles_x, tiles_y, TH, TW);
+  const int b = tile.b, g = tile.g, oy0 = tile.oy0, ox0 = tile.ox0;
+
+  for (int i = tid; i < D * TP; i += NT) wt_s[i] = 0.f;
+  // Window centre e of the block is pixel (oy0 - 1 + e / EW, ox0 - 1 + e % EW); its matrix is at
+  // element base + table[e] of the logits (int32: the host checks that the tile's span fits).
+  for (int e = tid; e < PASSES * NT; e += NT) {
+    const int ey = e / EW, ex = e - ey * EW, qy = oy0 - 1 + ey, qx = ox0 - 1 + ex;
+    const bool inside = e < EP && qy >= 0 && qy < H && qx >= 0 && qx < W;
+    table[e] = inside ? (ey * W + ex) * heads * K4 : -1;
+  }
+  const long long base_off = ((((long long)b * H + (oy0 - 1)) * W + (ox0 - 1)) * heads + g) * K4;
+  const T* fg_base = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(fg) + base_off * (long long)sizeof(T));
+  const T* bg_base =
+      DUAL ? reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(bg) + base_off * (long long)sizeof(T)) : nullptr;
+  // 2-byte logits are copied in 4-byte words, which may reach one element past a chunk: only the
+  // blocks holding the tensor's first or last matrix need bounds checks.
+  const int fy = max(oy0 - 1, 0), fx = max(ox0 - 1, 0), ly = min(oy0 + TH, H - 1), lx = min(ox0 + TW, W - 1);
+  const long long first_el = ((((long long)b * H + fy) * W + fx) * heads + g) * K4;
+  const long long end_el = ((((long long)b * H + ly) * W + lx) * heads + g + 1) * K4;
+  const bool checked = sizeof(T) < 4 && (first_el == 0 || end_el == attn_numel);
+  __syncthreads();
+
+  auto issue = [&](int t) {
+    const int pass = t / NRP, r = t % NRP;
+    const bool is_bg = DUAL && r < 3;
+    const T* lo = is_bg ? bg : fg;
+    issue_round<T>(rounds + (t & 1) * NT * WPS, is_bg ? bg_base : fg_base, table + pass * NT, (r % 3) * RPR,
+                   checked, reinterpret_cast<const char*>(lo), reinterpret_cast<const char*>(lo + attn_numel));
+    cp_async_commit();
+  };
+
+  // ---- phase 1: Wt of the tile --------------------------------------------------------------
+  issue(0);
+  for (int pass = 0; pass < PASSES; ++pass) {
+    const int e = pass * NT + tid;
+    const int my_off = table[e];
+    const bool valid = my_off >= 0;
+    const int ey = e / EW, ex = e - ey * EW;
+    float pbg[DUAL ? K4 : 1];     // exp2 of the bg logits, rows not yet normalised
+    float inv_bg[DUAL ? K2 : 1];  // 1 / row sums of pbg
+#pragma unroll
+    for (int r = 0; r < NRP; ++r) {
+      const int t = pass * NRP + r;
+      if (t + 1 < PASSES * NRP) {
+        issue(t + 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const bool is_bg = DUAL && r < 3;
+      const int row0 = (r % 3) * RPR;
+      const T* src = (is_bg ? bg_base : fg_base) + (valid ? my_off : 0) + row0 * K2;
+      const T* rows = reinterpret_cast<const T*>(rounds + (t & 1) * NT * WPS + tid * WPS) + word_phase(src);
+      if (is_bg) {
+        if (valid) {
+#pragma unroll
+          for (int rr = 0; rr < RPR; ++rr) {
+            float e9[K2];
+            inv_bg[DUAL ? row0 + rr : 0] = softmax_row(rows + rr * K2, sl2, e9);
+#pragma unroll
+            for (int s = 0; s < K2; ++s) pbg[DUAL ? (row0 + rr) * K2 + s : 0] = e9[s];
+          }
+        }
+        __syncthreads();
+        continue;
+      }
+#pragma unroll
+      for (int rr = 0; rr < RPR; ++rr) {
+        const int p = row0 + rr, py = p / 3, px = p % 3;
+        const int ry = ey + py - 2, rx = ex + px - 2;  // destination r = q + off(p), tile coordinates
+        if (valid && ry >= 0 && ry < TH && rx >= 0 && rx < TW) {
+          float ef[K2], row[K2];
+          const float inv = softmax_row(rows + rr * K2, sl2, ef);
+          if (DUAL) {
+#pragma unroll
+            for (int s = 0; s < K2; ++s) row[s] = 0.f;
+#pragma unroll
+            for (int j = 0; j < K2; ++j) {
+              const float coef = ef[j] * inv * inv_bg[DUAL ? j : 0];
+#pragma unroll
+              for (int s = 0; s < K2; ++s) row[s] = fmaf(coef, pbg[DUAL ? j * K2 + s : 0], row[s]);
+            }
+          } else {
+#pragma unroll
+            for (int s = 0; s < K2; ++s) row[s] = ef[s] * inv;
+          }
+          float* dst = wt_s + ry * TW + rx;
+#pragma unroll
+          for (int s = 0; s < K2; ++s) {
+            const int d = (s / 3 - py + 2) * 5 + (s % 3 - px + 2);
+            dst[d * TP] += row[s];
+          }
+        }
+        __syncthreads();  // the next slot's rows land on other pixels' Wt: keep slots apart
+      }
+    }
+  }
+
+  const int HW = H * W;
+  if (!APPLY) {
+    for (int i = tid; i < D * TP; i += NT) {
+      const int d = i / TP, pix = i - d * TP, y = oy0 + pix / TW, x = ox0 + pix % TW;
+      if (y < H && x < W) weights[(((long long)b * heads + g) * D + d) * HW + (long long)y * W + x] = wt_s[i];
+    }
+    return;
+  }
+
+  // ---- phase 2: out = sum_d Wt[d] V[. + d] ----------------------------------------------------
+  // Value is staged CC channels at a time: raw words by cp.async (the next chunk flies while the
+  // current one is applied), then converted to a zero-padded fp32 tile. Loops over staging items
+  // stay rolled so that their index arithmetic is not kept live across chunks (registers).
+  constexpr int RAWW = raw_row_words<T>(), VROWS = CC * VH, VTILE = VH * VW;
+  uint32_t* raw = reinterpret_cast<uint32_t*>(stage);                       // [VROWS][RAWW]
+  float* vs = reinterpret_cast<float*>(stage + VROWS * RAWW * 4);           // [CC][VH][VW]
+  const T* vplane = value + ((long long)b * C + (long long)g * Cg) * HW;    // channel 0 of the head
+  const char* v_lo = reinterpret_cast<const char*>(value);
+  const char* v_hi = reinterpret_cast<const char*>(value + value_numel);
+  // First element (x = ox0 - 2) of stage row `row` of the chunk at c0, or nullptr when the row is
+  // outside the image or past the head's channels.
+  auto row_start = [&](int row, int c0) -> const T* {
+    const int cl = row / VH, vy = row - cl * VH, c = c0 + cl, y = oy0 - 2 + vy;
+    if (c >= Cg || y < 0 || y >= H) return nullptr;
+    return vplane + (long long)c * HW + (long long)y * W + (ox0 - 2);
+  };
+  auto issue_values = [&](int c0) {
+#pragma unroll 1
+    for (int i = tid; i < VROWS * RAWW; i += NT) {
+      const int row = i / RAWW, w = i - row * RAWW;
+      const T* first = row_start(row, c0);
+      if (first == nullptr) continue;
+      if (sizeof(T) == 4) {
+        const int x = ox0 - 2 + w;
+        if (x >= 0 && x < W) cp_async_4(raw + i, first + w);
+      } else {
+        const char* word0 = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(first) & ~uintptr_t(3));
+        copy_word<T>(raw + i, word0 + 4 * w, v_lo, v_hi);
+      }
+    }
+    cp_async_commit();
+  };
+  auto convert_values = [&](int c0) {
+#pragma unroll 1
+    for (int i = tid; i < CC * VTILE; i += NT) {
+      const int row = i / VW, j = i - row * VW, x = ox0 - 2 + j;
+      const T* first = row_start(row, c0);
+      float v = 0.f;
+      if (first != nullptr && x >= 0 && x < W)
+        v = static_cast<float>(reinterpret_cast<const T*>(raw + row * RAWW)[word_phase(first) + j]);
+      vs[i] = v;
+    }
+  };
+
+  const int col = tid & 31, warp = tid >> 5;
+  const int r0 = (warp % NQ) * QR, cgroup = warp / NQ;
+  const int nrows = min(QR, TH - r0);  // uniform per warp
+  float w[QR][D];
+#pragma unroll
+  for (int i = 0; i < QR; ++i)
+#pragma unroll
+    for (int d = 0; d < D; ++d) w[i][d] = i < nrows ? wt_s[d * TP + (r0 + i) * TW + col] : 0.f;
+
+  issue_values(0);  // phase 1 is over (last barrier above): the stage is free
+  for (int c0 = 0; c0 < Cg; c0 += CC) {
+    cp_async_wait<0>();
+    __syncthreads();  // chunk landed; everyone is done reading the previous tile
+    convert_values(c0);
+    __syncthreads();  // tile ready; raw words free for the next chunk
+    if (c0 + CC < Cg) issue_values(c0 + CC);
+#pragma unroll 1
+    for (int k = 0; k < CC / CSPLIT; ++k) {
+      const int cl = cgroup + k * CSPLIT, c = c0 + cl;
+      if (c >= Cg) break;
+      float acc[QR];
+#pragma unroll
+      for (int i = 0; i < QR; ++i) acc[i] = 0.f;
+      const float* plane = vs + cl * VTILE + r0 * VW + col;
+#pragma unroll
+      for (int vr = 0; vr < QR + 4; ++vr) {
+        if (vr >= nrows + 4) break;
+        float v[5];
+#pragma unroll
+        for (int dx = 0; dx < 5; ++dx) v[dx] = plane[vr * VW + dx];
+#pragma unroll
+        for (int i = 0; i < QR; ++i) {
+          const int dy = vr - i;  // 0..4 <-> offset -2..2
+          if (dy < 0 || dy > 4 || i >= nrows) continue;
+#pragma unroll
+          for (int dx = 0; dx < 5; ++dx) acc[i] = fmaf(w[i][dy * 5 + dx], v[dx], acc[i]);
+        }
+      }
+      const int x = ox0 + col;
+      T* dst = out + ((long long)b * C + (long long)g * Cg + c) * HW;
+#pragma unroll
+      for (int i = 0; i < QR; ++i) {
+        const int y = oy0 + r0 + i;
+        if (i < nrows && y < H && x < W) dst[(long long)y * W + x] = static_cast<T>(acc[i]);
+      }
+    }
+  }
+}
+
+// ---- backward: grad_value and gWt -----------------------------------------------------------
+constexpr int BH = 8, BW = 32;          // tile (one pixel per thread)
+constexpr int GH = BH + 4, GW = BW + 4;  // grad_out / value tile with its 2-pixel ring
+constexpr int CC3 = 4;
+constexpr int value_grad_smem_bytes = 2 * CC3 * GH * GW * 4;
+
+template <typename T>
+__global__ void __launch_bounds__(NT, 2)
+    value_grad_kernel(const T* __restrict__ grad_out, const T* __restrict__ value, const float* __restrict__ weights,
+                      T* __restrict__ grad_value, float* __restrict__ grad_weights, int H, int W, int heads, int C,
+                      int Cg, int tiles_x, int tiles_y) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* gs = reinterpret_cast<float*>(smem);  // [CC3][GH][GW]
+  float* vs = gs + CC3 * GH * GW;               // [CC3][GH][GW]
+  const int tid = threadIdx.x;
+  const BlockTile tile = block_tile(heads, tiles_x, tiles_y, BH, BW);
+  const int b = tile.b, g = tile.g, oy0 = tile.oy0, ox0 = tile.ox0;
+  const int col = tid & 31, row = tid >> 5, y = oy0 + row, x = ox0 + col;
+  const bool inside = y < H && x < W;
+  const int HW = H * W;
+
+  // w[d] = Wt_{t-d}[d]: the weight with which the output at t - d read value at t.
+  const float* wg = weights + ((long long)b * heads + g) * D * HW;
+  float w[D], gacc[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    const int sy = y - (d / 5 - 2), sx = x - (d % 5 - 2);
+    w[d] = (inside && sy >= 0 && sy < H && sx >= 0 && sx < W) ? wg[(long long)d * HW + sy * W + sx] : 0.f;
+    gacc[d] = 0.f;
+  }
+
+  constexpr int TILE = GH * GW, LOADS = (2 * CC3 * TILE + NT - 1) / NT;
+  const long long plane0 = ((long long)b * C + (long long)g * Cg) * HW;
+  float reg[LOADS];
+  auto load_chunk = [&](int c0) {
+#pragma unroll
+    for (int k = 0; k < LOADS; ++k) {
+      const int i = tid + k * NT;
+      const int which = i / (CC3 * TILE), j = i - which * CC3 * TILE;  // 0: grad_out, 1: value
+      const int cl = j / TILE, rem = j - cl * TILE, ty = rem / GW, tx = rem - ty * GW;
+      const int yy = oy0 - 2 + ty, xx = ox0 - 2 + tx, c = c0 + cl;
+      const T* src = which == 0 ? grad_out : value;
+      reg[k] = (which < 2 && c < Cg && yy >= 0 && yy < H && xx >= 0 && xx < W)
+                   ? static_cast<float>(src[plane0 + (long long)c * HW + (long long)yy * W + xx])
+                   : 0.f;
+    }
+  };
+
+  load_chunk(0);
+  for (int c0 = 0; c0 < Cg; c0 += CC3) {
+    if (c0 > 0) __syncthreads();
+#pragma unroll
+    for (int k = 0; k < LOADS; ++k) {
+      const int i = tid + k * NT;
+      if (i < 2 * CC3 * TILE) gs[i] = reg[k];  // gs and vs are contiguous
+    }
+    __syncthreads();
+    if (c0 + CC3 < Cg) load_chunk(c0 + CC3);
+#pragma unroll 1
+    for (int cl = 0; cl < CC3 && c0 + cl < Cg; ++cl) {
+      const float* gp = gs + cl * TILE + (row + 2) * GW + col + 2;  // centred on t
+      const float* vp = vs + cl * TILE + (row + 2) * GW + col + 2;
+      const float centre = gp[0];
+      float gv = 0.f;
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        const int dy = d / 5 - 2, dx = d % 5 - 2;
+        gv = fmaf(w[d], gp[-dy * GW - dx], gv);
+        gacc[d] = fmaf(centre, vp[dy * GW + dx], gacc[d]);
+      }
+      if (inside) grad_value[plane0 + (long long)(c0 + cl) * HW + (long long)y * W + x] = static_cast<T>(gv);
+    }
+  }
+  if (inside) {
+    float* gw = grad_weights + ((long long)b * heads + g) * D * HW + (long long)y * W + x;
+#pragma unroll
+    for (int d = 0; d < D; ++d) gw[(long long)d * HW] = gacc[d];
+  }
+}
+
+// ---- backward: gradients of the logits ------------------------------------------------------
+constexpr int NT4 = 128;  // (pixel, head) pairs per block
+
+template <typename T>
+constexpr int logit_stage_words() {
+  return (NT4 * K4 * static_cast<int>(sizeof(T)) + 3) / 4 + 1;
+}
+
+template <typename T, bool DUAL>
+constexpr int logit_grad_smem_bytes() {
+  return (DUAL ? 2 : 1) * logit_stage_words<T>() * 4;
+}
+
+// Stages elements [first, first + count) of a tensor (bounds lo, hi) into buf; returns the element
+// offset of `first` inside buf.
+template <typename T>
+__device__ __forceinline__ int stage_contiguous(uint32_t* buf, const T* first, long long count, const char* lo,
+                                                const char* hi) {
+  const int phase = word_phase(first);
+  const char* word0 = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(first) & ~uintptr_t(3));
+  const int words = static_cast<int>((phase * sizeof(T) + count * sizeof(T) + 3) / 4);
+  for (int i = threadIdx.x; i < words; i += blockDim.x) copy_word<T>(buf + i, word0 + 4 * i, lo, hi);
+  return phase;
+}
+
+template <typename T, bool DUAL>
+__global__ void __launch_bounds__(NT4)
+    logit_grad_kernel(const T* __restrict__ fg, const T* __restrict__ bg, const float* __restrict__ grad_weights,
+                      T* __restrict__ grad_fg, T* __restrict__ grad_bg, int H, int W, int heads,
+                      long long pixel_heads, float sl2, float scale) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* fg_words = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* bg_words = fg_words + logit_stage_words<T>();
+  const long long n0 = (long long)blockIdx.x * NT4;
+  const long long left = pixel_heads - n0;
+  const int count = left < NT4 ? static_cast<int>(left) : NT4;
+  const long long numel = pixel_heads * K4;
+  const int fg_phase = stage_contiguous<T>(fg_words, fg + n0 * K4, (long long)count * K4,
+                                           reinterpret_cast<const char*>(fg), reinterpret_cast<const char*>(fg + numel));
+  int bg_phase = 0;
+  if (DUAL)
+    bg_phase = stage_contiguous<T>(bg_words, bg + n0 * K4, (long long)count * K4,
+                                   reinterpret_cast<const char*>(bg), reinterpret_cast<const char*>(bg + numel));
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  T* fg_s = reinterpret_cast<T*>(fg_words) + fg_phase;
+  T* bg_s = reinterpret_cast<T*>(bg_words) + bg_phase;
+  const int t = threadIdx.x;
+  if (t < count) {
+    const long long n = n0 + t;
+    const int head = static_cast<int>(n % heads);
+    const long long pixel = n / heads;
+    const int HW = H * W;
+    const long long b = pixel / HW;
+    const int q = static_cast<int>(pixel % HW), qy = q / W, qx = q % W;
+    const float* gw = grad_weights + (b * heads + head) * D * HW;
+    T* F = fg_s + t * K4;
+    T* Bm = bg_s + t * K4;
+
+    float gm[K4];  // gM[p, s] = gWt_{q + off(p)}[off(s) - off(p)]
+#pragma unroll
+    for (int p = 0; p < K2; ++p) {
+      const int py = p / 3, px = p % 3, ry = qy + py - 1, rx = qx + px - 1;
+      const bool in = ry >= 0 && ry < H && rx >= 0 && rx < W;
+#pragma unroll
+      for (int s = 0; s < K2; ++s) {
+        const int d = (s / 3 - py + 2) * 5 + (s % 3 - px + 2);
+        gm[p * K2 + s] = in ? gw[(long long)d * HW + ry * W + rx] : 0.f;
+      }
+    }
+    float lse_fg[K2];  // log2-sum-exp2 of the fg rows: P_fg[p, j] = exp2(sl2 * a - lse_fg[p])
+#pragma unroll
+    for (int p = 0; p < K2; ++p) lse_fg[p] = row_lse(F + p * K2, sl2);
+    if (DUAL) {
+      float pb[K4];
+#pragma unroll
+      for (int j = 0; j < K2; ++j) {
+        float e[K2];
+        const float inv = softmax_row(Bm + j * K2, sl2, e);
+#pragma unroll
+        for (int s = 0; s < K2; ++s) pb[j * K2 + s] = e[s] * inv;
+      }
+      // grad of P_bg: gP_bg[j, s] = sum_p P_fg[p, j] gM[p, s]; written over the bg logits.
+#pragma unroll
+      for (int j = 0; j < K2; ++j) {
+        float gp[K2];
+#pragma unroll
+        for (int s = 0; s < K2; ++s) gp[s] = 0.f;
+#pragma unroll
+        for (int p = 0; p < K2; ++p) {
+          const float pf = exp2f(fmaf(static_cast<float>(F[p * K2 + j]), sl2, -lse_fg[p]));
+#pragma unroll
+          for (int s = 0; s < K2; ++s) gp[s] = fmaf(pf, gm[p * K2 + s], gp[s]);
+        }
+        float dot = 0.f;
+#pragma unroll
+        for (int s = 0; s < K2; ++s) dot = fmaf(gp[s], pb[j * K2 + s], dot);
+#pragma unroll
+        for (int s = 0; s < K2; ++s) Bm[j * K2 + s] = static_cast<T>(scale * pb[j * K2 + s] * (gp[s] - dot));
+      }
+      // grad of P_fg: gP_fg[p, j] = sum_s gM[p, s] P_bg[j, s]; written over the fg logits.
+#pragma unroll
+      for (int p = 0; p < K2; ++p) {
+        float pf[K2], gp[K2];
+        float dot = 0.f;
+#pragma unroll
+        for (int j = 0; j < K2; ++j) {
+          pf[j] = exp2f(fmaf(static_cast<float>(F[p * K2 + j]), sl2, -lse_fg[p]));
+          float acc = 0.f;
+#pragma unroll
+          for (int s = 0; s < K2; ++s) acc = fmaf(gm[p * K2 + s], pb[j * K2 + s], acc);
+          gp[j] = acc;
+          dot = fmaf(acc, pf[j], dot);
+        }
+#pragma unroll
+        for (int j = 0; j < K2; ++j) F[p * K2 + j] = static_cast<T>(scale * pf[j] * (gp[j] - dot));
+      }
+    } else {
+#pragma unroll
+      for (int p = 0; p < K2; ++p) {
+        float pf[K2];
+        float dot = 0.f;
+#pragma unroll
+        for (int j = 0; j < K2; ++j) {
+          pf[j] = exp2f(fmaf(static_cast<float>(F[p * K2 + j]), sl2, -lse_fg[p]));
+          dot = fmaf(gm[p * K2 + j], pf[j], dot);
+        }
+#pragma unroll
+        for (int j = 0; j < K2; ++j) F[p * K2 + j] = static_cast<T>(scale * pf[j] * (gm[p * K2 + j] - dot));
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < count * K4; i += NT4) {
+    grad_fg[n0 * K4 + i] = fg_s[i];
+    if (DUAL) grad_bg[n0 * K4 + i] = bg_s[i];
+  }
+}
+
+}  // namespace k3
+}  // namespace cuda
+}  // namespace condseg_ops

@@ -1,0 +1,71 @@
+// Kernel launchers of the CUDA backend, callable from plain C++ (raw pointers, no ATen).
+//
+// They live in their own translation units (fused_k3.cu, generic.cu), which include no torch
+// header beyond c10's Half/BFloat16: they compile fast and in parallel. contrast_aggregate_cuda.cu
+// owns tensors, scratch allocation, dispatch and the operator registration. Each launcher queues
+// its kernels on `stream` and returns the launch status (cudaGetLastError).
+#pragma once
+
+#include "common.cuh"
+
+namespace condseg_ops {
+namespace cuda {
+
+// Accumulation type: fp32, fp64 for fp64 inputs.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// ---- fused K = 3, dilation 1 path (fused_k3.cu); T in {float, c10::Half, c10::BFloat16} -------
+
+// Whether the sizes fit the fused kernels' int32 arithmetic and 1-D grids.
+bool fused_sizes_ok(const Geo& g);
+
+// Largest dynamic shared memory (bytes) one block of the fused kernels asks for.
+template <typename T>
+int fused_shared_memory_bytes();
+
+// With out != nullptr: the whole forward. Otherwise Wt (fp32, (B, heads, 25, H, W)) into weights.
+// bg == nullptr means the single-softmax form. sl2 = scale * log2(e).
+template <typename T>
+cudaError_t fused_weights(const Geo& g, const T* value, const T* fg, const T* bg, T* out, float* weights, float sl2,
+                          cudaStream_t stream);
+
+// grad_value and gWt (fp32, (B, heads, 25, H, W)) from grad_out, value and Wt.
+template <typename T>
+cudaError_t fused_value_grad(const Geo& g, const T* grad_out, const T* value, const float* weights, T* grad_value,
+                             float* grad_weights, cudaStream_t stream);
+
+// grad_attn_fg (and grad_attn_bg when bg != nullptr) from gWt and the logits.
+template <typename T>
+cudaError_t fused_logit_grad(const Geo& g, const T* fg, const T* bg, const float* grad_weights, T* grad_fg,
+                             T* grad_bg, float sl2, float scale, cudaStream_t stream);
+
+// ---- generic path (generic.cu); T in {float, double, c10::Half, c10::BFloat16} ---------------
+// Scratch in Acc<T>::type: lse (B*H*W*heads*K2 each), mix (B*H*W*heads*K4), weights and
+// grad_weights (B, heads, D, H, W), gp_fg / gp_bg (B*H*W*heads*K4 each).
+
+template <typename T>
+cudaError_t generic_weights(const Geo& g, const T* fg, const T* bg, typename Acc<T>::type* lse_fg,
+                            typename Acc<T>::type* lse_bg, typename Acc<T>::type* mix,
+                            typename Acc<T>::type* weights, double scale, cudaStream_t stream);
+
+// transpose = false: out = sum_d Wt[d] src[. + d] (forward); true: the gradient of value.
+template <typename T>
+cudaError_t generic_apply(const Geo& g, const typename Acc<T>::type* weights, const T* src, T* out, bool transpose,
+                          cudaStream_t stream);
+
+template <typename T>
+cudaError_t generic_logit_grad(const Geo& g, const T* grad_out, const T* value, const T* fg, const T* bg,
+                               const typename Acc<T>::type* lse_fg, const typename Acc<T>::type* lse_bg,
+                               typename Acc<T>::type* grad_weights, typename Acc<T>::type* gp_fg,
+                               typename Acc<T>::type* gp_bg, T* grad_fg, T* grad_bg, double scale,
+                               cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace condseg_ops
