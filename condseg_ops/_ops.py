@@ -76,8 +76,9 @@ def contrast_aggregate(value, attn_fg, attn_bg=None, kernel_size=3, dilation=1, 
     if name == "reference":
         return contrast_aggregate_reference(value, attn_fg, attn_bg, kernel_size, dilation, scale)
     if name == "triton":
-        return backends.triton_module().contrast_aggregate_triton(
-            value, attn_fg, attn_bg, kernel_size, dilation, scale)
+        # The op itself (registered when _select imported the Triton module), not a Python
+        # wrapper: torch.compile traces it without a graph break.
+        return torch.ops.condseg_ops.contrast_aggregate_triton(value, attn_fg, attn_bg, kernel_size, dilation, scale)
     return torch.ops.condseg_ops.contrast_aggregate(value, attn_fg, attn_bg, kernel_size, dilation, scale)
 
 

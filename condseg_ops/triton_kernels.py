@@ -1,0 +1,483 @@
+"""Triton backend of ``condseg_ops.contrast_aggregate`` (DESIGN.md section 2).
+
+Notation: K odd, R = K // 2, K2 = K * K, slot p has offset off(p) = dilation * (p // K - R, p % K - R).
+Per pixel q and head g, M_q = softmax(scale * attn_fg) @ softmax(scale * attn_bg) (K2 x K2, row =
+destination slot, column = source slot; P_bg = I without attn_bg). Because q + off(s) = r + d with
+r = q + off(p) and d = off(s) - off(p), the op is a gather over the (2K-1)^2 offsets d:
+
+    out[c, r] = sum_d Wt_r[d] * V[c, r + d],   Wt_r[d] = sum_{p, s: off(s) - off(p) = d} M_{r - off(p)}[p, s]
+
+Kernels (deterministic, no atomics; fp32 accumulation, fp64 for fp64 inputs), each program one
+block of pixels of one (batch, head):
+  _mix_kernel          M = P_fg @ P_bg (batched tl.dot on [pixels, K2P, K2P] tiles), stored planar as
+                       scratch Mt[b, g, p*K2 + s, q]
+  _weight_kernel       Wt[b, g, d, r] from the K2 neighbours' rows of Mt (all slots p at once)
+  _apply_kernel        out[c, t] = sum_d Wt_t[d] V[c, t + d]; TRANSPOSED gives
+                       grad_value[c, t] = sum_d Wt_{t-d}[d] G[c, t - d] (a gather too)
+  _grad_weight_kernel  gWt[b, g, d, r] = sum_{c in head g} G[c, r] V[c, r + d]
+  _softmax_bwd_kernel  gM_q[p, s] = gWt_{q+off(p)}[off(s) - off(p)] (0 outside the image),
+                       gP_fg = gM P_bg^T, gP_bg = P_fg^T gM, gA = scale P (gP - rowsum(gP P))
+Forward: mix, weight, apply. Backward (only the inputs are saved): mix, weight, apply(transposed),
+grad_weight, softmax_bwd. Scratch: Mt (freed after weight) and Wt, both B*heads*H*W*(K^4 and
+(2K-1)^2) accumulator floats; the backward adds gWt, like Wt.
+
+Registration: on a GPU the op is a ``torch.library.triton_op`` (kernels launched through
+``wrap_triton``, so torch.compile sees them, no graph break). Under the Triton interpreter
+(TRITON_INTERPRET=1, CPU tensors) ``wrap_triton`` cannot trace kernels, so the same op names are
+registered with ``torch.library.custom_op`` + ``register_fake`` instead (opaque to the compiler, but
+torch.compile and opcheck still work). Importing this module never fails: without triton,
+``TRITON_AVAILABLE`` is False and ``TRITON_UNAVAILABLE_REASON`` says why.
+"""
+import os
+from typing import Optional
+
+import torch
+
+OP_NAME = "condseg_ops::contrast_aggregate_triton"
+BACKWARD_OP_NAME = "condseg_ops::contrast_aggregate_triton_backward"
+
+TRITON_AVAILABLE = False
+TRITON_UNAVAILABLE_REASON: Optional[str] = None
+INTERPRET = False
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # optional dependency
+    TRITON_UNAVAILABLE_REASON = f"triton is not installed (pip install .[triton]): {exc}"
+else:
+    if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
+        TRITON_UNAVAILABLE_REASON = (
+            f"torch {torch.__version__} lacks torch.library.triton_op/wrap_triton (needs torch >= 2.6)"
+        )
+    else:
+        TRITON_AVAILABLE = True
+        try:
+            from triton import knobs as _knobs
+
+            INTERPRET = bool(_knobs.runtime.interpret)
+        except (ImportError, AttributeError):
+            INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+if TRITON_AVAILABLE:
+
+    # ------------------------------------------------------------------------------------------
+    # Launch configurations. QS is the element budget of one [BLOCK_Q, K2P, K2P] tile:
+    # BLOCK_Q = max(1, QS // K2P^2), so K = 3 gets 4..16 pixels per program and K = 7 one or two.
+    # The GPU lists keep every variant free of register spills at K = 3 (tests/test_triton.py
+    # compiles them for sm_89/sm_90 and reads ptxas' usage). Under the interpreter exactly one
+    # config, with large blocks (its cost is per program). CONDSEG_TRITON_AUTOTUNE=0 keeps the first
+    # GPU config of each list (no autotuning: fewer compiles, e.g. for a quick GPU test run).
+    # ------------------------------------------------------------------------------------------
+    GPU_CONFIGS = {
+        "mix": [
+            triton.Config({"QS": 2048}, num_warps=4),
+            triton.Config({"QS": 4096}, num_warps=4),
+            triton.Config({"QS": 4096}, num_warps=8),
+        ],
+        "softmax_bwd": [
+            triton.Config({"QS": 1024}, num_warps=4),
+            triton.Config({"QS": 2048}, num_warps=4),
+            triton.Config({"QS": 2048}, num_warps=8),
+        ],
+        "apply": [
+            triton.Config({"BLOCK_C": 16, "BLOCK_P": 64}, num_warps=4),
+            triton.Config({"BLOCK_C": 8, "BLOCK_P": 128}, num_warps=4),
+            triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=8),
+            triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=8),
+        ],
+        "pixel": [  # _weight_kernel and _grad_weight_kernel
+            triton.Config({"BLOCK_P": 64}, num_warps=4),
+            triton.Config({"BLOCK_P": 128}, num_warps=4),
+            triton.Config({"BLOCK_P": 256}, num_warps=8),
+        ],
+    }
+    if INTERPRET:
+        _CONFIGS = {
+            "mix": [triton.Config({"QS": 8192}, num_warps=4)],
+            "softmax_bwd": [triton.Config({"QS": 8192}, num_warps=4)],
+            "apply": [triton.Config({"BLOCK_C": 64, "BLOCK_P": 128}, num_warps=4)],
+            "pixel": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
+        }
+    elif os.environ.get("CONDSEG_TRITON_AUTOTUNE", "1") == "0":
+        _CONFIGS = {name: configs[:1] for name, configs in GPU_CONFIGS.items()}
+    else:
+        _CONFIGS = GPU_CONFIGS
+
+    @triton.jit
+    def _acc(x, FP64: tl.constexpr):
+        """Upcast right after loading: fp64 stays fp64, everything else computes in fp32."""
+        if FP64:
+            return x.to(tl.float64)
+        else:
+            return x.to(tl.float32)
+
+    @triton.jit
+    def _mm(a, b, FP64: tl.constexpr):
+        """Batched [BQ, K2P, K2P] matrix product in full precision (no tf32)."""
+        if FP64:
+            return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float64)
+        else:
+            return tl.dot(a, b, input_precision="ieee")
+
+    @triton.jit
+    def _softmax_tile(A, base, qmask, scale, K2: tl.constexpr, K2P: tl.constexpr, FP64: tl.constexpr):
+        """Row softmax of scale * A[base + p*K2 + s] -> [BQ, K2P, K2P]; padded rows/columns are 0."""
+        p = tl.arange(0, K2P)[None, :, None]
+        s = tl.arange(0, K2P)[None, None, :]
+        valid = (p < K2) & (s < K2)
+        a = _acc(tl.load(A + (base[:, None, None] + (p * K2 + s)), mask=qmask[:, None, None] & valid, other=0.0), FP64)
+        a = tl.where(s < K2, a * scale, float("-inf"))  # column 0 is always valid: no all -inf row
+        e = tl.exp(a - tl.max(a, axis=2)[:, :, None])
+        prob = e / tl.sum(e, axis=2)[:, :, None]
+        return tl.where(p < K2, prob, 0.0)
+
+    @triton.jit
+    def _tile_pixels(HW, heads, K2: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """Program -> (batch*heads index bg, its pixels q, their mask, offset of attn[b, q, g])."""
+        pid = tl.program_id(0)
+        n_qb = tl.cdiv(HW, BLOCK_Q)
+        bg = pid // n_qb
+        q = (pid % n_qb) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        base = (((bg // heads).to(tl.int64) * HW + q) * heads + bg % heads) * (K2 * K2)
+        return bg, q, q < HW, base
+
+    @triton.jit
+    def _pixel_block(HW, W, BLOCK_P: tl.constexpr):
+        """Program -> (index along the rest of the grid, its pixels r, their mask, rows, columns)."""
+        pid = tl.program_id(0)
+        n_pb = tl.cdiv(HW, BLOCK_P)
+        r = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+        return pid // n_pb, r, r < HW, r // W, r % W
+
+    @triton.autotune(configs=_CONFIGS["mix"], key=["HW", "K", "DUAL"])
+    @triton.jit
+    def _mix_kernel(
+        A_fg, A_bg, Mt, HW, heads, scale,
+        K: tl.constexpr, K2P: tl.constexpr, DUAL: tl.constexpr, FP64: tl.constexpr, QS: tl.constexpr,
+    ):
+        K2: tl.constexpr = K * K
+        BLOCK_Q: tl.constexpr = (QS + K2P * K2P - 1) // (K2P * K2P)  # max(1, QS // K2P^2), powers of 2
+        bg, q, qmask, base = _tile_pixels(HW, heads, K2, BLOCK_Q)
+        prob = _softmax_tile(A_fg, base, qmask, scale, K2, K2P, FP64)
+        if DUAL:
+            prob = _mm(prob, _softmax_tile(A_bg, base, qmask, scale, K2, K2P, FP64), FP64)
+        p = tl.arange(0, K2P)[None, :, None]
+        s = tl.arange(0, K2P)[None, None, :]
+        offs = (bg.to(tl.int64) * (K2 * K2) + (p * K2 + s)) * HW + q[:, None, None]
+        tl.store(Mt + offs, prob, mask=qmask[:, None, None] & (p < K2) & (s < K2))
+
+    @triton.autotune(configs=_CONFIGS["pixel"], key=["HW", "K"])
+    @triton.jit
+    def _weight_kernel(Mt, Wt, H, W, HW, dil, K: tl.constexpr, K2P: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Wt[b, g, d, r] = sum_p M_{r - off(p)}[p, p + d], all K2 slots p at once (axis 0)."""
+        R: tl.constexpr = K // 2
+        K2: tl.constexpr = K * K
+        D: tl.constexpr = (2 * K - 1) * (2 * K - 1)
+        bg, r, rmask, y, x = _pixel_block(HW, W, BLOCK_P)
+        hw = bg.to(tl.int64) * 0 + HW  # int64 plane stride (HW may arrive as a constexpr 1)
+        p = tl.arange(0, K2P)[:, None]
+        py = p // K
+        px = p % K
+        qy = y[None, :] - dil * (py - R)  # window centre q = r - off(p)
+        qx = x[None, :] - dil * (px - R)
+        q_ok = rmask[None, :] & (p < K2) & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+        # Mt plane of (p, s) is p * K2 + s, and s = p + (d_y * K + d_x)
+        m_ptr = Mt + (bg.to(tl.int64) * (K2 * K2) * HW + p * (K2 + 1) * hw + (qy * W + qx))
+        w_ptr = Wt + bg.to(tl.int64) * D * HW + r
+        # d = (dyi - (K-1), dxi - (K-1)) * dil: a runtime loop over its rows (unrolled, K = 7 would
+        # be (2K-1)^2 copies: slow to compile), unrolled along each row. Constexpr expressions
+        # stay inline: a plain assignment would make them runtime values, an annotated one cannot
+        # repeat in static_range.
+        for dyi in range(2 * K - 1):
+            py_ok = q_ok & (py + dyi >= K - 1) & (py + dyi < 2 * K - 1)  # s = p + d is a slot
+            for dxi in tl.static_range(2 * K - 1):
+                ok = py_ok & (px + dxi >= K - 1) & (px + dxi < 2 * K - 1)
+                m = tl.load(m_ptr + ((dyi - (K - 1)) * K + (dxi - (K - 1))) * hw, mask=ok, other=0.0)
+                tl.store(w_ptr + (dyi * (2 * K - 1) + dxi) * hw, tl.sum(m, axis=0), mask=rmask)
+
+    @triton.autotune(configs=_CONFIGS["apply"], key=["HW", "Cg", "K", "TRANSPOSED"])
+    @triton.jit
+    def _apply_kernel(
+        X, Wt, Out, C, H, W, HW, heads, Cg, dil,
+        K: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """Forward: Out[c, t] = sum_d Wt_t[d] * X[c, t + d].
+        Transposed (grad of value): Out[c, t] = sum_d Wt_{t-d}[d] * X[c, t - d]."""
+        D: tl.constexpr = (2 * K - 1) * (2 * K - 1)
+        rest, t, tmask, y, x = _pixel_block(HW, W, BLOCK_P)
+        n_cb = tl.cdiv(Cg, BLOCK_C)
+        bg = rest // n_cb
+        cl = (rest % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cl[:, None] < Cg
+        rows = ((bg // heads).to(tl.int64) * C + (bg % heads) * Cg + cl[:, None]) * HW
+        x_ptr = X + rows
+        hw = bg.to(tl.int64) * 0 + HW
+        w_ptr = Wt + bg.to(tl.int64) * D * HW
+        acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=Wt.dtype.element_ty)
+        # A runtime loop over the rows of offsets: fully unrolled, the compiler hoists all
+        # (2K-1)^2 channel-tile loads and spills (and K = 7 compiles slowly).
+        for dyi in range(2 * K - 1):
+            if TRANSPOSED:
+                sy = y - dil * (dyi - (K - 1))
+            else:
+                sy = y + dil * (dyi - (K - 1))
+            sy_ok = tmask & (sy >= 0) & (sy < H)
+            for dxi in tl.static_range(2 * K - 1):
+                if TRANSPOSED:
+                    sx = x - dil * (dxi - (K - 1))
+                else:
+                    sx = x + dil * (dxi - (K - 1))
+                smask = sy_ok & (sx >= 0) & (sx < W)
+                src = sy * W + sx
+                if TRANSPOSED:
+                    w = tl.load(w_ptr + ((dyi * (2 * K - 1) + dxi) * hw + src), mask=smask, other=0.0)
+                else:
+                    w = tl.load(w_ptr + ((dyi * (2 * K - 1) + dxi) * hw + t), mask=smask, other=0.0)
+                v = tl.load(x_ptr + src[None, :], mask=cmask & smask[None, :], other=0.0)
+                acc += w[None, :] * v.to(acc.dtype)  # no jit helper call in the loop: slow when interpreted
+        tl.store(Out + (rows + t[None, :]), acc.to(Out.dtype.element_ty), mask=cmask & tmask[None, :])
+
+    @triton.autotune(configs=_CONFIGS["pixel"], key=["HW", "Cg", "K"])
+    @triton.jit
+    def _grad_weight_kernel(
+        G, V, GW, C, H, W, HW, heads, Cg, dil,
+        K: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CB: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """GW[b, g, d, r] = sum_{c in head g} G[c, r] * V[c, r + d] (accumulated in GW's dtype)."""
+        D: tl.constexpr = (2 * K - 1) * (2 * K - 1)
+        bg, r, rmask, y, x = _pixel_block(HW, W, BLOCK_P)
+        cl = tl.arange(0, BLOCK_C)
+        hw = bg.to(tl.int64) * 0 + HW
+        crow = ((bg // heads).to(tl.int64) * C + (bg % heads) * Cg + cl[:, None]) * HW  # channel row offsets
+        gw_base = GW + bg.to(tl.int64) * D * HW + r
+        if SINGLE_CB:
+            cmask = cl[:, None] < Cg
+            gt = tl.load(G + (crow + r[None, :]), mask=cmask & rmask[None, :], other=0.0).to(GW.dtype.element_ty)
+        for dyi in range(2 * K - 1):  # runtime loop over rows of offsets, as in _weight_kernel
+            sy = y + dil * (dyi - (K - 1))
+            sy_ok = rmask & (sy >= 0) & (sy < H)
+            for dxi in tl.static_range(2 * K - 1):
+                sx = x + dil * (dxi - (K - 1))
+                smask = sy_ok & (sx >= 0) & (sx < W)
+                src = (sy * W + sx)[None, :]
+                if SINGLE_CB:
+                    v = tl.load(V + (crow + src), mask=cmask & smask[None, :], other=0.0)
+                    total = tl.sum(gt * v.to(gt.dtype), axis=0)
+                else:
+                    total = tl.zeros([BLOCK_P], dtype=GW.dtype.element_ty)
+                    for c0 in range(0, Cg, BLOCK_C):
+                        cm = (c0 + cl[:, None]) < Cg
+                        rows = crow + c0 * hw
+                        gblk = tl.load(G + (rows + r[None, :]), mask=cm & rmask[None, :], other=0.0)
+                        v = tl.load(V + (rows + src), mask=cm & smask[None, :], other=0.0)
+                        total += tl.sum(gblk.to(total.dtype) * v.to(total.dtype), axis=0)
+                tl.store(gw_base + (dyi * (2 * K - 1) + dxi) * hw, total, mask=rmask)
+
+    @triton.autotune(configs=_CONFIGS["softmax_bwd"], key=["HW", "K", "DUAL"])
+    @triton.jit
+    def _softmax_bwd_kernel(
+        A_fg, A_bg, GW, GA_fg, GA_bg, H, W, HW, heads, dil, scale,
+        K: tl.constexpr, K2P: tl.constexpr, DUAL: tl.constexpr, FP64: tl.constexpr, QS: tl.constexpr,
+    ):
+        R: tl.constexpr = K // 2
+        K2: tl.constexpr = K * K
+        D: tl.constexpr = (2 * K - 1) * (2 * K - 1)
+        BLOCK_Q: tl.constexpr = (QS + K2P * K2P - 1) // (K2P * K2P)
+        bg, q, qmask, base = _tile_pixels(HW, heads, K2, BLOCK_Q)
+        p = tl.arange(0, K2P)[None, :, None]
+        s = tl.arange(0, K2P)[None, None, :]
+        valid = qmask[:, None, None] & (p < K2) & (s < K2)
+        # gM[q, p, s] = gWt[d(p, s), q + off(p)] where q + off(p) lies inside the image
+        py = p // K
+        px = p % K
+        ry = (q // W)[:, None, None] + dil * (py - R)
+        rx = (q % W)[:, None, None] + dil * (px - R)
+        d = (s // K - py + (K - 1)) * (2 * K - 1) + (s % K - px + (K - 1))
+        inside = valid & (ry >= 0) & (ry < H) & (rx >= 0) & (rx < W)
+        hw = bg.to(tl.int64) * 0 + HW  # int64 plane stride (HW may arrive as a constexpr 1)
+        gm = tl.load(GW + (bg.to(tl.int64) * D * HW + d * hw + (ry * W + rx)), mask=inside, other=0.0)
+        p_fg = _softmax_tile(A_fg, base, qmask, scale, K2, K2P, FP64)
+        offs = base[:, None, None] + (p * K2 + s)
+        if DUAL:
+            p_bg = _softmax_tile(A_bg, base, qmask, scale, K2, K2P, FP64)
+            g_fg = _mm(gm, tl.permute(p_bg, (0, 2, 1)), FP64)
+            g_bg = _mm(tl.permute(p_fg, (0, 2, 1)), gm, FP64)
+            ga_bg = scale * p_bg * (g_bg - tl.sum(g_bg * p_bg, axis=2)[:, :, None])
+            tl.store(GA_bg + offs, ga_bg.to(GA_bg.dtype.element_ty), mask=valid)
+        else:
+            g_fg = gm
+        ga_fg = scale * p_fg * (g_fg - tl.sum(g_fg * p_fg, axis=2)[:, :, None])
+        tl.store(GA_fg + offs, ga_fg.to(GA_fg.dtype.element_ty), mask=valid)
+
+    # ------------------------------------------------------------------------------------------
+    # Host side
+    # ------------------------------------------------------------------------------------------
+    def _launch(kernel):
+        return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
+    def _pixel_grid(n_bg, HW):
+        return lambda meta: (n_bg * triton.cdiv(HW, meta["BLOCK_P"]),)
+
+    def _tile_grid(n_bg, HW, K2P):
+        return lambda meta: (n_bg * triton.cdiv(HW, triton.cdiv(meta["QS"], K2P * K2P)),)
+
+    def _k2p(kernel_size):
+        return max(16, triton.next_power_of_2(kernel_size * kernel_size))  # tl.dot needs dims >= 16
+
+    def _channel_block(cg):
+        return max(1, min(triton.next_power_of_2(cg), 64))
+
+    def _acc_dtype(dtype):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale):
+        """Wt (B, heads, (2K-1)^2, H*W) in the accumulator dtype, through M (B, heads, K^4, H*W)."""
+        heads, HW, k2 = attn_fg.shape[3], H * W, kernel_size * kernel_size
+        K2P = _k2p(kernel_size)
+        dtype = _acc_dtype(attn_fg.dtype)
+        mt = torch.empty((B, heads, k2 * k2, HW), dtype=dtype, device=attn_fg.device)
+        _launch(_mix_kernel)[_tile_grid(B * heads, HW, K2P)](
+            attn_fg, attn_fg if attn_bg is None else attn_bg, mt, HW, heads, scale,
+            K=kernel_size, K2P=K2P, DUAL=attn_bg is not None, FP64=dtype == torch.float64,
+        )
+        wt = mt.new_empty((B, heads, (2 * kernel_size - 1) ** 2, HW))
+        _launch(_weight_kernel)[_pixel_grid(B * heads, HW)](
+            mt, wt, H, W, HW, dilation, K=kernel_size, K2P=triton.next_power_of_2(k2)
+        )
+        return wt
+
+    def _apply(x, wt, kernel_size, dilation, transposed):
+        B, C, H, W = x.shape
+        heads = wt.shape[1]
+        HW = H * W
+        cg = C // heads
+        out = torch.empty_like(x)
+
+        def grid(meta):
+            return (B * heads * triton.cdiv(cg, meta["BLOCK_C"]) * triton.cdiv(HW, meta["BLOCK_P"]),)
+
+        _launch(_apply_kernel)[grid](x, wt, out, C, H, W, HW, heads, cg, dilation, K=kernel_size,
+                                     TRANSPOSED=transposed)
+        return out
+
+    def _scale_in_float64(attn_fg, attn_bg, scale):
+        """Triton passes float scalars as fp32, which would cost fp64 logits their precision: scale
+        fp64 logits here and hand the kernels 1.0 (returns logits and the kernels' scale)."""
+        if attn_fg.dtype != torch.float64 or scale == 1.0:
+            return attn_fg, attn_bg, scale
+        return attn_fg * scale, None if attn_bg is None else attn_bg * scale, 1.0
+
+    def _forward_impl(value, attn_fg, attn_bg, kernel_size, dilation, scale):
+        value = value.contiguous()
+        if value.numel() == 0:
+            return torch.empty_like(value)
+        B, C, H, W = value.shape
+        attn_fg = attn_fg.contiguous()
+        attn_bg = None if attn_bg is None else attn_bg.contiguous()
+        attn_fg, attn_bg, scale = _scale_in_float64(attn_fg, attn_bg, scale)
+        wt = _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale)
+        return _apply(value, wt, kernel_size, dilation, transposed=False)
+
+    def _backward_impl(grad_out, value, attn_fg, attn_bg, kernel_size, dilation, scale):
+        grad_out = grad_out.contiguous()
+        value = value.contiguous()
+        attn_fg = attn_fg.contiguous()
+        attn_bg = None if attn_bg is None else attn_bg.contiguous()
+        B, C, H, W = value.shape
+        heads = attn_fg.shape[3]
+        HW = H * W
+        grad_bg_shape = (0,) if attn_bg is None else attn_bg.shape
+        if value.numel() == 0:  # no pixels or no channels: nothing reaches the logits
+            return (torch.zeros_like(value), torch.zeros_like(attn_fg),
+                    attn_fg.new_zeros(grad_bg_shape))
+        user_scale = scale
+        attn_fg, attn_bg, scale = _scale_in_float64(attn_fg, attn_bg, scale)
+        grad_value = _apply(grad_out, _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale),
+                            kernel_size, dilation, transposed=True)
+
+        cg = C // heads
+        block_c = _channel_block(cg)
+        n_d = (2 * kernel_size - 1) ** 2
+        acc_dtype = _acc_dtype(value.dtype)
+        gw = torch.empty((B, heads, n_d, HW), dtype=acc_dtype, device=value.device)
+        _launch(_grad_weight_kernel)[_pixel_grid(B * heads, HW)](
+            grad_out, value, gw, C, H, W, HW, heads, cg, dilation,
+            K=kernel_size, BLOCK_C=block_c, SINGLE_CB=cg <= block_c,
+        )
+
+        grad_fg = torch.empty_like(attn_fg)
+        grad_bg = attn_fg.new_empty(grad_bg_shape)
+        K2P = _k2p(kernel_size)
+        _launch(_softmax_bwd_kernel)[_tile_grid(B * heads, HW, K2P)](
+            attn_fg, attn_fg if attn_bg is None else attn_bg, gw, grad_fg, grad_bg, H, W, HW, heads, dilation, scale,
+            K=kernel_size, K2P=K2P, DUAL=attn_bg is not None, FP64=acc_dtype == torch.float64,
+        )
+        if scale != user_scale:  # the chain rule through the fp64 pre-scaling
+            grad_fg.mul_(user_scale)
+            grad_bg.mul_(user_scale)
+        return grad_value, grad_fg, grad_bg
+
+    # ------------------------------------------------------------------------------------------
+    # Registration
+    # ------------------------------------------------------------------------------------------
+    if INTERPRET:
+        _register = torch.library.custom_op
+    else:
+        _register = torch.library.triton_op
+
+    @_register(OP_NAME, mutates_args=())
+    def _forward_op(
+        value: torch.Tensor, attn_fg: torch.Tensor, attn_bg: Optional[torch.Tensor], kernel_size: int,
+        dilation: int, scale: float,
+    ) -> torch.Tensor:
+        return _forward_impl(value, attn_fg, attn_bg, kernel_size, dilation, scale)
+
+    @_register(BACKWARD_OP_NAME, mutates_args=())
+    def _backward_op(
+        grad_out: torch.Tensor, value: torch.Tensor, attn_fg: torch.Tensor, attn_bg: Optional[torch.Tensor],
+        kernel_size: int, dilation: int, scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (grad_value, grad_attn_fg, grad_attn_bg); grad_attn_bg is empty without attn_bg."""
+        return _backward_impl(grad_out, value, attn_fg, attn_bg, kernel_size, dilation, scale)
+
+    if INTERPRET:  # triton_op derives its fake kernel from the function itself
+
+        @_forward_op.register_fake
+        def _(value, attn_fg, attn_bg, kernel_size, dilation, scale):
+            return torch.empty_like(value, memory_format=torch.contiguous_format)
+
+        @_backward_op.register_fake
+        def _(grad_out, value, attn_fg, attn_bg, kernel_size, dilation, scale):
+            return (
+                torch.empty_like(value, memory_format=torch.contiguous_format),
+                torch.empty_like(attn_fg, memory_format=torch.contiguous_format),
+                attn_fg.new_empty((0,) if attn_bg is None else attn_bg.shape),
+            )
+
+    def _setup_context(ctx, inputs, output):
+        value, attn_fg, attn_bg, kernel_size, dilation, scale = inputs
+        ctx.has_bg = attn_bg is not None
+        ctx.save_for_backward(value, attn_fg, attn_bg if ctx.has_bg else None)
+        ctx.args = (kernel_size, dilation, scale)
+
+    def _autograd_backward(ctx, grad_out):
+        value, attn_fg, attn_bg = ctx.saved_tensors
+        grad_value, grad_fg, grad_bg = _backward_op(grad_out, value, attn_fg, attn_bg, *ctx.args)
+        return grad_value, grad_fg, grad_bg if ctx.has_bg else None, None, None, None
+
+    _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def contrast_aggregate_triton(value, attn_fg, attn_bg=None, kernel_size=3, dilation=1, scale=1.0):
+    """Triton forward of ``contrast_aggregate`` (inputs already validated by the public API).
+
+    Differentiable with respect to value, attn_fg and attn_bg; deterministic. Runs on CUDA tensors,
+    or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, slow: for tests).
+    """
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(f"the triton backend is unavailable: {TRITON_UNAVAILABLE_REASON}")
+    return torch.ops.condseg_ops.contrast_aggregate_triton(
+        value, attn_fg, attn_bg, int(kernel_size), int(dilation), float(scale)
+    )

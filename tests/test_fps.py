@@ -1,0 +1,281 @@
+"""benchmarks/fps.py and condseg.inference: the benchmark's code paths on a small model (no timing
+asserted), BatchNorm folding, channels_last and compiled variants against eager."""
+import copy
+import importlib.util
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import condseg
+from condseg.inference import fold_batchnorm, prepare_for_inference, set_cdfa_backend
+from conftest import requires_cuda
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_fps():
+    spec = importlib.util.spec_from_file_location("fps_bench", REPO / "benchmarks" / "fps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fps = _load_fps()
+
+SMALL = dict(encoder="resnet18", decoder_channels=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: on a shared, loaded machine OpenMP barriers make small models far slower
+    with more threads (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _small_model(dtype=torch.float32):
+    """Small ConDSeg with non-trivial BatchNorm statistics and affine parameters."""
+    torch.manual_seed(0)
+    model = condseg.ConDSeg("resnet18", decoder_channels=16).eval()
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+            m.weight.data.copy_(0.5 + torch.rand(n, generator=gen))
+            m.bias.data.copy_(0.1 * torch.randn(n, generator=gen))
+    return model.to(dtype)
+
+
+def _batchnorms(model):
+    return [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+# ---- BatchNorm folding ---------------------------------------------------------------------------
+
+
+def test_fold_batchnorm_is_exact_in_float64():
+    model = _small_model(torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    folded = fold_batchnorm(model, example_input=x[:1])
+    assert folded is not model and not folded.training
+    assert len(_batchnorms(model)) > 100 and _batchnorms(folded) == []  # aux head included
+    with torch.no_grad():
+        ref, out = model(x, return_aux=True), folded(x, return_aux=True)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+    assert len(_batchnorms(model)) > 100  # the original is untouched
+
+
+def test_fold_batchnorm_float32_error_is_float32_rounding():
+    """Folded float32 is as close to the float64 truth as unfolded float32 (small multiple)."""
+    model = _small_model()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(x.double())
+        eager_err = (model(x).double() - truth).abs().max().item()
+        fold_err = (fold_batchnorm(model)(x).double() - truth).abs().max().item()
+    assert fold_err <= 4 * eager_err + 1e-6 * truth.abs().max().item()
+
+
+class _Tricky(nn.Module):
+    """Pairs that must not be folded: conv output read twice, conv called twice, BN after a
+    non-conv op; and one pair that must be."""
+
+    def __init__(self):
+        super().__init__()
+        self.fanout_conv, self.fanout_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.shared_conv, self.shared_bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.relu_bn = nn.BatchNorm2d(4)
+        self.ok = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.fanout_conv(x)
+        x = self.fanout_bn(y) + y
+        x = self.shared_bn(self.shared_conv(x)) + self.shared_conv(x)
+        x = self.relu_bn(torch.relu(x))
+        return self.ok(x)
+
+
+def test_fold_batchnorm_follows_the_data_flow():
+    torch.manual_seed(0)
+    model = _Tricky().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    folded = fold_batchnorm(model)
+    assert sorted(_batchnorms(folded)) == ["fanout_bn", "relu_bn", "shared_bn"]
+    assert isinstance(folded.ok[1], nn.Identity) and folded.ok[0].bias is not None
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_for_inference_channels_last_and_dtype():
+    model = _small_model()
+    x = torch.randn(1, 3, 32, 32)
+    prepared = prepare_for_inference(model, channels_last=True)
+    assert not any(p.requires_grad for p in prepared.parameters())
+    conv = prepared.encoder.conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        out = prepared(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    half = prepare_for_inference(model, dtype=torch.float64)
+    assert half.encoder.conv1.weight.dtype == torch.float64
+
+
+def test_set_cdfa_backend():
+    model = _small_model()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        auto = model(x)
+        forced = set_cdfa_backend(copy.deepcopy(model), "reference")
+        layers = [m for m in forced.modules() if isinstance(m, condseg_ops_layer())]
+        assert layers and all(m.backend == "reference" for m in layers)
+        torch.testing.assert_close(forced(x), auto, rtol=1e-4, atol=1e-4 * auto.abs().max().item())
+    with pytest.raises(ValueError, match="unknown backend"):
+        set_cdfa_backend(model, "nope")
+
+
+def condseg_ops_layer():
+    import condseg_ops
+    return condseg_ops.ContrastAggregation
+
+
+# ---- benchmark code paths ------------------------------------------------------------------------
+
+
+def test_runner_modes_match_eager_on_cpu():
+    base = fps.build_model(**SMALL)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = base(x)
+    for name in ("eager", "fold", "fold-cl"):
+        for backend in fps.BACKENDS:
+            run, _ = fps.make_runner(base, fps.MODES[name], backend, x, "cpu")
+            check = fps.check_output(run(), ref)
+            assert check["finite"] and check["max_rel_diff"] < 1e-3, (name, backend, check)
+
+
+def test_fps_main_smoke(tmp_path, capsys):
+    out_json, out_png = tmp_path / "fps.jsonl", tmp_path / "fps.png"
+    rows, result = fps.main([
+        "--device", "cpu", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "32",
+        "--threads", "1", "--warmup", "0", "--iters", "1", "--throughput-batch", "2", "--throughput-iters", "1",
+        "--train", "--train-batch", "2", "--train-iters", "1", "--modes", "eager,fold-cl",
+        "--json", str(out_json), "--plot", str(out_png)])
+    text = capsys.readouterr().out
+    assert "same mode, only the op differs" in text and "bar: CPU" in text
+    assert not [r for r in rows if "error" in r]
+    kinds = {(r["kind"], r["mode"], r["backend_choice"]) for r in rows}
+    assert kinds == {(k, m, b) for k, m in (("latency", "eager"), ("latency", "fold-cl"),
+                                             ("throughput", "eager"), ("throughput", "fold-cl"),
+                                             ("train", "train")) for b in ("auto", "reference")}
+    lines = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert len(lines) == len(rows)
+    for row in lines:
+        for key in ("bench", "device", "date", "torch", "command", "backend", "dtype", "median_ms",
+                    "images_per_s", "params_m", "gmacs", "threads"):
+            assert key in row, key
+        assert row["bench"] == "fps" and row["images_per_s"] > 0
+    assert {r["backend"] for r in lines} == {"cpu", "reference"}
+    assert lines[0]["gmacs"] > 0 and lines[0]["gmacs_with_aux"] > lines[0]["gmacs"]
+    assert {"eager_ratio", "best_vs_reference_eager", "train_ratio"} <= set(result)
+    try:
+        import matplotlib  # noqa: F401
+        assert out_png.stat().st_size > 0
+    except ImportError:
+        assert not out_png.exists()
+
+
+def test_fps_sigterm_still_reports(monkeypatch, capsys):
+    """`timeout` sends SIGTERM: measuring stops, the rows so far are still reported."""
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(fps, "train_rows", killed)
+    previous = signal.getsignal(signal.SIGTERM)
+    rows, _ = fps.main(["--device", "cpu", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "32",
+                        "--warmup", "0", "--iters", "1", "--modes", "eager", "--train"])
+    text = capsys.readouterr().out
+    assert "INTERRUPTED" in text and "same mode, only the op differs" in text
+    assert {r["kind"] for r in rows} == {"latency"}
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+@pytest.mark.slow
+def test_count_model_resnet50_matches_the_released_model():
+    """45.55 M parameters and about 101 GMACs with the auxiliary head (DESIGN 4.6)."""
+    torch.manual_seed(0)
+    model = condseg.ConDSeg().eval()
+    counted = fps.count_model(model, 256, "cpu")
+    assert abs(counted["params_m"] - 45.55) < 0.01 * 45.55
+    assert abs(counted["gmacs_with_aux"] - 101) < 0.02 * 101
+    assert counted["gmacs"] < counted["gmacs_with_aux"]
+
+
+def _row(kind, mode, backend, fps_value, dtype="float32", batch=1):
+    return {"kind": kind, "mode": mode, "backend_choice": backend, "backend": backend if backend != "auto" else "cuda",
+            "dtype": dtype, "batch": batch, "images_per_s": fps_value, "median_ms": 1000 * batch / fps_value,
+            "max_rel_diff": 0.0}
+
+
+def test_summary_ratios_and_bars():
+    rows = [_row("latency", "eager", "auto", 300), _row("latency", "eager", "reference", 150),
+            _row("latency", "bf16-graph", "auto", 900, "bfloat16"),
+            _row("latency", "bf16-graph", "reference", 400, "bfloat16"),
+            _row("train", "train", "auto", 140, "bfloat16", 12),
+            _row("train", "train", "reference", 100, "bfloat16", 12),
+            _row("train", "train-cl", "auto", 160, "bfloat16", 12),
+            _row("train", "train-cl", "reference", 100, "bfloat16", 12)]
+    lines, result = fps.summary(rows, "cuda")
+    assert result["eager_ratio"] == pytest.approx(2.0)
+    assert result["best_vs_reference_eager"] == pytest.approx(6.0)
+    assert result["train_ratio"] == pytest.approx(1.6) and result["train_mode"] == "train-cl"
+    text = "\n".join(lines)
+    assert "bar: best mode >= 500 fps (batch 1): PASS" in text
+    assert "bar: training step >= 1.5x reference (same mode): PASS" in text
+    assert "bar: float32 eager automatic >= 1.5x reference (same mode): PASS" in text
+    # On CPU the bar is a float32 one: bf16 rows do not count as the best mode.
+    _, cpu = fps.summary(rows, "cpu")
+    assert cpu["best_vs_reference_eager"] == pytest.approx(2.0)
+    assert "bf16-graph" in fps.format_table(rows)
+
+
+@pytest.mark.slow
+def test_compiled_runner_matches_eager_on_cpu():
+    base = fps.build_model(**SMALL)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = base(x)
+    for backend in fps.BACKENDS:
+        run, info = fps.make_runner(base, fps.MODES["compile"], backend, x, "cpu")
+        check = fps.check_output(run(), ref)
+        assert check["finite"] and check["max_rel_diff"] < 1e-3, (backend, check)
+        assert info["compile_s"] > 0
+
+
+@requires_cuda
+def test_fps_main_cuda_smoke(tmp_path):
+    """Every CUDA mode (autocast, CUDA graphs, torch.compile in a CUDA graph) on a small model."""
+    rows, result = fps.main([
+        "--device", "cuda", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "64",
+        "--warmup", "1", "--iters", "3", "--throughput-batch", "2", "--throughput-iters", "2",
+        "--train", "--train-batch", "2", "--train-iters", "2", "--compile", "auto",
+        "--json", str(tmp_path / "fps.jsonl")])
+    assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
+    assert {r["mode"] for r in rows if r["kind"] == "latency"} >= {"graph", "bf16-graph", "bf16-compile-graph"}
+    for r in rows:
+        if r["kind"] != "train":
+            assert r["finite"] and r["max_rel_diff"] < (1e-2 if r["dtype"] == "float32" else 0.1), r
