@@ -128,7 +128,8 @@ if TRITON_AVAILABLE:
         s = tl.arange(0, K2P)[None, None, :]
         valid = (p < K2) & (s < K2)
         a = _acc(tl.load(A + (base[:, None, None] + (p * K2 + s)), mask=qmask[:, None, None] & valid, other=0.0), FP64)
-        a = tl.where(s < K2, a * scale, float("-inf"))  # column 0 is always valid: no all -inf row
+        # Back to the accumulator type: torch.compile may pass scale as an fp64 scalar.
+        a = tl.where(s < K2, _acc(a * scale, FP64), float("-inf"))  # column 0 always valid: no -inf row
         e = tl.exp(a - tl.max(a, axis=2)[:, :, None])
         prob = e / tl.sum(e, axis=2)[:, :, None]
         return tl.where(p < K2, prob, 0.0)
