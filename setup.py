@@ -31,11 +31,16 @@ def want_cuda():
 
 def extension():
     sources = ["csrc/module.cpp", "csrc/contrast_aggregate.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3"]
+    # OpenMP: ATen's parallel_for is a header template that runs serially unless the extension
+    # itself is compiled with OpenMP (torch's own libgomp is the runtime it links against).
+    openmp = [] if sys.platform == "darwin" or os.name == "nt" else ["-fopenmp"]
+    cxx_flags = ["-O3"] + openmp
+    link_flags = openmp
     macros = []
     if not want_cuda():
         return cpp_extension.CppExtension(
-            "condseg_ops._C", sources, extra_compile_args={"cxx": cxx_flags}, define_macros=macros
+            "condseg_ops._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
+            define_macros=macros,
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
@@ -45,6 +50,7 @@ def extension():
         "condseg_ops._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        extra_link_args=link_flags,
         define_macros=macros,
     )
 

@@ -10,8 +10,11 @@ weights and the same inputs.
 Protocol (DESIGN.md section 5): inference only (no I/O, inputs made once), eval mode, auxiliary
 head skipped; warm-up calls, then timed calls interleaved between the two backends (so drifting
 machine load hits both alike), each bracketed by device synchronisation; median latency, fps =
-batch / median. Every row is checked against the float32 eager output of the automatic backend
-(max_rel_diff = max |difference| / max |output|). Modes (``--modes``; "+" marks what each adds):
+batch / median. Outputs are checked twice (relative: max |difference| / max |output|): against
+the other backend in the same mode (only the op differs: auto_vs_reference_rel_diff) and against
+float32 eager (max_rel_diff). The random-weight network amplifies rounding strongly, so reduced
+precision (TF32, bf16, fp16) moves its logits by up to their own scale; a difference above 2x the
+scale marks the row WRONG and keeps it out of the best-mode figures. Modes (``--modes``; "+" marks what each adds):
 
     eager      float32, the model as trained (BatchNorm, NCHW): the released code's way
     fold       + BatchNorm folded into the convolutions
@@ -246,8 +249,20 @@ def make_runner(base, mode, backend, x, device, compile_kwargs=None):
     return run, info
 
 
+SUSPECT_REL_DIFF = 2.0
+
+
+def _suspect(row):
+    """A row whose output is not finite, or differs from the other backend's or from float32
+    eager by more than twice the output's scale: more than rounding can explain. (A random-weight
+    network amplifies rounding a lot: TF32 or bfloat16 convolutions alone can move the logits by
+    their own scale, i.e. rel diff ~1; beyond 2 the output is wrong, not merely rounded.)"""
+    return (not row.get("finite", True) or row.get("max_rel_diff", 0) > SUSPECT_REL_DIFF
+            or row.get("auto_vs_reference_rel_diff", 0) > SUSPECT_REL_DIFF)
+
+
 def check_output(out, reference):
-    """Difference to the float32 eager output of the automatic backend (same input)."""
+    """Difference to ``reference`` (the float32 eager output of the automatic backend)."""
     diff = float((out.float() - reference).abs().max())
     scale = float(reference.abs().max())
     return {"max_abs_diff": diff, "max_rel_diff": diff / scale if scale else diff,
@@ -327,6 +342,10 @@ def inference_rows(base, modes, batch, size, device, warmup, iters, kind, budget
             return
         for name, runs, infos in group:
             mode = MODES[name]
+            # The same mode on the other backend differs only in the op: the sharpest check.
+            pair = None
+            if "auto" in runs and "reference" in runs:
+                pair = check_output(runs["auto"].last, runs["reference"].last.float())["max_rel_diff"]
             for backend in runs:
                 row = dict(fields(name), backend=resolved_backend(backend, device), backend_choice=backend,
                            bn_folded=mode.fold, channels_last=mode.channels_last, compiled=mode.compile,
@@ -336,6 +355,9 @@ def inference_rows(base, modes, batch, size, device, warmup, iters, kind, budget
                     row["launch_ms"] = round(1000 * statistics.median(launches[name, backend]), 4)
                 row.update(infos[backend])
                 row.update(check_output(runs[backend].last, reference_out))
+                if pair is not None:
+                    row["auto_vs_reference_rel_diff"] = pair
+                row["suspect"] = _suspect(row)
                 rows.append(row)
                 emit(row)
 
@@ -480,8 +502,9 @@ def summary(rows, device_type):
         lines.append("same mode, only the op differs, every batch-1 mode: "
                      + ", ".join(f"{mode} {r:.2f}x" for mode, r in same))
 
-    def best_auto(keep):
-        autos = [v["auto"] for k, v in latency.items() if "auto" in v and keep(MODES[k[1]])]
+    def best_auto(keep):  # rows with wrong outputs (see _suspect) do not count
+        autos = [v["auto"] for k, v in latency.items()
+                 if "auto" in v and keep(MODES[k[1]]) and not v["auto"].get("suspect")]
         return max(autos, key=lambda r: r["images_per_s"]) if autos else None
 
     if ref_eager:
@@ -514,6 +537,12 @@ def summary(rows, device_type):
         a = eager["auto"]
         lines.append(f"float32 eager automatic: host {a['launch_ms']:.2f} ms to queue a forward of "
                      f"{a['median_ms']:.2f} ms (close = bound by kernel launches, which both backends share)")
+    suspect = [f"{r['kind']} {r['mode']} {r['backend']} (rel diff {r.get('max_rel_diff', float('nan')):.3g} vs "
+               f"float32 eager, {r.get('auto_vs_reference_rel_diff', float('nan')):.3g} vs the other backend)"
+               for r in rows if r.get("suspect")]
+    if suspect:
+        result["suspect"] = suspect
+        lines.append("WRONG OUTPUT (not counted as best mode): " + "; ".join(suspect))
     bars = []
     if device_type == "cuda":
         if "best_fps" in result:
@@ -538,18 +567,23 @@ def summary(rows, device_type):
 def format_table(rows):
     pairs = _pairs(rows)
     head = f"{'kind':<10} {'mode':<19} {'dtype':<8} {'batch':>5}  {'auto backend':>12} {'ms':>9} {'img/s':>9}  " \
-           f"{'reference ms':>12} {'img/s':>9}  {'speed-up':>8}  {'rel diff':>8}"
+           f"{'reference ms':>12} {'img/s':>9}  {'speed-up':>8}  {'a-vs-r':>7} {'vs-fp32':>7}"
     lines = [head, "-" * len(head)]
     for (kind, mode, batch), pair in pairs.items():
         a, r = pair.get("auto"), pair.get("reference")
         first = a or r
         speed = f"{a['images_per_s'] / r['images_per_s']:.2f}x" if a and r else "-"
+        pair_diff = first.get("auto_vs_reference_rel_diff")
         diff = max((p.get("max_rel_diff", 0.0) for p in (a, r) if p), default=0.0) if kind != "train" else None
+        flag = " WRONG" if any(p.get("suspect") for p in (a, r) if p) else ""
         lines.append(
             f"{kind:<10} {mode:<19} {first['dtype']:<8} {batch:>5}  {(a or {}).get('backend', '-'):>12} "
             f"{a['median_ms'] if a else float('nan'):>9.3f} {a['images_per_s'] if a else float('nan'):>9.2f}  "
             f"{r['median_ms'] if r else float('nan'):>12.3f} {r['images_per_s'] if r else float('nan'):>9.2f}  "
-            f"{speed:>8}  {'' if diff is None else f'{diff:8.1e}'}")
+            f"{speed:>8}  {'' if pair_diff is None else f'{pair_diff:7.1e}'} "
+            f"{'' if diff is None else f'{diff:7.1e}'}{flag}")
+    lines.append("a-vs-r: automatic vs reference backend in the same mode (only the op differs); vs-fp32: "
+                 "against float32 eager; both max |diff| / max |output|; WRONG: above 2")
     for row in rows:
         if "error" in row and row["backend_choice"] == "auto":
             lines.append(f"{row['kind']:<10} {row['mode']:<19} failed: {row['error'][:90]}")

@@ -13,7 +13,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for H in (16, 128):
         for backend in ("cuda", "triton"):
             B, C, heads = 1, 128, 4
-            v = torch.randn(B, C, H, H, device="cuda", dtype=dtype)
+            # channels-last storage, as the model's Linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) gives
+            v = torch.randn(B, H, H, C, device="cuda", dtype=dtype).permute(0, 3, 1, 2)
             fg = torch.randn(B, H, H, heads, 9, 9, device="cuda", dtype=dtype)
             bg = torch.randn(B, H, H, heads, 9, 9, device="cuda", dtype=dtype)
             eager = condseg_ops.contrast_aggregate(v, fg, bg, scale=0.17, backend=backend)

@@ -53,7 +53,7 @@ def _autocast(value, attn_fg, attn_bg):
     """Autocast policy: the op counts as a low-precision op (like matmul). Under autocast its
     inputs are cast to the autocast dtype; kernels still accumulate in float32."""
     device_type = value.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type not in ("cpu", "cuda", "xpu") or not torch.is_autocast_enabled(device_type):
         return value, attn_fg, attn_bg
     dtype = torch.get_autocast_dtype(device_type)
     cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (value, attn_fg, attn_bg)]

@@ -56,7 +56,7 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x):
         avg = self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1))))
-        top = self.fc2(F.relu(self.fc1(F.adaptive_max_pool2d(x, 1))))
+        top = self.fc2(F.relu(self.fc1(x.amax(dim=(2, 3), keepdim=True))))
         return x * torch.sigmoid(avg + top)
 
 
