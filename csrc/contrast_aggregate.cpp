@@ -1,6 +1,8 @@
 // Schema of the condseg_ops operators and the input checks shared by every device.
 #include "contrast_aggregate.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -59,6 +61,12 @@ void check_grad_out(const at::Tensor& grad_out, const at::Tensor& value) {
               shape_of(value), " like value, got ", shape_of(grad_out));
   TORCH_CHECK(grad_out.scalar_type() == value.scalar_type() && grad_out.device() == value.device(),
               "contrast_aggregate_backward: grad_out must match value's dtype and device");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> zero_gradients(const at::Tensor& value, const at::Tensor& attn_fg,
+                                                              const std::optional<at::Tensor>& attn_bg) {
+  return {at::zeros(value.sizes(), value.options()), at::zeros(attn_fg.sizes(), attn_fg.options()),
+          attn_bg.has_value() ? at::zeros(attn_bg->sizes(), attn_bg->options()) : at::empty({0}, value.options())};
 }
 
 }  // namespace condseg_ops

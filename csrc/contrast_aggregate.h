@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <optional>
+#include <tuple>
 
 namespace condseg_ops {
 
@@ -14,6 +15,7 @@ struct Geometry {
   int64_t reach() const { return 2 * kernel_size - 1; }                  // side of the neighbourhood
   int64_t neighbours() const { return reach() * reach(); }               // (2K-1)^2
   int64_t pixels() const { return height * width; }
+  bool empty() const { return batch == 0 || channels == 0 || height == 0 || width == 0; }
 };
 
 // Validates every argument (names the bad one, says what was expected) and returns the sizes.
@@ -23,5 +25,10 @@ Geometry check_inputs(const at::Tensor& value, const at::Tensor& attn_fg,
 
 // Extra checks of the backward: grad_out must look like value.
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& value);
+
+// Gradients of a call with no pixels or channels (Geometry::empty()): zeros shaped like the inputs,
+// and an empty grad_attn_bg when attn_bg is None (as every backward returns).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> zero_gradients(const at::Tensor& value, const at::Tensor& attn_fg,
+                                                              const std::optional<at::Tensor>& attn_bg);
 
 }  // namespace condseg_ops

@@ -291,10 +291,6 @@ void dispatch_slots(int64_t k2, const Fn& fn) {
   }
 }
 
-bool is_empty(const Geometry& g) {
-  return g.batch == 0 || g.channels == 0 || g.height == 0 || g.width == 0;
-}
-
 template <typename acc_t>
 at::TensorOptions acc_options_of(const at::Tensor& t) {
   return t.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -304,7 +300,7 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& fg_in,
                        const std::optional<at::Tensor>& bg_in, int64_t kernel_size, int64_t dilation,
                        double scale) {
   const Geometry geo = check_inputs(value_in, fg_in, bg_in, kernel_size, dilation);
-  if (is_empty(geo)) return at::zeros(value_in.sizes(), value_in.options());
+  if (geo.empty()) return at::zeros(value_in.sizes(), value_in.options());
   const at::Tensor value = value_in.contiguous(), fg = fg_in.contiguous();
   const at::Tensor bg = bg_in.has_value() ? bg_in->contiguous() : at::Tensor();
   at::Tensor out = at::empty(value.sizes(), value.options());
@@ -331,10 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const Geometry geo = check_inputs(value_in, fg_in, bg_in, kernel_size, dilation);
   check_grad_out(grad_in, value_in);
   const bool has_bg = bg_in.has_value();
-  if (is_empty(geo)) {
-    return {at::zeros(value_in.sizes(), value_in.options()), at::zeros(fg_in.sizes(), fg_in.options()),
-            has_bg ? at::zeros(bg_in->sizes(), bg_in->options()) : at::empty({0}, value_in.options())};
-  }
+  if (geo.empty()) return zero_gradients(value_in, fg_in, bg_in);
   const at::Tensor grad_out = grad_in.contiguous(), value = value_in.contiguous(), fg = fg_in.contiguous();
   const at::Tensor bg = has_bg ? bg_in->contiguous() : at::Tensor();
   at::Tensor grad_value = at::empty(value.sizes(), value.options());

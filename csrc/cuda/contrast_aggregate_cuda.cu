@@ -54,10 +54,6 @@ Geo make_geo(const Geometry& geo) {
   return g;
 }
 
-bool is_empty(const Geometry& g) {
-  return g.batch == 0 || g.channels == 0 || g.height == 0 || g.width == 0;
-}
-
 bool generic_forced() {
   const char* flag = std::getenv("CONDSEG_CUDA_GENERIC");
   return flag != nullptr && flag[0] != '\0' && std::strcmp(flag, "0") != 0;
@@ -172,7 +168,7 @@ at::Tensor forward_cuda(const at::Tensor& value_in, const at::Tensor& fg_in, con
                         int64_t kernel_size, int64_t dilation, double scale) {
   const Geometry geo = check_inputs(value_in, fg_in, bg_in, kernel_size, dilation);
   const c10::cuda::CUDAGuard guard(value_in.device());
-  if (is_empty(geo)) return at::zeros(value_in.sizes(), value_in.options());
+  if (geo.empty()) return at::zeros(value_in.sizes(), value_in.options());
   const at::Tensor value = value_in.contiguous(), fg = fg_in.contiguous();
   const at::Tensor bg = bg_in.has_value() ? bg_in->contiguous() : at::Tensor();
   at::Tensor out = at::empty(value.sizes(), value.options());
@@ -192,10 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   check_grad_out(grad_in, value_in);
   const c10::cuda::CUDAGuard guard(value_in.device());
   const bool has_bg = bg_in.has_value();
-  if (is_empty(geo)) {
-    return {at::zeros(value_in.sizes(), value_in.options()), at::zeros(fg_in.sizes(), fg_in.options()),
-            has_bg ? at::zeros(bg_in->sizes(), bg_in->options()) : at::empty({0}, value_in.options())};
-  }
+  if (geo.empty()) return zero_gradients(value_in, fg_in, bg_in);
   const at::Tensor grad_out = grad_in.contiguous(), value = value_in.contiguous(), fg = fg_in.contiguous();
   const at::Tensor bg = has_bg ? bg_in->contiguous() : at::Tensor();
   at::Tensor grad_value = at::empty(value.sizes(), value.options());
