@@ -22,7 +22,6 @@ issue's bars (CUDA: main shape) are printed last. Exit status 1 if any row faile
 import argparse
 import datetime
 import json
-import platform
 import re
 import statistics
 import sys
@@ -36,7 +35,11 @@ try:
 except ImportError:  # running from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import condseg_ops
+from condseg_ops.backends import unavailable_reason
 from condseg_ops.reference import contrast_aggregate_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, synchronize as sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -86,25 +89,6 @@ def shape_list(which, device):
     if which not in table:
         raise SystemExit(f"--shapes must be one of {sorted(table)}, got {which!r}")
     return table[which]
-
-
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 class Timer:
@@ -221,20 +205,6 @@ def reference_estimate(B, C, H, W, heads, K, dual, itemsize, pass_name):
     return factor * windows + 3 * attn, factor * windows / 1.5e9
 
 
-def available(backend, device):
-    if backend == "reference":
-        return None
-    names = condseg_ops.available_backends(device)
-    if backend in names:
-        return None
-    try:
-        condseg_ops.contrast_aggregate(*make_inputs(1, 4, 3, 3, 1, 3, True, torch.float32, device)[:3],
-                                       backend=backend)
-    except Exception as error:  # noqa: BLE001 - report why, do not stop
-        return str(error).splitlines()[0][:200]
-    return None
-
-
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -263,7 +233,7 @@ def main(argv=None):
             raise SystemExit(f"unknown pass {name!r}; choose from {PASSES}")
     if "reference" not in backends:
         backends = ["reference"] + backends  # speedups need it
-    skipped_backends = {b: available(b, device) for b in backends}
+    skipped_backends = {b: unavailable_reason(b, device) for b in backends}
     for name, why in skipped_backends.items():
         if why:
             print(f"# backend {name} skipped: {why}")

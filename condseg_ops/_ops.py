@@ -52,6 +52,8 @@ def check_inputs(value, attn_fg, attn_bg, kernel_size, dilation):
 def _autocast(value, attn_fg, attn_bg):
     """Autocast policy: the op counts as a low-precision op (like matmul). Under autocast its
     inputs are cast to the autocast dtype; kernels still accumulate in float32."""
+    if not isinstance(value, torch.Tensor):  # check_inputs names the bad argument
+        return value, attn_fg, attn_bg
     device_type = value.device.type
     if device_type not in ("cpu", "cuda", "xpu") or not torch.is_autocast_enabled(device_type):
         return value, attn_fg, attn_bg

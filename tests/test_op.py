@@ -145,6 +145,7 @@ def _bad_calls():
     v, fg, bg = make_inputs(1, 8, 5, 5, 2, 3)
     return [
         ("value", dict(value=v[0])),
+        ("value", dict(value=[[1.0]])),
         ("heads", dict(value=torch.randn(1, 7, 5, 5))),
         ("attn_fg", dict(attn_fg=fg[..., :4])),
         ("attn_fg", dict(attn_fg=fg[0])),
