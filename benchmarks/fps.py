@@ -181,7 +181,8 @@ def cuda_graph(fn, static_input, warmup=3):
     """Captures ``fn(static_input)`` in a CUDA graph after ``warmup`` calls on a side stream
     (cuDNN autotuning, Triton autotuning, lazy initialisation and torch.compile all happen
     there, outside the capture). Returns a callable that replays it and returns the static
-    output; the graph reads ``static_input`` in place."""
+    output; the graph reads ``static_input`` in place, so the callable keeps it alive (a freed
+    input would be reused by the caching allocator and the replays would read garbage)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -197,7 +198,7 @@ def cuda_graph(fn, static_input, warmup=3):
         graph.replay()
         return static_output
 
-    replay.graph = graph
+    replay.graph, replay.static_input = graph, static_input
     return replay
 
 

@@ -7,7 +7,7 @@
 # Environment: OUT (default ./gpu_out), GPU_CHECK_BUDGET_S (default 450: stages are cut short so
 # the whole run fits), FPS_ARGS (extra arguments for benchmarks/fps.py).
 # Output: $OUT/build.log, tests.log, op_bench.log, op_bench.jsonl (JSON lines, one per row),
-# fps.jsonl (when benchmarks/fps.py exists), summary.txt.
+# fps.jsonl and profile_bf16.txt (when benchmarks/fps.py exists), summary.txt.
 # Every stage runs even when an earlier one failed (the benchmark still gives numbers for the
 # backends that work); the exit status is non-zero when any stage failed.
 set -euo pipefail
@@ -107,7 +107,9 @@ run_stage op-bench 150 30 bash -c bench
 if [[ -f benchmarks/fps.py ]]; then
   # >>> end-to-end benchmark (benchmarks/fps.py) <<<
   # shellcheck disable=SC2086  # FPS_ARGS is a list of arguments
-  run_stage fps 90 5 $PY -P benchmarks/fps.py --device cuda --quick --budget 70 ${FPS_ARGS:-} --json "$OUT/fps.jsonl"
+  run_stage fps 90 25 $PY -P benchmarks/fps.py --device cuda --quick --budget 70 ${FPS_ARGS:-} --json "$OUT/fps.jsonl"
+  # Where the batch-1 GPU time goes (the fps bars' bottleneck), slowest kernels first.
+  run_stage profile 40 0 $PY -P benchmarks/profile_model.py --device cuda --mode bf16 --out "$OUT/profile_bf16.txt"
 fi
 
 # 5. Short table last: the bars' shape from the benchmark, then the stages.

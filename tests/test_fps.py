@@ -273,6 +273,22 @@ def test_compiled_runner_matches_eager_on_cpu():
 
 
 @requires_cuda
+def test_cuda_graph_runner_keeps_its_input_alive():
+    """The graph reads its input tensor in place: the channels-last copy make_runner makes must
+    outlive make_runner, or the allocator hands its memory to the next tensors and replays read
+    garbage (the cause of fps.py's wrong CUDA-graph rows on the H200)."""
+    base = fps.build_model(**SMALL).cuda()
+    x = torch.randn(1, 3, 64, 64, device="cuda")
+    eager, _ = fps.make_runner(base, fps.MODES["fold-cl"], "auto", x, "cuda")  # same model, no graph
+    ref = eager().float().clone()
+    run, _ = fps.make_runner(base, fps.MODES["graph"], "auto", x, "cuda")
+    junk = [torch.full((1, 3, 64, 64), 1e4, device="cuda") for _ in range(16)]  # reuses freed blocks
+    check = fps.check_output(run(), ref)
+    del junk
+    assert check["finite"] and check["max_rel_diff"] < 1e-2, check
+
+
+@requires_cuda
 def test_fps_main_cuda_smoke(tmp_path):
     """Every CUDA mode (autocast, CUDA graphs, torch.compile in a CUDA graph) on a small model."""
     rows, result = fps.main([
@@ -287,3 +303,16 @@ def test_fps_main_cuda_smoke(tmp_path):
             assert r["finite"] and not r["suspect"], r
             if "auto_vs_reference_rel_diff" in r and r["dtype"] == "float32":
                 assert r["auto_vs_reference_rel_diff"] < 5e-2, r
+
+
+def test_profile_model_names_the_op_on_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("profile_model", REPO / "benchmarks" / "profile_model.py")
+    profile_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_model)
+    out = tmp_path / "profile.txt"
+    text = profile_model.main(["--device", "cpu", "--mode", "fold", "--encoder", "resnet18",
+                               "--decoder-channels", "16", "--size", "32", "--iters", "1", "--top", "200",
+                               "--out", str(out)])
+    assert out.read_text() == text
+    assert "condseg_ops::contrast_aggregate" in text  # the compiled op ran (and was profiled)
+    assert "aten::batch_norm" not in text  # folded away by --mode fold

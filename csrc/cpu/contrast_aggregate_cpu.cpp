@@ -5,6 +5,10 @@
 // (2K-1)^2 possible offsets d, so we first collapse the K^2 matrices covering r into one weight per
 // offset, Wt_r[d], and then out[c, r] = sum_d Wt_r[d] * V[c, r + d]: (2K-1)^2 multiply-adds per
 // channel, no K^2 x C intermediate, gather form (deterministic), loops contiguous along W.
+//
+// The per-pixel K^2 x K^2 matrix arithmetic (softmaxes, products, their gradients) runs on groups
+// of kLanes (pixel, head) pairs at once, transposed so that element j of every matrix in the group
+// is one contiguous run of kLanes values: plain vector arithmetic, no short 9-element rows.
 #include "../contrast_aggregate.h"
 
 #include <ATen/Dispatch.h>
@@ -24,6 +28,23 @@
 
 namespace condseg_ops {
 namespace {
+
+// Builds each hot loop for AVX-512, AVX2+FMA and the baseline, chosen when the library loads
+// (GCC function multiversioning): a portable wheel still runs at the machine's vector width.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define CONDSEG_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CONDSEG_CPU_CLONES
+#endif
+
+// Helpers called from the clones are forced inline, so that they are compiled for each clone's target.
+#if defined(__GNUC__)
+#define CONDSEG_INLINE inline __attribute__((always_inline))
+#else
+#define CONDSEG_INLINE inline
+#endif
+
+constexpr int64_t kLanes = 16;  // (pixel, head) pairs per group: one AVX-512 register of floats
 
 // Window slot p <-> offset (row, col) = dilation * (p / K - K/2, p % K - K/2); neighbour index
 // d <-> offset dilation * (d / reach - (K-1), d % reach - (K-1)).
@@ -50,7 +71,7 @@ struct Layout {
 // float: ~1 ulp; double keeps std::exp (gradcheck precision).
 constexpr float kExpFloor = -87.0f;  // exp(-87) ~ 1.6e-38: still a normal float
 
-inline float exp_nonpositive(float x) {
+CONDSEG_INLINE float exp_nonpositive(float x) {
   // Round to nearest by adding and removing 1.5 * 2^23 (floor() is a libm call without SSE4.1).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -66,215 +87,274 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return p * two_n;
 }
-inline double exp_nonpositive(double x) { return std::exp(x); }
+CONDSEG_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
-// probs = row-wise softmax(scale * logits) of an n x n matrix (N = n when known at compile time).
-template <int64_t N, typename scalar_t, typename acc_t>
-void softmax_rows(const scalar_t* logits, acc_t scale, int64_t runtime_n, acc_t* probs) {
+// ---- groups of kLanes matrices: element j of matrix l lives at [j * kLanes + l] ---------------------
+
+// Loads `count` (<= kLanes) consecutive nn-element matrices from src; missing lanes get zeros.
+template <typename scalar_t, typename acc_t>
+CONDSEG_INLINE void load_lanes(const scalar_t* src, int64_t nn, int64_t count, acc_t* lanes) {
+  for (int64_t j = 0; j < nn; ++j)
+    for (int64_t l = 0; l < kLanes; ++l)
+      lanes[j * kLanes + l] = l < count ? static_cast<acc_t>(src[l * nn + j]) : acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t>
+CONDSEG_INLINE void store_lanes(const acc_t* lanes, int64_t nn, int64_t count, scalar_t* dst) {
+  for (int64_t l = 0; l < count; ++l)
+    for (int64_t j = 0; j < nn; ++j) dst[l * nn + j] = static_cast<scalar_t>(lanes[j * kLanes + l]);
+}
+
+// probs = row-wise softmax(scale * logits) of every n x n matrix (N = n when known at compile time).
+template <int64_t N, typename acc_t>
+CONDSEG_INLINE void softmax_lanes(const acc_t* logits, acc_t scale, int64_t runtime_n, acc_t* probs) {
   const int64_t n = N > 0 ? N : runtime_n;
   for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* row = logits + i * n;
-    acc_t top = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t j = 0; j < n; ++j) top = std::max(top, scale * static_cast<acc_t>(row[j]));
+    const acc_t* row = logits + i * n * kLanes;
+    acc_t* out = probs + i * n * kLanes;
+    acc_t top[kLanes], sum[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) {
+      top[l] = -std::numeric_limits<acc_t>::infinity();
+      sum[l] = 0;
+    }
     for (int64_t j = 0; j < n; ++j)
-      probs[i * n + j] = std::max(scale * static_cast<acc_t>(row[j]) - top, acc_t(kExpFloor));
+      for (int64_t l = 0; l < kLanes; ++l) top[l] = std::max(top[l], scale * row[j * kLanes + l]);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const acc_t e = exp_nonpositive(std::max(scale * row[j * kLanes + l] - top[l], acc_t(kExpFloor)));
+        out[j * kLanes + l] = e;
+        sum[l] += e;
+      }
+    for (int64_t l = 0; l < kLanes; ++l) sum[l] = acc_t(1) / sum[l];
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < kLanes; ++l) out[j * kLanes + l] *= sum[l];
   }
-  for (int64_t j = 0; j < n * n; ++j) probs[j] = exp_nonpositive(probs[j]);
+}
+
+// out = a @ b, a^T @ b or a @ b^T for every n x n matrix pair.
+enum class Product { kAB, kAtB, kABt };
+
+template <Product kind, int64_t N, typename acc_t>
+CONDSEG_INLINE void matmul_lanes(const acc_t* a, const acc_t* b, int64_t runtime_n, acc_t* out) {
+  const int64_t n = N > 0 ? N : runtime_n;
+  for (int64_t j = 0; j < n * n * kLanes; ++j) out[j] = 0;
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t s = 0; s < n; ++s) {
+        // kAB: out[p,s] += a[p,t] b[t,s]; kAtB: out[t,s] += a[p,t] b[p,s]; kABt: out[p,t] += a[p,s] b[t,s]
+        const int64_t o = kind == Product::kAB ? p * n + s : kind == Product::kAtB ? t * n + s : p * n + t;
+        const int64_t ia = kind == Product::kABt ? p * n + s : p * n + t;
+        const int64_t ib = kind == Product::kAB ? t * n + s : kind == Product::kAtB ? p * n + s : t * n + s;
+        for (int64_t l = 0; l < kLanes; ++l) out[o * kLanes + l] += a[ia * kLanes + l] * b[ib * kLanes + l];
+      }
+}
+
+// grad_logits = scale * P * (grad_P - rowsum(grad_P * P)) for every n x n row-softmax P.
+template <int64_t N, typename acc_t>
+CONDSEG_INLINE void softmax_backward_lanes(const acc_t* probs, const acc_t* grad_probs, acc_t scale,
+                                           int64_t runtime_n, acc_t* grad_logits) {
+  const int64_t n = N > 0 ? N : runtime_n;
   for (int64_t i = 0; i < n; ++i) {
-    acc_t sum = 0;
-    for (int64_t j = 0; j < n; ++j) sum += probs[i * n + j];
-    const acc_t inv = acc_t(1) / sum;
-    for (int64_t j = 0; j < n; ++j) probs[i * n + j] *= inv;
+    const int64_t row = i * n * kLanes;
+    acc_t dot[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) dot[l] = 0;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < kLanes; ++l) dot[l] += grad_probs[row + j * kLanes + l] * probs[row + j * kLanes + l];
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t at = row + j * kLanes + l;
+        grad_logits[at] = scale * probs[at] * (grad_probs[at] - dot[l]);
+      }
   }
 }
 
-// out = a @ b for n x n matrices.
-template <int64_t N, typename acc_t>
-void matmul(const acc_t* a, const acc_t* b, int64_t runtime_n, acc_t* out) {
-  const int64_t n = N > 0 ? N : runtime_n;
-  for (int64_t p = 0; p < n; ++p) {
-    acc_t* row = out + p * n;
-    for (int64_t s = 0; s < n; ++s) row[s] = 0;
-    for (int64_t t = 0; t < n; ++t) {
-      const acc_t w = a[p * n + t];
-      for (int64_t s = 0; s < n; ++s) row[s] += w * b[t * n + s];
+// mix[b, y, x, g] = softmax(fg) @ softmax(bg) (or softmax(fg) alone) for the (pixel, head) pairs
+// [begin, end), laid out like attn_fg.
+template <int64_t N, typename scalar_t, typename acc_t>
+CONDSEG_CPU_CLONES void mixing_range(const Layout& L, const scalar_t* fg, const scalar_t* bg, acc_t scale,
+                                     acc_t* out, int64_t begin, int64_t end) {
+  const int64_t nn = L.k2 * L.k2, block = nn * kLanes;
+  std::vector<acc_t> buffer(4 * block);
+  acc_t *logits = buffer.data(), *p_fg = logits + block, *p_bg = p_fg + block, *mix = p_bg + block;
+  for (int64_t i = begin; i < end; i += kLanes) {
+    const int64_t count = std::min(kLanes, end - i);
+    load_lanes(fg + i * nn, nn, count, logits);
+    softmax_lanes<N>(logits, scale, L.k2, p_fg);
+    if (bg == nullptr) {
+      store_lanes(p_fg, nn, count, out + i * nn);
+      continue;
     }
+    load_lanes(bg + i * nn, nn, count, logits);
+    softmax_lanes<N>(logits, scale, L.k2, p_bg);
+    matmul_lanes<Product::kAB, N>(p_fg, p_bg, L.k2, mix);
+    store_lanes(mix, nn, count, out + i * nn);
   }
 }
 
-// out = a^T @ b and out = a @ b^T for n x n matrices (the two products of the backward).
-template <int64_t N, typename acc_t>
-void matmul_at_b(const acc_t* a, const acc_t* b, int64_t runtime_n, acc_t* out) {
-  const int64_t n = N > 0 ? N : runtime_n;
-  for (int64_t t = 0; t < n * n; ++t) out[t] = 0;
-  for (int64_t p = 0; p < n; ++p)
-    for (int64_t t = 0; t < n; ++t) {
-      const acc_t w = a[p * n + t];
-      for (int64_t s = 0; s < n; ++s) out[t * n + s] += w * b[p * n + s];
-    }
-}
-
-template <int64_t N, typename acc_t>
-void matmul_a_bt(const acc_t* a, const acc_t* b, int64_t runtime_n, acc_t* out) {
-  const int64_t n = N > 0 ? N : runtime_n;
-  for (int64_t p = 0; p < n; ++p)
-    for (int64_t t = 0; t < n; ++t) {
-      acc_t sum = 0;
-      for (int64_t s = 0; s < n; ++s) sum += a[p * n + s] * b[t * n + s];
-      out[p * n + t] = sum;
-    }
-}
-
-// mix[b, y, x, g] = softmax(fg) @ softmax(bg) (or softmax(fg) alone), laid out like attn_fg.
 template <int64_t N, typename scalar_t, typename acc_t>
 void mixing_matrices(const Layout& L, const scalar_t* fg, const scalar_t* bg, acc_t scale, acc_t* out) {
-  const int64_t n = L.k2, nn = n * n;
-  at::parallel_for(0, L.B * L.H * L.W * L.heads, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> p_fg(nn), p_bg(nn);
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t* m = out + i * nn;
-      if (bg == nullptr) {
-        softmax_rows<N>(fg + i * nn, scale, n, m);
-        continue;
-      }
-      softmax_rows<N>(fg + i * nn, scale, n, p_fg.data());
-      softmax_rows<N>(bg + i * nn, scale, n, p_bg.data());
-      matmul<N>(p_fg.data(), p_bg.data(), n, m);
-    }
+  at::parallel_for(0, L.B * L.H * L.W * L.heads, 4 * kLanes, [&](int64_t begin, int64_t end) {
+    mixing_range<N>(L, fg, bg, scale, out, begin, end);
   });
 }
 
-// weights[b, g, d, y, x] = Wt_(y,x)[d]: the mixing weights of every window covering (y, x),
-// gathered by source offset d.
+// weights[b, g, d, y, x] = Wt_(y,x)[d] for the image rows [begin, end) (b * H + y): the mixing
+// weights of every window covering (y, x), gathered by source offset d.
+template <typename acc_t>
+CONDSEG_CPU_CLONES void neighbour_weights_range(const Layout& L, const acc_t* m, acc_t* w, int64_t begin,
+                                                int64_t end) {
+  const int64_t nn = L.k2 * L.k2, HW = L.H * L.W;
+  std::vector<acc_t> acc(L.D);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / L.H, y = row % L.H;
+    for (int64_t x = 0; x < L.W; ++x)
+      for (int64_t g = 0; g < L.heads; ++g) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t p = 0; p < L.k2; ++p) {
+          const int64_t qy = y - L.slot_dy(p), qx = x - L.slot_dx(p);
+          if (!L.inside(qy, qx)) continue;
+          const acc_t* mrow = m + (((b * L.H + qy) * L.W + qx) * L.heads + g) * nn + p * L.k2;
+          for (int64_t s = 0; s < L.k2; ++s) acc[L.neighbour(p, s)] += mrow[s];
+        }
+        acc_t* dst = w + (b * L.heads + g) * L.D * HW + y * L.W + x;
+        for (int64_t d = 0; d < L.D; ++d) dst[d * HW] = acc[d];
+      }
+  }
+}
+
 template <typename acc_t>
 at::Tensor neighbour_weights(const Layout& L, const at::Tensor& mix) {
   at::Tensor weights = at::empty({L.B, L.heads, L.D, L.H, L.W}, mix.options());
   const acc_t* m = mix.data_ptr<acc_t>();
   acc_t* w = weights.data_ptr<acc_t>();
-  const int64_t nn = L.k2 * L.k2, HW = L.H * L.W;
   at::parallel_for(0, L.B * L.H, 4, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(L.D);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / L.H, y = row % L.H;
-      for (int64_t x = 0; x < L.W; ++x)
-        for (int64_t g = 0; g < L.heads; ++g) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t p = 0; p < L.k2; ++p) {
-            const int64_t qy = y - L.slot_dy(p), qx = x - L.slot_dx(p);
-            if (!L.inside(qy, qx)) continue;
-            const acc_t* mrow = m + (((b * L.H + qy) * L.W + qx) * L.heads + g) * nn + p * L.k2;
-            for (int64_t s = 0; s < L.k2; ++s) acc[L.neighbour(p, s)] += mrow[s];
-          }
-          acc_t* dst = w + (b * L.heads + g) * L.D * HW + y * L.W + x;
-          for (int64_t d = 0; d < L.D; ++d) dst[d * HW] = acc[d];
-        }
-    }
+    neighbour_weights_range(L, m, w, begin, end);
   });
   return weights;
 }
 
-// Applies the neighbour weights to every channel of src (b, c, y, x):
+// Applies the neighbour weights to every channel of src (b, c, y, x), rows [begin, end) of (b, c, y):
 // with transpose=false, out[r] = sum_d Wt_r[d] src[r + d] (forward);
 // with transpose=true,  out[t] = sum_d Wt_{t-d}[d] src[t - d] (gradient of value).
 template <typename scalar_t, typename acc_t>
-void apply_weights(const Layout& L, const acc_t* weights, const scalar_t* src, scalar_t* out,
-                   bool transpose) {
+CONDSEG_CPU_CLONES void apply_weights_range(const Layout& L, const acc_t* weights, const scalar_t* src,
+                                            scalar_t* out, bool transpose, int64_t begin, int64_t end) {
   const int64_t HW = L.H * L.W;
-  at::parallel_for(0, L.B * L.C * L.H, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(L.W);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t bc = row / L.H, y = row % L.H, b = bc / L.C, g = (bc % L.C) / L.Cg;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      const acc_t* wg = weights + (b * L.heads + g) * L.D * HW;
-      for (int64_t d = 0; d < L.D; ++d) {
-        const int64_t dy = transpose ? -L.nb_dy(d) : L.nb_dy(d);
-        const int64_t dx = transpose ? -L.nb_dx(d) : L.nb_dx(d);
-        const int64_t sy = y + dy;
-        if (sy < 0 || sy >= L.H) continue;
-        const int64_t x0 = L.x_begin(dx), x1 = L.x_end(dx);
-        const scalar_t* s = src + bc * HW + sy * L.W + dx;
-        // Forward reads the weight at the destination; the transpose at the source.
-        const acc_t* w = wg + d * HW + (transpose ? sy * L.W + dx : y * L.W);
-        acc_t* __restrict__ a = acc.data();
-        for (int64_t x = x0; x < x1; ++x) a[x] += w[x] * static_cast<acc_t>(s[x]);
-      }
-      scalar_t* o = out + bc * HW + y * L.W;
-      for (int64_t x = 0; x < L.W; ++x) o[x] = static_cast<scalar_t>(acc[x]);
+  std::vector<acc_t> acc(L.W);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t bc = row / L.H, y = row % L.H, b = bc / L.C, g = (bc % L.C) / L.Cg;
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    const acc_t* wg = weights + (b * L.heads + g) * L.D * HW;
+    for (int64_t d = 0; d < L.D; ++d) {
+      const int64_t dy = transpose ? -L.nb_dy(d) : L.nb_dy(d);
+      const int64_t dx = transpose ? -L.nb_dx(d) : L.nb_dx(d);
+      const int64_t sy = y + dy;
+      if (sy < 0 || sy >= L.H) continue;
+      const int64_t x0 = L.x_begin(dx), x1 = L.x_end(dx);
+      const scalar_t* s = src + bc * HW + sy * L.W + dx;
+      // Forward reads the weight at the destination; the transpose at the source.
+      const acc_t* w = wg + d * HW + (transpose ? sy * L.W + dx : y * L.W);
+      acc_t* __restrict__ a = acc.data();
+      for (int64_t x = x0; x < x1; ++x) a[x] += w[x] * static_cast<acc_t>(s[x]);
     }
+    scalar_t* o = out + bc * HW + y * L.W;
+    for (int64_t x = 0; x < L.W; ++x) o[x] = static_cast<scalar_t>(acc[x]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void apply_weights(const Layout& L, const acc_t* weights, const scalar_t* src, scalar_t* out, bool transpose) {
+  at::parallel_for(0, L.B * L.C * L.H, 16, [&](int64_t begin, int64_t end) {
+    apply_weights_range(L, weights, src, out, transpose, begin, end);
   });
 }
 
-// grad_weights[b, g, d, y, x] = sum_{c in head g} grad_out[b, c, y, x] * value[b, c, (y, x) + d].
+// grad_weights[b, g, d, y, x] = sum_{c in head g} grad_out[b, c, y, x] * value[b, c, (y, x) + d],
+// rows [begin, end) of (b, g, y).
+template <typename scalar_t, typename acc_t>
+CONDSEG_CPU_CLONES void weight_gradients_range(const Layout& L, const scalar_t* grad_out, const scalar_t* value,
+                                               acc_t* gw, int64_t begin, int64_t end) {
+  const int64_t HW = L.H * L.W;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t bg = row / L.H, y = row % L.H, b = bg / L.heads, g = bg % L.heads;
+    const int64_t c0 = b * L.C + g * L.Cg;
+    for (int64_t d = 0; d < L.D; ++d) {
+      acc_t* __restrict__ a = gw + (bg * L.D + d) * HW + y * L.W;
+      std::fill(a, a + L.W, acc_t(0));
+      const int64_t dy = L.nb_dy(d), dx = L.nb_dx(d), sy = y + dy;
+      if (sy < 0 || sy >= L.H) continue;
+      const int64_t x0 = L.x_begin(dx), x1 = L.x_end(dx);
+      for (int64_t c = c0; c < c0 + L.Cg; ++c) {
+        const scalar_t* go = grad_out + c * HW + y * L.W;
+        const scalar_t* v = value + c * HW + sy * L.W + dx;
+        for (int64_t x = x0; x < x1; ++x) a[x] += static_cast<acc_t>(go[x]) * static_cast<acc_t>(v[x]);
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 at::Tensor weight_gradients(const Layout& L, const scalar_t* grad_out, const scalar_t* value,
                             const at::TensorOptions& acc_options) {
   at::Tensor grad_w = at::empty({L.B, L.heads, L.D, L.H, L.W}, acc_options);
   acc_t* gw = grad_w.data_ptr<acc_t>();
-  const int64_t HW = L.H * L.W;
   at::parallel_for(0, L.B * L.heads * L.H, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t bg = row / L.H, y = row % L.H, b = bg / L.heads, g = bg % L.heads;
-      const int64_t c0 = b * L.C + g * L.Cg;
-      for (int64_t d = 0; d < L.D; ++d) {
-        acc_t* __restrict__ a = gw + (bg * L.D + d) * HW + y * L.W;
-        std::fill(a, a + L.W, acc_t(0));
-        const int64_t dy = L.nb_dy(d), dx = L.nb_dx(d), sy = y + dy;
-        if (sy < 0 || sy >= L.H) continue;
-        const int64_t x0 = L.x_begin(dx), x1 = L.x_end(dx);
-        for (int64_t c = c0; c < c0 + L.Cg; ++c) {
-          const scalar_t* go = grad_out + c * HW + y * L.W;
-          const scalar_t* v = value + c * HW + sy * L.W + dx;
-          for (int64_t x = x0; x < x1; ++x) a[x] += static_cast<acc_t>(go[x]) * static_cast<acc_t>(v[x]);
-        }
-      }
-    }
+    weight_gradients_range(L, grad_out, value, gw, begin, end);
   });
   return grad_w;
 }
 
-// grad_logits = scale * P * (grad_P - rowsum(grad_P * P)) for an n x n row-softmax P.
+// Gradients of the logits for the (pixel, head) pairs [begin, end): grad_M gathered from the
+// pixel-major grad_weights (B, H, W, heads, D), then through M = P_fg @ P_bg and the two softmaxes
+// (recomputed, never saved).
 template <int64_t N, typename scalar_t, typename acc_t>
-void softmax_backward_rows(const acc_t* probs, const acc_t* grad_probs, acc_t scale, int64_t runtime_n,
-                           scalar_t* grad_logits) {
-  const int64_t n = N > 0 ? N : runtime_n;
-  for (int64_t i = 0; i < n; ++i) {
-    acc_t dot = 0;
-    for (int64_t j = 0; j < n; ++j) dot += grad_probs[i * n + j] * probs[i * n + j];
-    for (int64_t j = 0; j < n; ++j)
-      grad_logits[i * n + j] =
-          static_cast<scalar_t>(scale * probs[i * n + j] * (grad_probs[i * n + j] - dot));
-  }
-}
-
-// Gradients of the logits, one pixel and head at a time: grad_M from grad_weights, then through
-// M = P_fg @ P_bg and the two softmaxes (recomputed, never saved).
-template <int64_t N, typename scalar_t, typename acc_t>
-void logit_gradients(const Layout& L, const acc_t* grad_w, const scalar_t* fg, const scalar_t* bg,
-                     acc_t scale, scalar_t* grad_fg, scalar_t* grad_bg) {
-  const int64_t n = L.k2, nn = n * n, HW = L.H * L.W;
-  at::parallel_for(0, L.B * L.H * L.W * L.heads, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> g_mix(nn), p_fg(nn), p_bg(nn), g_fg(nn), g_bg(nn);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = i % L.heads, pixel = i / L.heads;
+CONDSEG_CPU_CLONES void logit_gradients_range(const Layout& L, const acc_t* grad_w, const scalar_t* fg,
+                                              const scalar_t* bg, acc_t scale, scalar_t* grad_fg,
+                                              scalar_t* grad_bg, int64_t begin, int64_t end) {
+  const int64_t n = L.k2, nn = n * n, HW = L.H * L.W, block = nn * kLanes, per_pixel = L.heads * L.D;
+  std::vector<acc_t> buffer(6 * block);
+  acc_t *g_mix = buffer.data(), *logits = g_mix + block, *p_fg = logits + block, *p_bg = p_fg + block;
+  acc_t *g_p = p_bg + block, *g_logits = g_p + block;
+  for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
+    const int64_t count = std::min(kLanes, end - i0);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (l >= count) {
+        for (int64_t j = 0; j < nn; ++j) g_mix[j * kLanes + l] = 0;
+        continue;
+      }
+      const int64_t i = i0 + l, g = i % L.heads, pixel = i / L.heads;
       const int64_t b = pixel / HW, y = (pixel % HW) / L.W, x = pixel % L.W;
-      const acc_t* gw = grad_w + (b * L.heads + g) * L.D * HW;
+      const acc_t* gw = grad_w + b * HW * per_pixel + g * L.D;
       for (int64_t p = 0; p < n; ++p) {
         const int64_t ry = y + L.slot_dy(p), rx = x + L.slot_dx(p);
         const bool in = L.inside(ry, rx);
-        for (int64_t s = 0; s < n; ++s)
-          g_mix[p * n + s] = in ? gw[L.neighbour(p, s) * HW + ry * L.W + rx] : acc_t(0);
+        const acc_t* at_r = gw + (ry * L.W + rx) * per_pixel;
+        for (int64_t s = 0; s < n; ++s) g_mix[(p * n + s) * kLanes + l] = in ? at_r[L.neighbour(p, s)] : acc_t(0);
       }
-      softmax_rows<N>(fg + i * nn, scale, n, p_fg.data());
-      if (bg == nullptr) {
-        softmax_backward_rows<N>(p_fg.data(), g_mix.data(), scale, n, grad_fg + i * nn);
-        continue;
-      }
-      softmax_rows<N>(bg + i * nn, scale, n, p_bg.data());
-      matmul_a_bt<N>(g_mix.data(), p_bg.data(), n, g_fg.data());  // grad_P_fg = grad_M @ P_bg^T
-      matmul_at_b<N>(p_fg.data(), g_mix.data(), n, g_bg.data());  // grad_P_bg = P_fg^T @ grad_M
-      softmax_backward_rows<N>(p_fg.data(), g_fg.data(), scale, n, grad_fg + i * nn);
-      softmax_backward_rows<N>(p_bg.data(), g_bg.data(), scale, n, grad_bg + i * nn);
     }
+    load_lanes(fg + i0 * nn, nn, count, logits);
+    softmax_lanes<N>(logits, scale, n, p_fg);
+    if (bg == nullptr) {
+      softmax_backward_lanes<N>(p_fg, g_mix, scale, n, g_logits);
+      store_lanes(g_logits, nn, count, grad_fg + i0 * nn);
+      continue;
+    }
+    load_lanes(bg + i0 * nn, nn, count, logits);
+    softmax_lanes<N>(logits, scale, n, p_bg);
+    matmul_lanes<Product::kABt, N>(g_mix, p_bg, n, g_p);  // grad_P_fg = grad_M @ P_bg^T
+    softmax_backward_lanes<N>(p_fg, g_p, scale, n, g_logits);
+    store_lanes(g_logits, nn, count, grad_fg + i0 * nn);
+    matmul_lanes<Product::kAtB, N>(p_fg, g_mix, n, g_p);  // grad_P_bg = P_fg^T @ grad_M
+    softmax_backward_lanes<N>(p_bg, g_p, scale, n, g_logits);
+    store_lanes(g_logits, nn, count, grad_bg + i0 * nn);
+  }
+}
+
+template <int64_t N, typename scalar_t, typename acc_t>
+void logit_gradients(const Layout& L, const acc_t* grad_w, const scalar_t* fg, const scalar_t* bg,
+                     acc_t scale, scalar_t* grad_fg, scalar_t* grad_bg) {
+  at::parallel_for(0, L.B * L.H * L.W * L.heads, 4 * kLanes, [&](int64_t begin, int64_t end) {
+    logit_gradients_range<N>(L, grad_w, fg, bg, scale, grad_fg, grad_bg, begin, end);
   });
 }
 
@@ -348,8 +428,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       apply_weights<scalar_t, acc_t>(L, weights.data_ptr<acc_t>(), grad_out.data_ptr<scalar_t>(),
                                      grad_value.data_ptr<scalar_t>(), /*transpose=*/true);
     }
-    at::Tensor grad_w = weight_gradients<scalar_t, acc_t>(L, grad_out.data_ptr<scalar_t>(),
-                                                          value.data_ptr<scalar_t>(), options);
+    // Pixel-major for the logit gradients: each window then reads a few contiguous blocks instead
+    // of touching heads * D planes per pixel (TLB misses dominated the gather).
+    const at::Tensor grad_w = weight_gradients<scalar_t, acc_t>(L, grad_out.data_ptr<scalar_t>(),
+                                                                value.data_ptr<scalar_t>(), options)
+                                  .permute({0, 3, 4, 1, 2})
+                                  .contiguous();
     dispatch_slots(L.k2, [&](auto slots) {
       logit_gradients<decltype(slots)::value>(L, grad_w.data_ptr<acc_t>(), fg.data_ptr<scalar_t>(), bg_ptr, s,
                                               grad_fg.data_ptr<scalar_t>(),

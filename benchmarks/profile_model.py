@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Where one ConDSeg inference spends its time: the torch.profiler table of the slowest kernels
+(device time on CUDA, CPU time on CPU) for one fps.py mode and backend, at batch 1.
+
+    python benchmarks/profile_model.py --device cuda --mode bf16 --top 25 --out profile.txt
+    python benchmarks/profile_model.py --device cpu --size 128 --encoder resnet18
+
+On the H200 the batch-1 CUDA-graph rows of fps.py ran at about 110 fps, i.e. some 9 ms of GPU time
+per image, far more than ResNet-50 needs; this table names the kernels that take it.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fps  # noqa: E402
+from _common import device_name, synchronize  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mode", default="bf16", choices=[m for m in fps.MODES if not fps.MODES[m].graph],
+                   help="an fps.py mode (CUDA-graph modes replay as one opaque launch: use their eager form)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + tuple(fps.BACKENDS))
+    p.add_argument("--encoder", default="resnet50")
+    p.add_argument("--decoder-channels", type=int, default=128)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", help="also write the table to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    mode = fps.MODES[args.mode]
+    if device.type == "cpu" and mode.dtype != "float32":
+        raise SystemExit(f"--mode {args.mode}: autocast modes are for CUDA; on CPU use eager, fold or fold-cl")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    base = fps.build_model(args.encoder, args.decoder_channels, device=device)
+    x = torch.randn(1, 3, args.size, args.size, device=device)
+    run, _ = fps.make_runner(base, mode, args.backend, x, device)
+    for _ in range(3):  # warm-up: cuDNN autotuning, lazy initialisation
+        run()
+    synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.iters):
+            run()
+        synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    table = events.table(sort_by=sort, row_limit=args.top, max_name_column_width=70)
+    backend = fps.resolved_backend(args.backend, device)
+    title = (f"profile: {device_name(device)} | mode {args.mode} | backend {backend} | "
+             f"{args.encoder} {args.size}x{args.size} batch 1 | {args.iters} iterations (totals below)")
+    text = f"{title}\n{table}"
+    if device.type == "cuda":
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        gpu_us = sum(e.self_device_time_total for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+        text += (f"\nper inference: {kernels / args.iters:.0f} kernels, "
+                 f"{gpu_us / args.iters / 1e3:.2f} ms of GPU time\n")
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
