@@ -327,9 +327,12 @@ CONDSEG_CPU_CLONES void logit_gradients_range(const Layout& L, const acc_t* grad
       const acc_t* gw = grad_w + b * HW * per_pixel + g * L.D;
       for (int64_t p = 0; p < n; ++p) {
         const int64_t ry = y + L.slot_dy(p), rx = x + L.slot_dx(p);
-        const bool in = L.inside(ry, rx);
+        if (!L.inside(ry, rx)) {  // window slot outside the image: no output there, no gradient
+          for (int64_t s = 0; s < n; ++s) g_mix[(p * n + s) * kLanes + l] = 0;
+          continue;
+        }
         const acc_t* at_r = gw + (ry * L.W + rx) * per_pixel;
-        for (int64_t s = 0; s < n; ++s) g_mix[(p * n + s) * kLanes + l] = in ? at_r[L.neighbour(p, s)] : acc_t(0);
+        for (int64_t s = 0; s < n; ++s) g_mix[(p * n + s) * kLanes + l] = at_r[L.neighbour(p, s)];
       }
     }
     load_lanes(fg + i0 * nn, nn, count, logits);
