@@ -269,18 +269,21 @@ void apply_weights(const Layout& L, const acc_t* weights, const scalar_t* src, s
   });
 }
 
-// grad_weights[b, g, d, y, x] = sum_{c in head g} grad_out[b, c, y, x] * value[b, c, (y, x) + d],
-// rows [begin, end) of (b, g, y).
+// grad_weights[b, y, x, g, d] = sum_{c in head g} grad_out[b, c, y, x] * value[b, c, (y, x) + d],
+// rows [begin, end) of (b, g, y). Accumulated along x (vectorised) in a row buffer, then stored
+// pixel-major: the logit gradients then read one contiguous block per neighbour instead of touching
+// heads * D planes per pixel (TLB misses dominated that gather).
 template <typename scalar_t, typename acc_t>
 CONDSEG_CPU_CLONES void weight_gradients_range(const Layout& L, const scalar_t* grad_out, const scalar_t* value,
                                                acc_t* gw, int64_t begin, int64_t end) {
   const int64_t HW = L.H * L.W;
+  std::vector<acc_t> rows(L.D * L.W);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t bg = row / L.H, y = row % L.H, b = bg / L.heads, g = bg % L.heads;
     const int64_t c0 = b * L.C + g * L.Cg;
+    std::fill(rows.begin(), rows.end(), acc_t(0));
     for (int64_t d = 0; d < L.D; ++d) {
-      acc_t* __restrict__ a = gw + (bg * L.D + d) * HW + y * L.W;
-      std::fill(a, a + L.W, acc_t(0));
+      acc_t* __restrict__ a = rows.data() + d * L.W;
       const int64_t dy = L.nb_dy(d), dx = L.nb_dx(d), sy = y + dy;
       if (sy < 0 || sy >= L.H) continue;
       const int64_t x0 = L.x_begin(dx), x1 = L.x_end(dx);
@@ -290,13 +293,16 @@ CONDSEG_CPU_CLONES void weight_gradients_range(const Layout& L, const scalar_t* 
         for (int64_t x = x0; x < x1; ++x) a[x] += static_cast<acc_t>(go[x]) * static_cast<acc_t>(v[x]);
       }
     }
+    acc_t* out = gw + ((b * L.H + y) * L.W * L.heads + g) * L.D;
+    for (int64_t x = 0; x < L.W; ++x)
+      for (int64_t d = 0; d < L.D; ++d) out[x * L.heads * L.D + d] = rows[d * L.W + x];
   }
 }
 
 template <typename scalar_t, typename acc_t>
 at::Tensor weight_gradients(const Layout& L, const scalar_t* grad_out, const scalar_t* value,
                             const at::TensorOptions& acc_options) {
-  at::Tensor grad_w = at::empty({L.B, L.heads, L.D, L.H, L.W}, acc_options);
+  at::Tensor grad_w = at::empty({L.B, L.H, L.W, L.heads, L.D}, acc_options);
   acc_t* gw = grad_w.data_ptr<acc_t>();
   at::parallel_for(0, L.B * L.heads * L.H, 4, [&](int64_t begin, int64_t end) {
     weight_gradients_range(L, grad_out, value, gw, begin, end);
@@ -431,12 +437,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       apply_weights<scalar_t, acc_t>(L, weights.data_ptr<acc_t>(), grad_out.data_ptr<scalar_t>(),
                                      grad_value.data_ptr<scalar_t>(), /*transpose=*/true);
     }
-    // Pixel-major for the logit gradients: each window then reads a few contiguous blocks instead
-    // of touching heads * D planes per pixel (TLB misses dominated the gather).
     const at::Tensor grad_w = weight_gradients<scalar_t, acc_t>(L, grad_out.data_ptr<scalar_t>(),
-                                                                value.data_ptr<scalar_t>(), options)
-                                  .permute({0, 3, 4, 1, 2})
-                                  .contiguous();
+                                                                value.data_ptr<scalar_t>(), options);
     dispatch_slots(L.k2, [&](auto slots) {
       logit_gradients<decltype(slots)::value>(L, grad_w.data_ptr<acc_t>(), fg.data_ptr<scalar_t>(), bg_ptr, s,
                                               grad_fg.data_ptr<scalar_t>(),
