@@ -5,8 +5,10 @@
     python benchmarks/profile_model.py --device cuda --mode bf16 --top 25 --out profile.txt
     python benchmarks/profile_model.py --device cpu --size 128 --encoder resnet18
 
-On the H200 the batch-1 CUDA-graph rows of fps.py ran at about 110 fps, i.e. some 9 ms of GPU time
-per image, far more than ResNet-50 needs; this table names the kernels that take it.
+``--shapes`` adds the layer-level ops (convolutions, upsamplings, reductions) grouped by input
+shape, which names the layers that cost the most. On the H100 this showed that autocast re-cast
+every weight at every call (some 400 copy kernels per inference), which is why the reduced-precision
+fps.py modes now cast the model once instead.
 """
 import argparse
 import sys
@@ -31,8 +33,30 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--shapes", action="store_true",
+                   help="also list the slowest convolutions, upsamplings and ops by input shape (names the layer)")
     p.add_argument("--out", help="also write the table to this file")
     return p.parse_args(argv)
+
+
+# The aten ops that stand for one layer each (their callees are nested inside them).
+LAYER_OPS = ("aten::convolution", "aten::upsample_bilinear2d", "aten::linear", "aten::addmm",
+             "condseg_ops::contrast_aggregate", "aten::max_pool2d", "aten::adaptive_avg_pool2d",
+             "aten::adaptive_max_pool2d", "aten::mean", "aten::amax", "aten::max", "aten::cat",
+             "aten::mul", "aten::add", "aten::relu", "aten::relu_", "aten::sigmoid")
+
+
+def shape_table(prof, device, iters, top):
+    """Layer-level ops grouped by input shape, slowest first: which convolution costs what."""
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in LAYER_OPS]
+    rows.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in rows) / iters / 1e3
+    lines = [f"layer ops by input shape ({key}, ms per inference; all listed ops: {total:.2f} ms)",
+             f"{'ms':>8} {'calls':>5}  op and input shapes"]
+    for e in rows[:top]:
+        lines.append(f"{getattr(e, key) / iters / 1e3:8.3f} {e.count // iters:5d}  {e.key} {e.input_shapes}"[:200])
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -40,7 +64,7 @@ def main(argv=None):
     device = torch.device(args.device)
     mode = fps.MODES[args.mode]
     if device.type == "cpu" and mode.dtype != "float32":
-        raise SystemExit(f"--mode {args.mode}: autocast modes are for CUDA; on CPU use eager, fold or fold-cl")
+        raise SystemExit(f"--mode {args.mode}: reduced-precision modes are for CUDA; on CPU use eager, fold or fold-cl")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     base = fps.build_model(args.encoder, args.decoder_channels, device=device)
@@ -52,7 +76,7 @@ def main(argv=None):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=args.shapes) as prof:
         for _ in range(args.iters):
             run()
         synchronize(device)
@@ -69,6 +93,8 @@ def main(argv=None):
                      if e.device_type == torch.autograd.DeviceType.CUDA)
         text += (f"\nper inference: {kernels / args.iters:.0f} kernels, "
                  f"{gpu_us / args.iters / 1e3:.2f} ms of GPU time\n")
+    if args.shapes:
+        text += "\n" + shape_table(prof, device, args.iters, args.top)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

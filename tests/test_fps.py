@@ -312,7 +312,10 @@ def test_profile_model_names_the_op_on_cpu(tmp_path):
     out = tmp_path / "profile.txt"
     text = profile_model.main(["--device", "cpu", "--mode", "fold", "--encoder", "resnet18",
                                "--decoder-channels", "16", "--size", "32", "--iters", "1", "--top", "200",
-                               "--out", str(out)])
+                               "--shapes", "--out", str(out)])
     assert out.read_text() == text
     assert "condseg_ops::contrast_aggregate" in text  # the compiled op ran (and was profiled)
     assert "aten::batch_norm" not in text  # folded away by --mode fold
+    by_shape = text.split("layer ops by input shape")[1]
+    # the stem convolution, named with its input and weight shapes
+    assert "aten::convolution [[1, 3, 32, 32], [64, 3, 7, 7]" in by_shape

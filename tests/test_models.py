@@ -261,3 +261,17 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model, fullgraph=True)   # the CDFA op is a real custom op: no graph breaks
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_channel_attention_matches_separate_mlp_passes():
+    """The batched MLP pass (avg and max vectors together) is CBAM's two separate passes."""
+    from condseg.models.blocks import ChannelAttention
+
+    torch.manual_seed(0)
+    attention = ChannelAttention(32).double()
+    x = torch.randn(3, 32, 5, 7, dtype=torch.float64)
+    w1 = attention.fc1.weight.flatten(1)
+    w2 = attention.fc2.weight.flatten(1)
+    mlp = lambda v: torch.relu(v @ w1.T) @ w2.T  # noqa: E731
+    gate = torch.sigmoid(mlp(x.mean(dim=(2, 3))) + mlp(x.amax(dim=(2, 3))))
+    torch.testing.assert_close(attention(x), x * gate[:, :, None, None], rtol=1e-12, atol=1e-12)

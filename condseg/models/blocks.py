@@ -55,8 +55,10 @@ class ChannelAttention(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)
 
     def forward(self, x):
-        avg = self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1))))
-        top = self.fc2(F.relu(self.fc1(x.amax(dim=(2, 3), keepdim=True))))
+        # Both pooled vectors go through the MLP as one batch of 2B: half the kernel launches,
+        # which is what a batch-1 inference pays for here.
+        pooled = torch.cat([F.adaptive_avg_pool2d(x, 1), x.amax(dim=(2, 3), keepdim=True)])
+        avg, top = self.fc2(F.relu(self.fc1(pooled))).chunk(2)
         return x * torch.sigmoid(avg + top)
 
 
