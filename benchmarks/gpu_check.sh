@@ -78,7 +78,8 @@ assert 'cuda' in condseg_ops.available_backends('cuda')") || rc=1
 }
 export -f build
 export PY OUT
-run_stage build 240 300 bash -c build
+# Everything after needs the build: it keeps only 150 s of the budget for them.
+run_stage build 240 150 bash -c build
 
 # 2. Tests. -P keeps the source tree off sys.path: the installed package (with its _C) is tested.
 pytest_stage() {

@@ -1,0 +1,444 @@
+// CPU kernels of condseg_ops::contrast_aggregate (forward and backward): the implementation.
+//
+// Per pixel q and head g the op applies M_q = softmax(fg) @ softmax(bg) to the K x K window of q
+// and folds the result back. The source of a term, seen from its destination r, is r + d with only
+// (2K-1)^2 possible offsets d, so we first collapse the K^2 matrices covering r into one weight per
+// offset, Wt_r[d], and then out[c, r] = sum_d Wt_r[d] * V[c, r + d]: (2K-1)^2 multiply-adds per
+// channel, no K^2 x C intermediate, gather form (deterministic), loops contiguous along W.
+//
+// The per-pixel K^2 x K^2 matrix arithmetic (softmaxes, products, their gradients) runs on groups
+// of kLanes (pixel, head) pairs at once, transposed so that element j of every matrix in the group
+// is one contiguous run of kLanes values: plain vector arithmetic, no short 9-element rows.
+//
+// This header holds the implementation; kernels_<dtype>.cpp each instantiate it for one dtype, so
+// that these heavy translation units (every hot loop is built three times, see CONDSEG_CPU_CLONES)
+// compile in parallel.
+#pragma once
+
+#include "kernels.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace condseg_ops {
+namespace cpu {
+namespace {
+
+// Builds each hot loop for AVX-512, AVX2+FMA and the baseline, chosen when the library loads
+// (GCC function multiversioning): a portable wheel still runs at the machine's vector width.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define CONDSEG_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CONDSEG_CPU_CLONES
+#endif
+
+// Helpers called from the clones are forced inline, so that they are compiled for each clone's target.
+#if defined(__GNUC__)
+#define CONDSEG_INLINE inline __attribute__((always_inline))
+#else
+#define CONDSEG_INLINE inline
+#endif
+
+constexpr int64_t kLanes = 16;  // (pixel, head) pairs per group: one AVX-512 register of floats
+
+// Window slot p <-> offset (row, col) = dilation * (p / K - K/2, p % K - K/2); neighbour index
+// d <-> offset dilation * (d / reach - (K-1), d % reach - (K-1)).
+struct Layout {
+  explicit Layout(const Geometry& g)
+      : B(g.batch), C(g.channels), H(g.height), W(g.width), heads(g.heads), K(g.kernel_size),
+        k2(g.slots()), dil(g.dilation), reach(g.reach()), D(g.neighbours()), Cg(g.group_channels()) {}
+  int64_t B, C, H, W, heads, K, k2, dil, reach, D, Cg;
+  int64_t slot_dy(int64_t p) const { return dil * (p / K - K / 2); }
+  int64_t slot_dx(int64_t p) const { return dil * (p % K - K / 2); }
+  int64_t neighbour(int64_t p, int64_t s) const {  // index of off(s) - off(p)
+    return (s / K - p / K + K - 1) * reach + (s % K - p % K + K - 1);
+  }
+  int64_t nb_dy(int64_t d) const { return dil * (d / reach - (K - 1)); }
+  int64_t nb_dx(int64_t d) const { return dil * (d % reach - (K - 1)); }
+  bool inside(int64_t y, int64_t x) const { return y >= 0 && y < H && x >= 0 && x < W; }
+  // [begin, end) of x for which x + dx stays inside the row.
+  int64_t x_begin(int64_t dx) const { return std::max<int64_t>(0, -dx); }
+  int64_t x_end(int64_t dx) const { return std::min<int64_t>(W, W - dx); }
+};
+
+// exp for softmax arguments in [-87, 0] (the caller clamps): Cephes-style polynomial, written so
+// the compiler vectorises it (std::exp is a scalar libm call, the bottleneck of the op on CPU).
+// float: ~1 ulp; double keeps std::exp (gradcheck precision).
+constexpr float kExpFloor = -87.0f;  // exp(-87) ~ 1.6e-38: still a normal float
+
+CONDSEG_INLINE float exp_nonpositive(float x) {
+  // Round to nearest by adding and removing 1.5 * 2^23 (floor() is a libm call without SSE4.1).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+CONDSEG_INLINE double exp_nonpositive(double x) { return std::exp(x); }
+
+// ---- groups of kLanes matrices: element j of matrix l lives at [j * kLanes + l] ---------------------
+
+// Loads `count` (<= kLanes) consecutive nn-element matrices from src; missing lanes get zeros.
+template <typename scalar_t, typename acc_t>
+CONDSEG_INLINE void load_lanes(const scalar_t* src, int64_t nn, int64_t count, acc_t* lanes) {
+  for (int64_t j = 0; j < nn; ++j)
+    for (int64_t l = 0; l < kLanes; ++l)
+      lanes[j * kLanes + l] = l < count ? static_cast<acc_t>(src[l * nn + j]) : acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t>
+CONDSEG_INLINE void store_lanes(const acc_t* lanes, int64_t nn, int64_t count, scalar_t* dst) {
+  for (int64_t l = 0; l < count; ++l)
+    for (int64_t j = 0; j < nn; ++j) dst[l * nn + j] = static_cast<scalar_t>(lanes[j * kLanes + l]);
+}
+
+// probs = row-wise softmax(scale * logits) of every n x n matrix (N = n when known at compile time).
+template <int64_t N, typename acc_t>
+CONDSEG_INLINE void softmax_lanes(const acc_t* logits, acc_t scale, int64_t runtime_n, acc_t* probs) {
+  const int64_t n = N > 0 ? N : runtime_n;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t* row = logits + i * n * kLanes;
+    acc_t* out = probs + i * n * kLanes;
+    acc_t top[kLanes], sum[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) {
+      top[l] = -std::numeric_limits<acc_t>::infinity();
+      sum[l] = 0;
+    }
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < kLanes; ++l) top[l] = std::max(top[l], scale * row[j * kLanes + l]);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const acc_t e = exp_nonpositive(std::max(scale * row[j * kLanes + l] - top[l], acc_t(kExpFloor)));
+        out[j * kLanes + l] = e;
+        sum[l] += e;
+      }
+    for (int64_t l = 0; l < kLanes; ++l) sum[l] = acc_t(1) / sum[l];
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < kLanes; ++l) out[j * kLanes + l] *= sum[l];
+  }
+}
+
+// out = a @ b, a^T @ b or a @ b^T for every n x n matrix pair.
+enum class Product { kAB, kAtB, kABt };
+
+template <Product kind, int64_t N, typename acc_t>
+CONDSEG_INLINE void matmul_lanes(const acc_t* a, const acc_t* b, int64_t runtime_n, acc_t* out) {
+  const int64_t n = N > 0 ? N : runtime_n;
+  for (int64_t j = 0; j < n * n * kLanes; ++j) out[j] = 0;
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t s = 0; s < n; ++s) {
+        // kAB: out[p,s] += a[p,t] b[t,s]; kAtB: out[t,s] += a[p,t] b[p,s]; kABt: out[p,t] += a[p,s] b[t,s]
+        const int64_t o = kind == Product::kAB ? p * n + s : kind == Product::kAtB ? t * n + s : p * n + t;
+        const int64_t ia = kind == Product::kABt ? p * n + s : p * n + t;
+        const int64_t ib = kind == Product::kAB ? t * n + s : kind == Product::kAtB ? p * n + s : t * n + s;
+        for (int64_t l = 0; l < kLanes; ++l) out[o * kLanes + l] += a[ia * kLanes + l] * b[ib * kLanes + l];
+      }
+}
+
+// grad_logits = scale * P * (grad_P - rowsum(grad_P * P)) for every n x n row-softmax P.
+template <int64_t N, typename acc_t>
+CONDSEG_INLINE void softmax_backward_lanes(const acc_t* probs, const acc_t* grad_probs, acc_t scale,
+                                           int64_t runtime_n, acc_t* grad_logits) {
+  const int64_t n = N > 0 ? N : runtime_n;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = i * n * kLanes;
+    acc_t dot[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) dot[l] = 0;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < kLanes; ++l) dot[l] += grad_probs[row + j * kLanes + l] * probs[row + j * kLanes + l];
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t at = row + j * kLanes + l;
+        grad_logits[at] = scale * probs[at] * (grad_probs[at] - dot[l]);
+      }
+  }
+}
+
+// mix[b, y, x, g] = softmax(fg) @ softmax(bg) (or softmax(fg) alone) for the (pixel, head) pairs
+// [begin, end), laid out like attn_fg.
+template <int64_t N, typename scalar_t, typename acc_t>
+CONDSEG_CPU_CLONES void mixing_range(const Layout& L, const scalar_t* fg, const scalar_t* bg, acc_t scale,
+                                     acc_t* out, int64_t begin, int64_t end) {
+  const int64_t nn = L.k2 * L.k2, block = nn * kLanes;
+  std::vector<acc_t> buffer(4 * block);
+  acc_t *logits = buffer.data(), *p_fg = logits + block, *p_bg = p_fg + block, *mix = p_bg + block;
+  for (int64_t i = begin; i < end; i += kLanes) {
+    const int64_t count = std::min(kLanes, end - i);
+    load_lanes(fg + i * nn, nn, count, logits);
+    softmax_lanes<N>(logits, scale, L.k2, p_fg);
+    if (bg == nullptr) {
+      store_lanes(p_fg, nn, count, out + i * nn);
+      continue;
+    }
+    load_lanes(bg + i * nn, nn, count, logits);
+    softmax_lanes<N>(logits, scale, L.k2, p_bg);
+    matmul_lanes<Product::kAB, N>(p_fg, p_bg, L.k2, mix);
+    store_lanes(mix, nn, count, out + i * nn);
+  }
+}
+
+template <int64_t N, typename scalar_t, typename acc_t>
+void mixing_matrices(const Layout& L, const scalar_t* fg, const scalar_t* bg, acc_t scale, acc_t* out) {
+  at::parallel_for(0, L.B * L.H * L.W * L.heads, 4 * kLanes, [&](int64_t begin, int64_t end) {
+    mixing_range<N>(L, fg, bg, scale, out, begin, end);
+  });
+}
+
+// weights[b, g, d, y, x] = Wt_(y,x)[d] for the image rows [begin, end) (b * H + y): the mixing
+// weights of every window covering (y, x), gathered by source offset d.
+template <typename acc_t>
+CONDSEG_CPU_CLONES void neighbour_weights_range(const Layout& L, const acc_t* m, acc_t* w, int64_t begin,
+                                                int64_t end) {
+  const int64_t nn = L.k2 * L.k2, HW = L.H * L.W;
+  std::vector<acc_t> acc(L.D);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / L.H, y = row % L.H;
+    for (int64_t x = 0; x < L.W; ++x)
+      for (int64_t g = 0; g < L.heads; ++g) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t p = 0; p < L.k2; ++p) {
+          const int64_t qy = y - L.slot_dy(p), qx = x - L.slot_dx(p);
+          if (!L.inside(qy, qx)) continue;
+          const acc_t* mrow = m + (((b * L.H + qy) * L.W + qx) * L.heads + g) * nn + p * L.k2;
+          for (int64_t s = 0; s < L.k2; ++s) acc[L.neighbour(p, s)] += mrow[s];
+        }
+        acc_t* dst = w + (b * L.heads + g) * L.D * HW + y * L.W + x;
+        for (int64_t d = 0; d < L.D; ++d) dst[d * HW] = acc[d];
+      }
+  }
+}
+
+template <typename acc_t>
+at::Tensor neighbour_weights(const Layout& L, const at::Tensor& mix) {
+  at::Tensor weights = at::empty({L.B, L.heads, L.D, L.H, L.W}, mix.options());
+  const acc_t* m = mix.data_ptr<acc_t>();
+  acc_t* w = weights.data_ptr<acc_t>();
+  at::parallel_for(0, L.B * L.H, 4, [&](int64_t begin, int64_t end) {
+    neighbour_weights_range(L, m, w, begin, end);
+  });
+  return weights;
+}
+
+// Applies the neighbour weights to every channel of src (b, c, y, x), rows [begin, end) of (b, c, y):
+// with transpose=false, out[r] = sum_d Wt_r[d] src[r + d] (forward);
+// with transpose=true,  out[t] = sum_d Wt_{t-d}[d] src[t - d] (gradient of value).
+template <typename scalar_t, typename acc_t>
+CONDSEG_CPU_CLONES void apply_weights_range(const Layout& L, const acc_t* weights, const scalar_t* src,
+                                            scalar_t* out, bool transpose, int64_t begin, int64_t end) {
+  const int64_t HW = L.H * L.W;
+  std::vector<acc_t> acc(L.W);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t bc = row / L.H, y = row % L.H, b = bc / L.C, g = (bc % L.C) / L.Cg;
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    const acc_t* wg = weights + (b * L.heads + g) * L.D * HW;
+    for (int64_t d = 0; d < L.D; ++d) {
+      const int64_t dy = transpose ? -L.nb_dy(d) : L.nb_dy(d);
+      const int64_t dx = transpose ? -L.nb_dx(d) : L.nb_dx(d);
+      const int64_t sy = y + dy;
+      if (sy < 0 || sy >= L.H) continue;
+      const int64_t x0 = L.x_begin(dx), x1 = L.x_end(dx);
+      const scalar_t* s = src + bc * HW + sy * L.W + dx;
+      // Forward reads the weight at the destination; the transpose at the source.
+      const acc_t* w = wg + d * HW + (transpose ? sy * L.W + dx : y * L.W);
+      acc_t* __restrict__ a = acc.data();
+      for (int64_t x = x0; x < x1; ++x) a[x] += w[x] * static_cast<acc_t>(s[x]);
+    }
+    scalar_t* o = out + bc * HW + y * L.W;
+    for (int64_t x = 0; x < L.W; ++x) o[x] = static_cast<scalar_t>(acc[x]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void apply_weights(const Layout& L, const acc_t* weights, const scalar_t* src, scalar_t* out, bool transpose) {
+  at::parallel_for(0, L.B * L.C * L.H, 16, [&](int64_t begin, int64_t end) {
+    apply_weights_range(L, weights, src, out, transpose, begin, end);
+  });
+}
+
+// grad_weights[b, y, x, g, d] = sum_{c in head g} grad_out[b, c, y, x] * value[b, c, (y, x) + d],
+// rows [begin, end) of (b, g, y). Accumulated along x (vectorised) in a row buffer, then stored
+// pixel-major: the logit gradients then read one contiguous block per neighbour instead of touching
+// heads * D planes per pixel (TLB misses dominated that gather).
+template <typename scalar_t, typename acc_t>
+CONDSEG_CPU_CLONES void weight_gradients_range(const Layout& L, const scalar_t* grad_out, const scalar_t* value,
+                                               acc_t* gw, int64_t begin, int64_t end) {
+  const int64_t HW = L.H * L.W;
+  std::vector<acc_t> rows(L.D * L.W);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t bg = row / L.H, y = row % L.H, b = bg / L.heads, g = bg % L.heads;
+    const int64_t c0 = b * L.C + g * L.Cg;
+    std::fill(rows.begin(), rows.end(), acc_t(0));
+    for (int64_t d = 0; d < L.D; ++d) {
+      acc_t* __restrict__ a = rows.data() + d * L.W;
+      const int64_t dy = L.nb_dy(d), dx = L.nb_dx(d), sy = y + dy;
+      if (sy < 0 || sy >= L.H) continue;
+      const int64_t x0 = L.x_begin(dx), x1 = L.x_end(dx);
+      for (int64_t c = c0; c < c0 + L.Cg; ++c) {
+        const scalar_t* go = grad_out + c * HW + y * L.W;
+        const scalar_t* v = value + c * HW + sy * L.W + dx;
+        for (int64_t x = x0; x < x1; ++x) a[x] += static_cast<acc_t>(go[x]) * static_cast<acc_t>(v[x]);
+      }
+    }
+    acc_t* out = gw + ((b * L.H + y) * L.W * L.heads + g) * L.D;
+    for (int64_t x = 0; x < L.W; ++x)
+      for (int64_t d = 0; d < L.D; ++d) out[x * L.heads * L.D + d] = rows[d * L.W + x];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+at::Tensor weight_gradients(const Layout& L, const scalar_t* grad_out, const scalar_t* value,
+                            const at::TensorOptions& acc_options) {
+  at::Tensor grad_w = at::empty({L.B, L.H, L.W, L.heads, L.D}, acc_options);
+  acc_t* gw = grad_w.data_ptr<acc_t>();
+  at::parallel_for(0, L.B * L.heads * L.H, 4, [&](int64_t begin, int64_t end) {
+    weight_gradients_range(L, grad_out, value, gw, begin, end);
+  });
+  return grad_w;
+}
+
+// Gradients of the logits for the (pixel, head) pairs [begin, end): grad_M gathered from the
+// pixel-major grad_weights (B, H, W, heads, D), then through M = P_fg @ P_bg and the two softmaxes
+// (recomputed, never saved).
+template <int64_t N, typename scalar_t, typename acc_t>
+CONDSEG_CPU_CLONES void logit_gradients_range(const Layout& L, const acc_t* grad_w, const scalar_t* fg,
+                                              const scalar_t* bg, acc_t scale, scalar_t* grad_fg,
+                                              scalar_t* grad_bg, int64_t begin, int64_t end) {
+  const int64_t n = L.k2, nn = n * n, HW = L.H * L.W, block = nn * kLanes, per_pixel = L.heads * L.D;
+  std::vector<acc_t> buffer(6 * block);
+  acc_t *g_mix = buffer.data(), *logits = g_mix + block, *p_fg = logits + block, *p_bg = p_fg + block;
+  acc_t *g_p = p_bg + block, *g_logits = g_p + block;
+  for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
+    const int64_t count = std::min(kLanes, end - i0);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (l >= count) {
+        for (int64_t j = 0; j < nn; ++j) g_mix[j * kLanes + l] = 0;
+        continue;
+      }
+      const int64_t i = i0 + l, g = i % L.heads, pixel = i / L.heads;
+      const int64_t b = pixel / HW, y = (pixel % HW) / L.W, x = pixel % L.W;
+      const acc_t* gw = grad_w + b * HW * per_pixel + g * L.D;
+      for (int64_t p = 0; p < n; ++p) {
+        const int64_t ry = y + L.slot_dy(p), rx = x + L.slot_dx(p);
+        if (!L.inside(ry, rx)) {  // window slot outside the image: no output there, no gradient
+          for (int64_t s = 0; s < n; ++s) g_mix[(p * n + s) * kLanes + l] = 0;
+          continue;
+        }
+        const acc_t* at_r = gw + (ry * L.W + rx) * per_pixel;
+        for (int64_t s = 0; s < n; ++s) g_mix[(p * n + s) * kLanes + l] = at_r[L.neighbour(p, s)];
+      }
+    }
+    load_lanes(fg + i0 * nn, nn, count, logits);
+    softmax_lanes<N>(logits, scale, n, p_fg);
+    if (bg == nullptr) {
+      softmax_backward_lanes<N>(p_fg, g_mix, scale, n, g_logits);
+      store_lanes(g_logits, nn, count, grad_fg + i0 * nn);
+      continue;
+    }
+    load_lanes(bg + i0 * nn, nn, count, logits);
+    softmax_lanes<N>(logits, scale, n, p_bg);
+    matmul_lanes<Product::kABt, N>(g_mix, p_bg, n, g_p);  // grad_P_fg = grad_M @ P_bg^T
+    softmax_backward_lanes<N>(p_fg, g_p, scale, n, g_logits);
+    store_lanes(g_logits, nn, count, grad_fg + i0 * nn);
+    matmul_lanes<Product::kAtB, N>(p_fg, g_mix, n, g_p);  // grad_P_bg = P_fg^T @ grad_M
+    softmax_backward_lanes<N>(p_bg, g_p, scale, n, g_logits);
+    store_lanes(g_logits, nn, count, grad_bg + i0 * nn);
+  }
+}
+
+template <int64_t N, typename scalar_t, typename acc_t>
+void logit_gradients(const Layout& L, const acc_t* grad_w, const scalar_t* fg, const scalar_t* bg,
+                     acc_t scale, scalar_t* grad_fg, scalar_t* grad_bg) {
+  at::parallel_for(0, L.B * L.H * L.W * L.heads, 4 * kLanes, [&](int64_t begin, int64_t end) {
+    logit_gradients_range<N>(L, grad_w, fg, bg, scale, grad_fg, grad_bg, begin, end);
+  });
+}
+
+// Calls fn(std::integral_constant<int64_t, K*K>) for the common kernel sizes (loops of known
+// length vectorise) and fn(integral_constant<int64_t, 0>) (runtime length) otherwise.
+template <typename Fn>
+void dispatch_slots(int64_t k2, const Fn& fn) {
+  switch (k2) {
+    case 1: return fn(std::integral_constant<int64_t, 1>());
+    case 9: return fn(std::integral_constant<int64_t, 9>());
+    case 25: return fn(std::integral_constant<int64_t, 25>());
+    case 49: return fn(std::integral_constant<int64_t, 49>());
+    default: return fn(std::integral_constant<int64_t, 0>());
+  }
+}
+
+template <typename acc_t>
+at::TensorOptions acc_options_of(const at::Tensor& t) {
+  return t.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void forward(const Geometry& geo, const at::Tensor& value, const at::Tensor& fg, const at::Tensor& bg, double scale,
+             at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Layout L(geo);
+  const scalar_t* bg_ptr = bg.defined() ? bg.data_ptr<scalar_t>() : nullptr;
+  at::Tensor mix = at::empty(fg.sizes(), acc_options_of<acc_t>(value));
+  dispatch_slots(L.k2, [&](auto slots) {
+    mixing_matrices<decltype(slots)::value>(L, fg.data_ptr<scalar_t>(), bg_ptr, static_cast<acc_t>(scale),
+                                            mix.data_ptr<acc_t>());
+  });
+  at::Tensor weights = neighbour_weights<acc_t>(L, mix);
+  apply_weights<scalar_t, acc_t>(L, weights.data_ptr<acc_t>(), value.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                 /*transpose=*/false);
+}
+
+template <typename scalar_t>
+void backward(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& fg,
+              const at::Tensor& bg, double scale, at::Tensor& grad_value, at::Tensor& grad_fg, at::Tensor& grad_bg) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Layout L(geo);
+  const auto options = acc_options_of<acc_t>(value);
+  const acc_t s = static_cast<acc_t>(scale);
+  const scalar_t* bg_ptr = bg.defined() ? bg.data_ptr<scalar_t>() : nullptr;
+  {
+    at::Tensor mix = at::empty(fg.sizes(), options);
+    dispatch_slots(L.k2, [&](auto slots) {
+      mixing_matrices<decltype(slots)::value>(L, fg.data_ptr<scalar_t>(), bg_ptr, s, mix.data_ptr<acc_t>());
+    });
+    at::Tensor weights = neighbour_weights<acc_t>(L, mix);
+    apply_weights<scalar_t, acc_t>(L, weights.data_ptr<acc_t>(), grad_out.data_ptr<scalar_t>(),
+                                   grad_value.data_ptr<scalar_t>(), /*transpose=*/true);
+  }
+  const at::Tensor grad_w =
+      weight_gradients<scalar_t, acc_t>(L, grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), options);
+  dispatch_slots(L.k2, [&](auto slots) {
+    logit_gradients<decltype(slots)::value>(L, grad_w.data_ptr<acc_t>(), fg.data_ptr<scalar_t>(), bg_ptr, s,
+                                            grad_fg.data_ptr<scalar_t>(),
+                                            bg.defined() ? grad_bg.data_ptr<scalar_t>() : nullptr);
+  });
+}
+
+}  // namespace cpu
+}  // namespace condseg_ops
+
+// Explicit instantiation of both entry points for one dtype (in that dtype's translation unit).
+#define CONDSEG_CPU_INSTANTIATE(T)                                                                       \
+  template void condseg_ops::cpu::forward<T>(const condseg_ops::Geometry&, const at::Tensor&, const at::Tensor&, \
+                                             const at::Tensor&, double, at::Tensor&);                             \
+  template void condseg_ops::cpu::backward<T>(const condseg_ops::Geometry&, const at::Tensor&,                   \
+                                              const at::Tensor&, const at::Tensor&, const at::Tensor&, double,    \
+                                              at::Tensor&, at::Tensor&, at::Tensor&);
