@@ -39,6 +39,8 @@ def _train_parser(sub):
     p.add_argument("--amp", nargs="?", const="auto", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision on CUDA (CPU always trains in float32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="train in the channels_last (NHWC) memory format: faster convolutions")
     p.add_argument("--workers", type=int, default=None, help="data-loader workers (default: 0 when the data "
                    "fits in memory, else 4)")
     p.add_argument("--val-split", default="val", help="split name or split file used for validation")
@@ -105,7 +107,7 @@ def _train(a):
                    encoder_weights=a.encoder_weights, classes=a.classes, decoder_channels=a.decoder_channels,
                    cdfa_variant=a.cdfa_variant, stage1_checkpoint=a.stage1_checkpoint, lr=a.lr,
                    encoder_lr=a.encoder_lr, stage1_lr=a.stage1_lr, scheduler=a.scheduler, lr_patience=a.lr_patience,
-                   early_stop=a.early_stop, amp=a.amp, device=a.device, workers=a.workers, val_split=a.val_split,
+                   early_stop=a.early_stop, amp=a.amp, device=a.device, channels_last=a.channels_last, workers=a.workers, val_split=a.val_split,
                    skip_missing=a.skip_missing, seed=a.seed, deterministic=a.deterministic, resume=a.resume,
                    overwrite=a.overwrite, progress=not a.no_progress, tensorboard=a.tensorboard)
     if int(os.environ.get("RANK", "0")) == 0:

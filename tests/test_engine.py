@@ -74,6 +74,18 @@ def test_two_stage_training_on_synthetic(trained):
     assert Image.open(run / "curves.png").size == (960, 400)
 
 
+def test_channels_last_training_matches_contiguous(synth, tmp_path):
+    """The memory format changes the speed, not the result: the same seed gives the same losses
+    (to rounding: the convolutions sum in another order)."""
+    logs = {}
+    for channels_last in (True, False):
+        result = train(data_root=str(synth), out=str(tmp_path / str(channels_last)), channels_last=channels_last,
+                       **{**TINY, "stage": "2", "epochs": 1})
+        logs[channels_last] = next(csv.DictReader(open(result.run_dir / "log.csv")))
+    for key in ("train_loss", "val_loss", "loss_fg", "loss_bg"):
+        assert float(logs[True][key]) == pytest.approx(float(logs[False][key]), rel=1e-3), key
+
+
 def test_stage2_encoder_comes_from_stage1(trained):
     s1 = load_checkpoint(trained.run_dir / "stage1_best.pt")
     model, _ = load_model(trained.best_checkpoint)

@@ -319,3 +319,11 @@ def test_profile_model_names_the_op_on_cpu(tmp_path):
     by_shape = text.split("layer ops by input shape")[1]
     # the stem convolution, named with its input and weight shapes
     assert "aten::convolution [[1, 3, 32, 32], [64, 3, 7, 7]" in by_shape
+
+
+def test_op_calls_runs_every_pass_on_cpu(capsys):
+    spec = importlib.util.spec_from_file_location("op_calls", REPO / "benchmarks" / "op_calls.py")
+    op_calls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(op_calls)
+    op_calls.main(["--device", "cpu", "--size", "6", "--backends", "cpu,reference", "--dtypes", "float32"])
+    assert capsys.readouterr().out.split() == ["cpu", "float32", "ok", "reference", "float32", "ok"]

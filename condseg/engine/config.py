@@ -38,6 +38,7 @@ class TrainConfig:
     rotation: float = 15.0               # max small-rotation angle (plus flips and 90-degree turns)
     consistency_threshold: float = 0.5
     amp: str = "auto"                    # "auto" (bf16, else fp16, on CUDA), "bf16", "fp16", "off"
+    channels_last: bool = True           # NHWC weights and activations: faster convolutions, CPU and CUDA
     device: str = "auto"
     workers: int = None                  # data-loader workers; None: 0 when preloaded, else 4
     preload: str = "auto"                # decode the dataset into memory: "auto", True, False

@@ -19,7 +19,7 @@ from ..data.layouts import available_splits, find_samples
 from .builders import build_model, make_optimizer, make_scheduler, model_config
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .loops import TrainingDiverged, train_epoch, validate
+from .loops import TrainingDiverged, memory_format, train_epoch, validate
 from .runlog import RunLog
 from .runtime import (amp_dtype, barrier, broadcast, close_distributed, gather, init_distributed,
                       resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state)
@@ -193,7 +193,7 @@ class _Trainer:
         else:
             pretrained = resume["encoder_initialised"] if resume else self._init_stage2_encoder(model)
             lr, encoder_lr = cfg.lr, (cfg.encoder_lr if pretrained else None)
-        model.to(device)
+        model.to(device, memory_format=memory_format(cfg))
         optimizer = make_optimizer(model, lr, encoder_lr, cfg.weight_decay)
         scheduler = make_scheduler(optimizer, cfg.scheduler, epochs, cfg.lr_patience, cfg.lr_factor)
         scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
