@@ -107,9 +107,10 @@ def _train(a):
                    encoder_weights=a.encoder_weights, classes=a.classes, decoder_channels=a.decoder_channels,
                    cdfa_variant=a.cdfa_variant, stage1_checkpoint=a.stage1_checkpoint, lr=a.lr,
                    encoder_lr=a.encoder_lr, stage1_lr=a.stage1_lr, scheduler=a.scheduler, lr_patience=a.lr_patience,
-                   early_stop=a.early_stop, amp=a.amp, device=a.device, channels_last=a.channels_last, workers=a.workers, val_split=a.val_split,
-                   skip_missing=a.skip_missing, seed=a.seed, deterministic=a.deterministic, resume=a.resume,
-                   overwrite=a.overwrite, progress=not a.no_progress, tensorboard=a.tensorboard)
+                   early_stop=a.early_stop, amp=a.amp, device=a.device, channels_last=a.channels_last,
+                   workers=a.workers, val_split=a.val_split, skip_missing=a.skip_missing, seed=a.seed,
+                   deterministic=a.deterministic, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
+                   tensorboard=a.tensorboard)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {result.best_checkpoint}")
         print(json.dumps(result.best_metrics, indent=2))
