@@ -212,13 +212,10 @@ def make_runner(base, mode, backend, x, device, compile_kwargs=None):
     # (which must not outlive a CUDA graph capture) re-casts every weight at every call, some 400
     # extra kernels per batch-1 inference, more GPU time than the convolutions themselves.
     dtype = torch_dtype(mode.dtype)
-    if mode.fold or mode.channels_last or dtype != torch.float32:
-        # On CUDA trace the folding with the benchmark's own shape: cuDNN has tuned it already.
-        example = x[:1] if device.type == "cuda" else None
-        model = prepare_for_inference(model, fold_bn=mode.fold, channels_last=mode.channels_last,
-                                      dtype=None if dtype == torch.float32 else dtype, example_input=example)
-    else:
-        model.eval().requires_grad_(False)
+    # On CUDA trace the folding with the benchmark's own shape: cuDNN has tuned it already.
+    example = x[:1] if device.type == "cuda" else None
+    model = prepare_for_inference(model, fold_bn=mode.fold, channels_last=mode.channels_last,
+                                  dtype=None if dtype == torch.float32 else dtype, example_input=example)
     x = x.to(dtype).contiguous(memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
     fn = model
     if mode.compile:

@@ -24,6 +24,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=128, help="H = W")
     args = p.parse_args(argv)
     B, C, H, W, heads = 12, 128, args.size, args.size, 4
+    scale = (C // heads) ** -0.5
     for backend in args.backends.split(","):
         for name in args.dtypes.split(","):
             dtype = getattr(torch, name)
@@ -33,8 +34,8 @@ def main(argv=None):
                       for _ in range(2))
             with condseg_ops.use_backend(backend):
                 with torch.no_grad():
-                    condseg_ops.contrast_aggregate(value, fg, bg, scale=(C // heads) ** -0.5)
-                out = condseg_ops.contrast_aggregate(value, fg, bg, scale=(C // heads) ** -0.5)
+                    condseg_ops.contrast_aggregate(value, fg, bg, scale=scale)
+                out = condseg_ops.contrast_aggregate(value, fg, bg, scale=scale)
                 out.backward(torch.randn_like(out))
             if value.is_cuda:
                 torch.cuda.synchronize()

@@ -82,6 +82,8 @@ def test_channels_last_training_matches_contiguous(synth, tmp_path):
         result = train(data_root=str(synth), out=str(tmp_path / str(channels_last)), channels_last=channels_last,
                        **{**TINY, "stage": "2", "epochs": 1})
         logs[channels_last] = next(csv.DictReader(open(result.run_dir / "log.csv")))
+        stem = load_checkpoint(result.best_checkpoint)["model"]["encoder.conv1.weight"]  # saved as trained
+        assert stem.is_contiguous(memory_format=torch.channels_last) == channels_last
     for key in ("train_loss", "val_loss", "loss_fg", "loss_bg"):
         assert float(logs[True][key]) == pytest.approx(float(logs[False][key]), rel=1e-3), key
 

@@ -18,14 +18,15 @@ from conftest import requires_cuda
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_fps():
-    spec = importlib.util.spec_from_file_location("fps_bench", REPO / "benchmarks" / "fps.py")
+def _load_bench(name):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-fps = _load_fps()
+fps = _load_bench("fps")
 
 SMALL = dict(encoder="resnet18", decoder_channels=16)
 
@@ -290,7 +291,7 @@ def test_cuda_graph_runner_keeps_its_input_alive():
 
 @requires_cuda
 def test_fps_main_cuda_smoke(tmp_path):
-    """Every CUDA mode (autocast, CUDA graphs, torch.compile in a CUDA graph) on a small model."""
+    """Every CUDA mode (bf16/fp16 casts, CUDA graphs, torch.compile in a CUDA graph) on a small model."""
     rows, result = fps.main([
         "--device", "cuda", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "64",
         "--warmup", "1", "--iters", "3", "--throughput-batch", "2", "--throughput-iters", "2",
@@ -306,9 +307,7 @@ def test_fps_main_cuda_smoke(tmp_path):
 
 
 def test_profile_model_names_the_op_on_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("profile_model", REPO / "benchmarks" / "profile_model.py")
-    profile_model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_model)
+    profile_model = _load_bench("profile_model")
     out = tmp_path / "profile.txt"
     text = profile_model.main(["--device", "cpu", "--mode", "fold", "--encoder", "resnet18",
                                "--decoder-channels", "16", "--size", "32", "--iters", "1", "--top", "200",
@@ -322,8 +321,5 @@ def test_profile_model_names_the_op_on_cpu(tmp_path):
 
 
 def test_op_calls_runs_every_pass_on_cpu(capsys):
-    spec = importlib.util.spec_from_file_location("op_calls", REPO / "benchmarks" / "op_calls.py")
-    op_calls = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(op_calls)
-    op_calls.main(["--device", "cpu", "--size", "6", "--backends", "cpu,reference", "--dtypes", "float32"])
+    _load_bench("op_calls").main(["--device", "cpu", "--size", "6", "--backends", "cpu,reference", "--dtypes", "float32"])
     assert capsys.readouterr().out.split() == ["cpu", "float32", "ok", "reference", "float32", "ok"]

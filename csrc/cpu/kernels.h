@@ -2,12 +2,10 @@
 // (kernels_float.cpp, kernels_double.cpp, kernels_half.cpp, kernels_bfloat16.cpp; the
 // implementation is in kernels_impl.h).
 // Inputs are contiguous and checked; bg is an undefined tensor for the single-softmax form.
+// Explicitly instantiated for float, double, c10::Half and c10::BFloat16 only.
 #pragma once
 
 #include "../contrast_aggregate.h"
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 namespace condseg_ops {
 namespace cpu {
@@ -19,17 +17,6 @@ void forward(const Geometry& geo, const at::Tensor& value, const at::Tensor& fg,
 template <typename scalar_t>
 void backward(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& fg,
               const at::Tensor& bg, double scale, at::Tensor& grad_value, at::Tensor& grad_fg, at::Tensor& grad_bg);
-
-#define CONDSEG_CPU_DECLARE(T)                                                                               \
-  extern template void forward<T>(const Geometry&, const at::Tensor&, const at::Tensor&, const at::Tensor&,  \
-                                  double, at::Tensor&);                                                      \
-  extern template void backward<T>(const Geometry&, const at::Tensor&, const at::Tensor&, const at::Tensor&, \
-                                   const at::Tensor&, double, at::Tensor&, at::Tensor&, at::Tensor&);
-CONDSEG_CPU_DECLARE(float)
-CONDSEG_CPU_DECLARE(double)
-CONDSEG_CPU_DECLARE(c10::Half)
-CONDSEG_CPU_DECLARE(c10::BFloat16)
-#undef CONDSEG_CPU_DECLARE
 
 }  // namespace cpu
 }  // namespace condseg_ops

@@ -388,6 +388,17 @@ at::TensorOptions acc_options_of(const at::Tensor& t) {
   return t.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 }
 
+// Wt (B, heads, D, H, W) of the forward, through the mixing matrices (freed on return).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+at::Tensor window_weights(const Layout& L, const at::Tensor& fg, const at::Tensor& bg, acc_t scale) {
+  at::Tensor mix = at::empty(fg.sizes(), acc_options_of<acc_t>(fg));
+  const scalar_t* bg_ptr = bg.defined() ? bg.data_ptr<scalar_t>() : nullptr;
+  dispatch_slots(L.k2, [&](auto slots) {
+    mixing_matrices<decltype(slots)::value>(L, fg.data_ptr<scalar_t>(), bg_ptr, scale, mix.data_ptr<acc_t>());
+  });
+  return neighbour_weights<acc_t>(L, mix);
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -395,13 +406,7 @@ void forward(const Geometry& geo, const at::Tensor& value, const at::Tensor& fg,
              at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const Layout L(geo);
-  const scalar_t* bg_ptr = bg.defined() ? bg.data_ptr<scalar_t>() : nullptr;
-  at::Tensor mix = at::empty(fg.sizes(), acc_options_of<acc_t>(value));
-  dispatch_slots(L.k2, [&](auto slots) {
-    mixing_matrices<decltype(slots)::value>(L, fg.data_ptr<scalar_t>(), bg_ptr, static_cast<acc_t>(scale),
-                                            mix.data_ptr<acc_t>());
-  });
-  at::Tensor weights = neighbour_weights<acc_t>(L, mix);
+  const at::Tensor weights = window_weights<scalar_t>(L, fg, bg, static_cast<acc_t>(scale));
   apply_weights<scalar_t, acc_t>(L, weights.data_ptr<acc_t>(), value.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                  /*transpose=*/false);
 }
@@ -415,11 +420,7 @@ void backward(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor&
   const acc_t s = static_cast<acc_t>(scale);
   const scalar_t* bg_ptr = bg.defined() ? bg.data_ptr<scalar_t>() : nullptr;
   {
-    at::Tensor mix = at::empty(fg.sizes(), options);
-    dispatch_slots(L.k2, [&](auto slots) {
-      mixing_matrices<decltype(slots)::value>(L, fg.data_ptr<scalar_t>(), bg_ptr, s, mix.data_ptr<acc_t>());
-    });
-    at::Tensor weights = neighbour_weights<acc_t>(L, mix);
+    const at::Tensor weights = window_weights<scalar_t>(L, fg, bg, s);
     apply_weights<scalar_t, acc_t>(L, weights.data_ptr<acc_t>(), grad_out.data_ptr<scalar_t>(),
                                    grad_value.data_ptr<scalar_t>(), /*transpose=*/true);
   }
