@@ -36,6 +36,8 @@ def _train_parser(sub):
     p.add_argument("--lr-patience", type=int, default=10, help="plateau scheduler patience (epochs)")
     p.add_argument("--early-stop", type=int, default=30,
                    help="stop after N epochs without a better val mDSC (0: never)")
+    p.add_argument("--rotation", type=float, default=15.0,
+                   help="largest random rotation in degrees, on top of flips and 90-degree turns (0: none)")
     p.add_argument("--amp", nargs="?", const="auto", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision on CUDA (CPU always trains in float32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -107,8 +109,9 @@ def _train(a):
                    encoder_weights=a.encoder_weights, classes=a.classes, decoder_channels=a.decoder_channels,
                    cdfa_variant=a.cdfa_variant, stage1_checkpoint=a.stage1_checkpoint, lr=a.lr,
                    encoder_lr=a.encoder_lr, stage1_lr=a.stage1_lr, scheduler=a.scheduler, lr_patience=a.lr_patience,
-                   early_stop=a.early_stop, amp=a.amp, device=a.device, channels_last=a.channels_last,
-                   workers=a.workers, val_split=a.val_split, skip_missing=a.skip_missing, seed=a.seed,
+                   early_stop=a.early_stop, rotation=a.rotation, amp=a.amp, device=a.device,
+                   channels_last=a.channels_last, workers=a.workers, val_split=a.val_split,
+                   skip_missing=a.skip_missing, seed=a.seed,
                    deterministic=a.deterministic, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
                    tensorboard=a.tensorboard)
     if int(os.environ.get("RANK", "0")) == 0:

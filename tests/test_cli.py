@@ -46,9 +46,11 @@ def test_data_check(tmp_path, capsys):
 def test_train_evaluate_predict_round_trip(tmp_path, capsys):
     root = make_synthetic_dataset(tmp_path / "d", train=8, val=4, size=32)
     run = tmp_path / "run"
-    assert main(["train", str(root), "--out", str(run), "--epochs", "1", "--stage1-epochs", "1", *TINY]) == 0
+    assert main(["train", str(root), "--out", str(run), "--epochs", "1", "--stage1-epochs", "1", "--rotation", "5",
+                 *TINY]) == 0
     assert "best checkpoint:" in capsys.readouterr().out
     ckpt = run / "stage2_best.pt"
+    assert torch.load(ckpt, weights_only=True)["train_config"]["rotation"] == 5.0  # the option reaches training
     out_json = tmp_path / "eval.json"
     assert main(["evaluate", str(ckpt), str(root), "--split", "val", "--out", str(out_json)]) == 0
     assert json.loads(out_json.read_text())["images"] == 4 and out_json.with_suffix(".csv").is_file()

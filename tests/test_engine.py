@@ -1,5 +1,6 @@
 """Training (both stages), resume, checkpoints, NaN stop, evaluation, prediction, DDP — tiny, on CPU."""
 import csv
+import importlib
 import json
 import os
 import signal
@@ -86,6 +87,32 @@ def test_channels_last_training_matches_contiguous(synth, tmp_path):
         assert stem.is_contiguous(memory_format=torch.channels_last) == channels_last
     for key in ("train_loss", "val_loss", "loss_fg", "loss_bg"):
         assert float(logs[True][key]) == pytest.approx(float(logs[False][key]), rel=1e-3), key
+
+
+def test_cpu_training_flushes_denormals_then_restores(synth, tmp_path, monkeypatch):
+    from condseg.engine import runtime
+    train_module = importlib.import_module("condseg.engine.train")  # the module, not the function
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    seen = []
+    real_epoch = train_module.train_epoch
+
+    def recording_epoch(*args, **kwargs):
+        seen.append(runtime.flushing_denormals())
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", recording_epoch)
+    assert not runtime.flushing_denormals()
+    train(data_root=str(synth), out=str(tmp_path / "run"), **{**TINY, "stage": "2", "epochs": 1})
+    assert seen == [True]
+    assert not runtime.flushing_denormals()  # the caller's mode is back
+    torch.set_flush_denormal(True)
+    try:
+        with runtime.denormals_flushed(torch.device("cpu")):
+            pass
+        assert runtime.flushing_denormals()  # an enabled mode stays enabled
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_stage2_encoder_comes_from_stage1(trained):

