@@ -1,7 +1,6 @@
 """benchmarks/fps.py and condseg.inference: the benchmark's code paths on a small model (no timing
 asserted), BatchNorm folding, channels_last and compiled variants against eager."""
 import copy
-import importlib.util
 import json
 import os
 import signal
@@ -13,20 +12,12 @@ from torch import nn
 
 import condseg
 from condseg.inference import fold_batchnorm, prepare_for_inference, set_cdfa_backend
-from conftest import requires_cuda
+from conftest import load_benchmark, requires_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_bench(name):
-    """A script of benchmarks/ as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fps = _load_bench("fps")
+fps = load_benchmark("fps")
 
 SMALL = dict(encoder="resnet18", decoder_channels=16)
 
@@ -307,7 +298,7 @@ def test_fps_main_cuda_smoke(tmp_path):
 
 
 def test_profile_model_names_the_op_on_cpu(tmp_path):
-    profile_model = _load_bench("profile_model")
+    profile_model = load_benchmark("profile_model")
     out = tmp_path / "profile.txt"
     text = profile_model.main(["--device", "cpu", "--mode", "fold", "--encoder", "resnet18",
                                "--decoder-channels", "16", "--size", "32", "--iters", "1", "--top", "200",
@@ -321,5 +312,5 @@ def test_profile_model_names_the_op_on_cpu(tmp_path):
 
 
 def test_op_calls_runs_every_pass_on_cpu(capsys):
-    _load_bench("op_calls").main(["--device", "cpu", "--size", "6", "--backends", "cpu,reference", "--dtypes", "float32"])
+    load_benchmark("op_calls").main(["--device", "cpu", "--size", "6", "--backends", "cpu,reference", "--dtypes", "float32"])
     assert capsys.readouterr().out.split() == ["cpu", "float32", "ok", "reference", "float32", "ok"]

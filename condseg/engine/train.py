@@ -35,6 +35,7 @@ class TrainResult:
     last_checkpoint: Path
     best_metrics: dict
     history: list = field(default_factory=list)
+    train_pairs: int = 0    # training image/mask pairs of the run (all ranks together)
 
 
 def checkpoint_path(run_dir, stage, kind):
@@ -222,7 +223,8 @@ class _Trainer:
                   "encoder_initialised": bool(stage == 1 or encoder_lr is not None)}
         if start >= epochs or (resume is not None and resume.get("finished")):
             self.log.info(f"stage {stage}: already finished")
-            return TrainResult(self.run_dir, best_path, last, resume.get("best_metrics", {}), history)
+            return TrainResult(self.run_dir, best_path, last, resume.get("best_metrics", {}), history,
+                               len(self.train_ds))
         best_metrics = resume.get("best_metrics", {}) if resume else {}
         self.log.info(f"stage {stage}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                       f"epochs {start + 1}..{epochs}, device {device}"
@@ -276,4 +278,4 @@ class _Trainer:
                 self.log.info(f"stage {stage}: early stop, no better mDSC for {bad} epochs "
                               f"(best {best:.4f} at epoch {best_epoch})")
                 break
-        return TrainResult(self.run_dir, best_path, last, best_metrics, history)
+        return TrainResult(self.run_dir, best_path, last, best_metrics, history, len(self.train_ds))
