@@ -312,5 +312,6 @@ def test_profile_model_names_the_op_on_cpu(tmp_path):
 
 
 def test_op_calls_runs_every_pass_on_cpu(capsys):
-    load_benchmark("op_calls").main(["--device", "cpu", "--size", "6", "--backends", "cpu,reference", "--dtypes", "float32"])
+    load_benchmark("op_calls").main(["--device", "cpu", "--size", "6", "--backends", "cpu,reference",
+                                     "--dtypes", "float32"])
     assert capsys.readouterr().out.split() == ["cpu", "float32", "ok", "reference", "float32", "ok"]

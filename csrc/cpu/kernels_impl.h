@@ -212,10 +212,11 @@ CONDSEG_INLINE void softmax_backward_lanes(const acc_t* probs, const acc_t* grad
 }
 
 // mix[b, y, x, g] = softmax(fg) @ softmax(bg) (or softmax(fg) alone) for the (pixel, head) pairs
-// [begin, end), laid out like attn_fg.
-template <int64_t N, typename scalar_t, typename acc_t>
+// [begin, end), laid out like attn_fg. KS: the window side K when known at compile time, else 0.
+template <int64_t KS, typename scalar_t, typename acc_t>
 CONDSEG_CPU_CLONES void mixing_range(const Layout& L, const scalar_t* fg, const scalar_t* bg, acc_t scale,
                                      acc_t* out, int64_t begin, int64_t end) {
+  constexpr int64_t N = KS * KS;
   const int64_t nn = L.k2 * L.k2, block = nn * kLanes;
   std::vector<acc_t> buffer(4 * block);
   acc_t *logits = buffer.data(), *p_fg = logits + block, *p_bg = p_fg + block, *mix = p_bg + block;
@@ -234,24 +235,20 @@ CONDSEG_CPU_CLONES void mixing_range(const Layout& L, const scalar_t* fg, const 
   }
 }
 
-template <int64_t N, typename scalar_t, typename acc_t>
+template <int64_t KS, typename scalar_t, typename acc_t>
 void mixing_matrices(const Layout& L, const scalar_t* fg, const scalar_t* bg, acc_t scale, acc_t* out) {
   parallel_chunks(0, L.B * L.H * L.W * L.heads, 4 * kLanes, [&](int64_t begin, int64_t end) {
-    mixing_range<N>(L, fg, bg, scale, out, begin, end);
+    mixing_range<KS>(L, fg, bg, scale, out, begin, end);
   });
 }
-
-// K for a compile-time slot count N = K * K (0: only known at run time).
-constexpr int64_t side_of(int64_t N) { return N == 1 ? 1 : N == 9 ? 3 : N == 25 ? 5 : N == 49 ? 7 : 0; }
 
 // weights[b, g, d, y, x] = Wt_(y,x)[d] for the image rows [begin, end) (b * H + y): the mixing
 // weights of every window covering (y, x), gathered by source offset d. With K known at compile
 // time the slot and neighbour index arithmetic folds to constants (it was a third of the forward).
-template <int64_t N, typename acc_t>
+template <int64_t KS, typename acc_t>
 CONDSEG_CPU_CLONES void neighbour_weights_range(const Layout& L, const acc_t* m, acc_t* w, int64_t begin,
                                                 int64_t end) {
-  constexpr int64_t kSide = side_of(N);
-  const int64_t K = kSide > 0 ? kSide : L.K, k2 = K * K, nn = k2 * k2, reach = 2 * K - 1, D = reach * reach;
+  const int64_t K = KS > 0 ? KS : L.K, k2 = K * K, nn = k2 * k2, reach = 2 * K - 1, D = reach * reach;
   const int64_t HW = L.H * L.W;
   std::vector<acc_t> acc(D);
   for (int64_t row = begin; row < end; ++row) {
@@ -274,13 +271,13 @@ CONDSEG_CPU_CLONES void neighbour_weights_range(const Layout& L, const acc_t* m,
   }
 }
 
-template <int64_t N, typename acc_t>
+template <int64_t KS, typename acc_t>
 at::Tensor neighbour_weights(const Layout& L, const at::Tensor& mix) {
   at::Tensor weights = at::empty({L.B, L.heads, L.D, L.H, L.W}, mix.options());
   const acc_t* m = mix.data_ptr<acc_t>();
   acc_t* w = weights.data_ptr<acc_t>();
   parallel_chunks(0, L.B * L.H, 4, [&](int64_t begin, int64_t end) {
-    neighbour_weights_range<N>(L, m, w, begin, end);
+    neighbour_weights_range<KS>(L, m, w, begin, end);
   });
   return weights;
 }
@@ -365,12 +362,12 @@ at::Tensor weight_gradients(const Layout& L, const scalar_t* grad_out, const sca
 // Gradients of the logits for the (pixel, head) pairs [begin, end): grad_M gathered from the
 // pixel-major grad_weights (B, H, W, heads, D), then through M = P_fg @ P_bg and the two softmaxes
 // (recomputed, never saved).
-template <int64_t N, typename scalar_t, typename acc_t>
+template <int64_t KS, typename scalar_t, typename acc_t>
 CONDSEG_CPU_CLONES void logit_gradients_range(const Layout& L, const acc_t* grad_w, const scalar_t* fg,
                                               const scalar_t* bg, acc_t scale, scalar_t* grad_fg,
                                               scalar_t* grad_bg, int64_t begin, int64_t end) {
-  constexpr int64_t kSide = side_of(N);  // compile-time K: the gather's index arithmetic folds away
-  const int64_t K = kSide > 0 ? kSide : L.K, reach = 2 * K - 1;
+  constexpr int64_t N = KS * KS;
+  const int64_t K = KS > 0 ? KS : L.K, reach = 2 * K - 1;
   const int64_t n = K * K, nn = n * n, HW = L.H * L.W, block = nn * kLanes, per_pixel = L.heads * L.D;
   std::vector<acc_t> buffer(6 * block);
   acc_t *g_mix = buffer.data(), *logits = g_mix + block, *p_fg = logits + block, *p_bg = p_fg + block;
@@ -416,23 +413,24 @@ CONDSEG_CPU_CLONES void logit_gradients_range(const Layout& L, const acc_t* grad
   }
 }
 
-template <int64_t N, typename scalar_t, typename acc_t>
+template <int64_t KS, typename scalar_t, typename acc_t>
 void logit_gradients(const Layout& L, const acc_t* grad_w, const scalar_t* fg, const scalar_t* bg,
                      acc_t scale, scalar_t* grad_fg, scalar_t* grad_bg) {
   parallel_chunks(0, L.B * L.H * L.W * L.heads, 4 * kLanes, [&](int64_t begin, int64_t end) {
-    logit_gradients_range<N>(L, grad_w, fg, bg, scale, grad_fg, grad_bg, begin, end);
+    logit_gradients_range<KS>(L, grad_w, fg, bg, scale, grad_fg, grad_bg, begin, end);
   });
 }
 
-// Calls fn(std::integral_constant<int64_t, K*K>) for the common kernel sizes (loops of known
-// length vectorise) and fn(integral_constant<int64_t, 0>) (runtime length) otherwise.
+// Calls fn(std::integral_constant<int64_t, K>) for the common window sides K (loops of known
+// length vectorise, index arithmetic folds to constants) and fn(integral_constant<int64_t, 0>)
+// (K known only at run time) otherwise.
 template <typename Fn>
-void dispatch_slots(int64_t k2, const Fn& fn) {
-  switch (k2) {
+void dispatch_side(int64_t K, const Fn& fn) {
+  switch (K) {
     case 1: return fn(std::integral_constant<int64_t, 1>());
-    case 9: return fn(std::integral_constant<int64_t, 9>());
-    case 25: return fn(std::integral_constant<int64_t, 25>());
-    case 49: return fn(std::integral_constant<int64_t, 49>());
+    case 3: return fn(std::integral_constant<int64_t, 3>());
+    case 5: return fn(std::integral_constant<int64_t, 5>());
+    case 7: return fn(std::integral_constant<int64_t, 7>());
     default: return fn(std::integral_constant<int64_t, 0>());
   }
 }
@@ -448,10 +446,10 @@ at::Tensor window_weights(const Layout& L, const at::Tensor& fg, const at::Tenso
   at::Tensor mix = at::empty(fg.sizes(), acc_options_of<acc_t>(fg));
   const scalar_t* bg_ptr = bg.defined() ? bg.data_ptr<scalar_t>() : nullptr;
   at::Tensor weights;
-  dispatch_slots(L.k2, [&](auto slots) {
-    constexpr int64_t N = decltype(slots)::value;
-    mixing_matrices<N>(L, fg.data_ptr<scalar_t>(), bg_ptr, scale, mix.data_ptr<acc_t>());
-    weights = neighbour_weights<N, acc_t>(L, mix);
+  dispatch_side(L.K, [&](auto side) {
+    constexpr int64_t KS = decltype(side)::value;
+    mixing_matrices<KS>(L, fg.data_ptr<scalar_t>(), bg_ptr, scale, mix.data_ptr<acc_t>());
+    weights = neighbour_weights<KS, acc_t>(L, mix);
   });
   return weights;
 }
@@ -483,10 +481,10 @@ void backward(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor&
   }
   const at::Tensor grad_w =
       weight_gradients<scalar_t, acc_t>(L, grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), options);
-  dispatch_slots(L.k2, [&](auto slots) {
-    logit_gradients<decltype(slots)::value>(L, grad_w.data_ptr<acc_t>(), fg.data_ptr<scalar_t>(), bg_ptr, s,
-                                            grad_fg.data_ptr<scalar_t>(),
-                                            bg.defined() ? grad_bg.data_ptr<scalar_t>() : nullptr);
+  dispatch_side(L.K, [&](auto side) {
+    logit_gradients<decltype(side)::value>(L, grad_w.data_ptr<acc_t>(), fg.data_ptr<scalar_t>(), bg_ptr, s,
+                                           grad_fg.data_ptr<scalar_t>(),
+                                           bg.defined() ? grad_bg.data_ptr<scalar_t>() : nullptr);
   });
 }
 
