@@ -39,7 +39,8 @@ def _train_parser(sub):
     p.add_argument("--rotation", type=float, default=15.0,
                    help="largest random rotation in degrees, on top of flips and 90-degree turns (0: none)")
     p.add_argument("--amp", nargs="?", const="auto", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision on CUDA (CPU always trains in float32)")
+                   help="mixed precision: auto is bf16 (else fp16) on CUDA and float32 on CPU; bf16 also "
+                        "runs on a CPU and pays where it has AMX or AVX512-BF16 units")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="train in the channels_last (NHWC) memory format: faster convolutions")

@@ -115,6 +115,40 @@ def test_cpu_training_flushes_denormals_then_restores(synth, tmp_path, monkeypat
         torch.set_flush_denormal(False)
 
 
+def test_amp_choice_per_device():
+    from condseg.engine.runtime import amp_dtype
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None  # CPU: float32 unless asked
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device"):
+        amp_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        amp_dtype("int8", cpu)
+
+
+def test_cpu_bf16_training_follows_float32(synth, tmp_path, monkeypatch):
+    """amp="bf16" on a CPU runs the epochs under bf16 autocast, keeps float32 weights, and its
+    losses stay near those of the same seeded run in float32."""
+    train_module = importlib.import_module("condseg.engine.train")
+    real_epoch, seen = train_module.train_epoch, []
+
+    def recording_epoch(*args, **kwargs):
+        seen.append(args[7])  # the autocast dtype the epoch runs under
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", recording_epoch)
+    logs = {}
+    for amp in ("bf16", "off"):
+        result = train(data_root=str(synth), out=str(tmp_path / amp), amp=amp, device="cpu",
+                       **{**TINY, "stage": "2", "epochs": 1})
+        logs[amp] = next(csv.DictReader(open(result.run_dir / "log.csv")))
+        weights = load_checkpoint(result.best_checkpoint)["model"]
+        assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
+    assert seen == [torch.bfloat16, None]
+    for key in ("train_loss", "loss_mask", "val_loss"):
+        assert float(logs["bf16"][key]) == pytest.approx(float(logs["off"][key]), rel=0.05), key
+
+
 def test_stage2_encoder_comes_from_stage1(trained):
     s1 = load_checkpoint(trained.run_dir / "stage1_best.pt")
     model, _ = load_model(trained.best_checkpoint)

@@ -53,8 +53,10 @@ def test_hand_computed_identity_and_centre(backend):
 # --- compiled CPU against the reference ---------------------------------------------------------
 
 # The CPU kernels specialise K = 1, 3, 5, 7 at compile time and take any other K at run time:
-# K = 7 and K = 9 (dilation 2) cover both paths beyond the shared grid.
-CPU_EXTRA_CASES = [(1, 4, 9, 8, 2, 7, 1, True), (1, 2, 5, 6, 1, 9, 2, True), (1, 3, 4, 4, 1, 9, 1, False)]
+# K = 7 and K = 9 (dilation 2) cover both paths beyond the shared grid. The last case has 1768
+# (pixel, head) pairs: a partial last group of 16 and several parallel chunks per pass.
+CPU_EXTRA_CASES = [(1, 4, 9, 8, 2, 7, 1, True), (1, 2, 5, 6, 1, 9, 2, True), (1, 3, 4, 4, 1, 9, 1, False),
+                   (2, 8, 17, 13, 4, 3, 1, True)]
 
 
 @pytest.mark.parametrize("case", SMALL_CASES + CPU_EXTRA_CASES, ids=case_id)

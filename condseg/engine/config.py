@@ -37,7 +37,7 @@ class TrainConfig:
     early_stop: int = 30                 # epochs without a better val mDSC; 0 disables
     rotation: float = 15.0               # max small-rotation angle (plus flips and 90-degree turns)
     consistency_threshold: float = 0.5
-    amp: str = "auto"                    # "auto" (bf16, else fp16, on CUDA), "bf16", "fp16", "off"
+    amp: str = "auto"                    # "auto" (CUDA: bf16, else fp16; CPU: off), "bf16", "fp16" (CUDA), "off"
     channels_last: bool = True           # NHWC weights and activations: faster convolutions, CPU and CUDA
     device: str = "auto"
     workers: int = None                  # data-loader workers; None: 0 when preloaded, else 4
