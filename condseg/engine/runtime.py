@@ -23,8 +23,8 @@ def resolve_device(device="auto"):
 def amp_dtype(amp, device):
     """The autocast dtype for ``amp`` in ("auto", "bf16", "fp16", "off"): None means float32.
     "auto" is bf16 (fp16 where bf16 is unsupported) on CUDA and float32 on CPU. "bf16" on a CPU
-    is opt-in: it pays where the CPU has AMX or AVX512-BF16 units (the 2-core dev CPU, a Xeon
-    with AMX, ran light Kvasir-SEG epochs 1.15-1.2x faster); elsewhere oneDNN emulates bf16."""
+    is opt-in: it pays where the CPU has AMX or AVX512-BF16 units (on the 2-core dev CPU, a Xeon
+    with AMX, a light Kvasir-SEG step ran 1.3-1.4x faster); elsewhere oneDNN emulates bf16."""
     if amp in (None, False, "off", "none", "fp32"):
         return None
     if amp not in ("auto", True, "bf16", "fp16"):
