@@ -37,9 +37,10 @@ def test_row_matches_the_run(tmp_path):
     assert row["stage2_images_per_s"] == pytest.approx(6 * 2 / seconds, rel=0.05)
 
 
-def test_override_errors_name_the_field():
+def test_override_errors_name_the_field(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["root", "--out", "x", "--preset", "cpu", "--set", "no_such_field=1"])
+    assert "'no_such_field=1'" in capsys.readouterr().err
     assert bench.parse_override("epochs=3") == ("epochs", 3)
     assert bench.parse_override("lr=0.5") == ("lr", 0.5)
     assert bench.parse_override("channels_last=false") == ("channels_last", False)

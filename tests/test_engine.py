@@ -1,6 +1,7 @@
 """Training (both stages), resume, checkpoints, NaN stop, evaluation, prediction, DDP — tiny, on CPU."""
 import csv
 import importlib
+import inspect
 import json
 import os
 import signal
@@ -89,19 +90,26 @@ def test_channels_last_training_matches_contiguous(synth, tmp_path):
         assert float(logs[True][key]) == pytest.approx(float(logs[False][key]), rel=1e-3), key
 
 
-def test_cpu_training_flushes_denormals_then_restores(synth, tmp_path, monkeypatch):
-    from condseg.engine import runtime
+def _record_epochs(monkeypatch, probe):
+    """Wraps the trainer's train_epoch: every epoch appends probe(its bound arguments) to the
+    returned list before it runs."""
     train_module = importlib.import_module("condseg.engine.train")  # the module, not the function
-    if not torch.set_flush_denormal(False):
-        pytest.skip("this CPU cannot flush denormals")
-    seen = []
-    real_epoch = train_module.train_epoch
+    real_epoch, seen = train_module.train_epoch, []
+    signature = inspect.signature(real_epoch)
 
     def recording_epoch(*args, **kwargs):
-        seen.append(runtime.flushing_denormals())
+        seen.append(probe(signature.bind(*args, **kwargs).arguments))
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_epoch", recording_epoch)
+    return seen
+
+
+def test_cpu_training_flushes_denormals_then_restores(synth, tmp_path, monkeypatch):
+    from condseg.engine import runtime
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    seen = _record_epochs(monkeypatch, lambda arguments: runtime.flushing_denormals())
     assert not runtime.flushing_denormals()
     train(data_root=str(synth), out=str(tmp_path / "run"), **{**TINY, "stage": "2", "epochs": 1})
     assert seen == [True]
@@ -129,14 +137,7 @@ def test_amp_choice_per_device():
 def test_cpu_bf16_training_follows_float32(synth, tmp_path, monkeypatch):
     """amp="bf16" on a CPU runs the epochs under bf16 autocast, keeps float32 weights, and its
     losses stay near those of the same seeded run in float32."""
-    train_module = importlib.import_module("condseg.engine.train")
-    real_epoch, seen = train_module.train_epoch, []
-
-    def recording_epoch(*args, **kwargs):
-        seen.append(args[7])  # the autocast dtype the epoch runs under
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_epoch", recording_epoch)
+    seen = _record_epochs(monkeypatch, lambda arguments: arguments["amp"])  # the epoch's autocast dtype
     logs = {}
     for amp in ("bf16", "off"):
         result = train(data_root=str(synth), out=str(tmp_path / amp), amp=amp, device="cpu",
