@@ -1,0 +1,198 @@
+// CPU emulation of the small part of CUDA that condseg_ops' kernels use, so that the tests can run
+// the real kernel sources (csrc/cuda) on a machine without a GPU. Not a simulator of performance:
+// it checks index arithmetic, tiling, staging and barriers.
+//
+// Each CUDA thread of a block is a fiber (ucontext). A fiber runs until it reaches __syncthreads()
+// or returns; the block scheduler resumes every live fiber in turn, so a barrier releases only once
+// all live threads of the block have reached it, as on a GPU. Fibers never interleave between two
+// barriers, so a barrier that only keeps concurrent read-modify-writes of one address apart is not
+// checked; one that orders a write before another thread's read is. A thread that returns early leaves
+// the barrier count (sm_70+ semantics); reaching different numbers of barriers in one block is
+// reported as an error (undefined behaviour on a GPU). Blocks run one after another. Dynamic
+// shared memory is filled with 0xFF bytes (NaN for floats) before each block, so reads of shared
+// memory nobody wrote show up in the results. The source rewrite that maps `kernel<<<...>>>(...)`
+// onto emu::launch and `extern __shared__` onto emu::dynamic_shared_memory() is in build.py.
+#pragma once
+
+#include <ucontext.h>
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned int x, y, z;
+  dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+using cudaError_t = int;
+using cudaStream_t = void*;
+constexpr cudaError_t cudaSuccess = 0;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+
+// CUDA's device overloads of min/max for the integer and floating types the kernels mix.
+template <typename A, typename B>
+inline auto min(A a, B b) -> decltype(a + b) {
+  return a < b ? a : b;
+}
+template <typename A, typename B>
+inline auto max(A a, B b) -> decltype(a + b) {
+  return a > b ? a : b;
+}
+
+namespace emu {
+
+// The emulated device: an H100's opt-in shared memory per block.
+constexpr int kSharedMemoryOptin = 227 * 1024;
+
+struct Block {
+  dim3 thread_idx, block_idx, block_dim, grid_dim;
+  std::vector<unsigned char> shared;
+  std::vector<ucontext_t> contexts;
+  std::vector<std::vector<char>> stacks;
+  std::vector<int> barriers;   // barriers reached per thread
+  std::vector<bool> finished;
+  ucontext_t scheduler;
+  std::function<void()> body;  // the kernel call, run by every thread
+  int current = 0;
+};
+
+inline Block& block() {
+  static Block b;
+  return b;
+}
+
+inline unsigned char* dynamic_shared_memory() { return block().shared.data(); }
+
+inline void syncthreads() {
+  Block& b = block();
+  const int t = b.current;
+  ++b.barriers[t];
+  swapcontext(&b.contexts[t], &b.scheduler);
+}
+
+inline void fiber_entry() {
+  Block& b = block();
+  b.body();
+  b.finished[b.current] = true;
+  swapcontext(&b.contexts[b.current], &b.scheduler);
+}
+
+// Runs every thread of one block until all have returned.
+inline void run_block(int threads) {
+  Block& b = block();
+  constexpr size_t kStack = 256 * 1024;
+  b.contexts.assign(threads, ucontext_t{});
+  b.stacks.resize(threads);
+  b.barriers.assign(threads, 0);
+  b.finished.assign(threads, false);
+  for (int t = 0; t < threads; ++t) {
+    b.stacks[t].resize(kStack);
+    getcontext(&b.contexts[t]);
+    b.contexts[t].uc_stack.ss_sp = b.stacks[t].data();
+    b.contexts[t].uc_stack.ss_size = kStack;
+    b.contexts[t].uc_link = nullptr;
+    makecontext(&b.contexts[t], fiber_entry, 0);
+  }
+  // Odd blocks resume their threads in descending order: a missing barrier shows up whichever of
+  // the two threads involved runs first.
+  const bool descending = b.block_idx.x % 2 == 1;
+  for (int live = threads; live > 0;) {
+    live = 0;
+    int barrier = -1;
+    for (int i = 0; i < threads; ++i) {
+      const int t = descending ? threads - 1 - i : i;
+      if (b.finished[t]) continue;
+      b.current = t;
+      b.thread_idx = dim3(t);
+      swapcontext(&b.scheduler, &b.contexts[t]);
+      if (b.finished[t]) continue;
+      ++live;
+      TORCH_CHECK(barrier < 0 || b.barriers[t] == barrier, "emulated CUDA: thread ", t, " of block ",
+                  b.block_idx.x, " reached barrier ", b.barriers[t], " while others reached ", barrier,
+                  " (__syncthreads in divergent code)");
+      barrier = b.barriers[t];
+    }
+  }
+}
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...) becomes launch(kernel, grid, block, shared_bytes, stream)(args...).
+template <typename Kernel>
+struct Launch {
+  Kernel* kernel;
+  dim3 grid, threads;
+  int shared_bytes;
+
+  template <typename... Args>
+  void operator()(Args... args) const {
+    TORCH_CHECK(grid.y == 1 && grid.z == 1 && threads.y == 1 && threads.z == 1, "emulated CUDA: 1-D launches only");
+    TORCH_CHECK(shared_bytes <= kSharedMemoryOptin, "emulated CUDA: ", shared_bytes, " bytes of shared memory");
+    Block& b = block();
+    b.grid_dim = grid;
+    b.block_dim = threads;
+    Kernel* k = kernel;
+    b.body = [=] { k(args...); };
+    for (unsigned int i = 0; i < grid.x; ++i) {
+      b.block_idx = dim3(i);
+      b.shared.assign(static_cast<size_t>(shared_bytes), 0xFF);
+      run_block(static_cast<int>(threads.x));
+    }
+    b.body = nullptr;
+  }
+};
+
+template <typename Kernel>
+Launch<Kernel> launch(Kernel* kernel, dim3 grid, dim3 threads, int shared_bytes = 0, cudaStream_t = nullptr) {
+  return {kernel, grid, threads, shared_bytes};
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::block().thread_idx)
+#define blockIdx (::emu::block().block_idx)
+#define blockDim (::emu::block().block_dim)
+#define gridDim (::emu::block().grid_dim)
+
+inline void __syncthreads() { ::emu::syncthreads(); }
+
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel*, cudaFuncAttribute, int bytes) {
+  return bytes <= emu::kSharedMemoryOptin ? cudaSuccess : 1;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = emu::kSharedMemoryOptin;
+  return cudaSuccess;
+}
+
+// The c10/cuda pieces the backend's translation unit uses.
+#define C10_CUDA_CHECK(expr)                                                     \
+  do {                                                                           \
+    const cudaError_t status_ = (expr);                                          \
+    TORCH_CHECK(status_ == cudaSuccess, "emulated CUDA call failed: " #expr);    \
+  } while (0)
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+struct CUDAStream {
+  operator cudaStream_t() const { return nullptr; }
+};
+inline CUDAStream getCurrentCUDAStream(int = -1) { return {}; }
+}  // namespace cuda
+}  // namespace c10

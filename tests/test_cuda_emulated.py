@@ -1,0 +1,111 @@
+"""The CUDA backend's kernels, run on the CPU through the fiber emulation in tests/cuda_emulation.
+
+CI has no GPU, so tests/test_cuda.py skips there; these tests run the same kernel sources (fused
+K = 3 and generic) with their real tiling, staging and barriers, and compare them with the float64
+reference. They check the kernels' logic, not their speed or the GPU memory model: the GPU tests
+still have the last word. The first run compiles the emulated backend (about a minute).
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from condseg_ops.reference import contrast_aggregate_reference
+from test_cuda import AWKWARD, TOLERANCES, assert_close_all, make_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulation uses ucontext fibers")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    from cuda_emulation import build
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    return build.load(root / "condseg_cuda_emulated")
+
+
+def run_emulated(module, value, fg, bg, grad_out, kernel_size=3, dilation=1, scale=1.0):
+    """(output, grad_value, grad_fg, grad_bg) of the emulated CUDA backend."""
+    out = module.forward(value, fg, bg, kernel_size, dilation, scale)
+    grad_value, grad_fg, grad_bg = module.backward(grad_out, value, fg, bg, kernel_size, dilation, scale)
+    return out, grad_value, grad_fg, grad_bg if bg is not None else None
+
+
+def run_reference(value, fg, bg, grad_out, kernel_size=3, dilation=1, scale=1.0):
+    leaves = [t.double().requires_grad_() for t in (value, fg, bg) if t is not None]
+    out = contrast_aggregate_reference(*leaves, *(() if bg is not None else (None,)), kernel_size=kernel_size,
+                                       dilation=dilation, scale=scale)
+    grads = torch.autograd.grad(out, leaves, grad_out.double())
+    return (out.detach(),) + tuple(grads) + ((None,) if bg is None else ())
+
+
+def cpu_inputs(*args, **kwargs):
+    return make_inputs(*args, device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("dual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_matches_reference(emulated, dtype, dual):
+    # 19 x 37 spans 2 x 2 forward tiles and 3 x 2 backward tiles with ragged edges; Cg = 8.
+    inputs = cpu_inputs(2, 24, 19, 37, 3, dual=dual, dtype=dtype)
+    got = run_emulated(emulated, *inputs, scale=0.6)
+    assert_close_all(got, run_reference(*inputs, scale=0.6), dtype, f"{dtype} dual={dual}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generic_kernels_match_reference(emulated, dtype, monkeypatch):
+    # Cg = 10 leaves a partial chunk of the fused kernels' 8-channel value stages.
+    inputs = cpu_inputs(2, 20, 14, 35, 2, dtype=dtype, seed=3)
+    fused = run_emulated(emulated, *inputs, scale=0.4)
+    monkeypatch.setenv("CONDSEG_CUDA_GENERIC", "1")
+    generic = run_emulated(emulated, *inputs, scale=0.4)
+    expected = run_reference(*inputs, scale=0.4)
+    assert_close_all(fused, expected, dtype, "fused")
+    assert_close_all(generic, expected, dtype, "generic")
+
+
+@pytest.mark.parametrize("B, C, H, W, heads, K, dilation, dual", AWKWARD)
+def test_awkward_sizes(emulated, B, C, H, W, heads, K, dilation, dual):
+    inputs = cpu_inputs(B, C, H, W, heads, K=K, dual=dual, dtype=torch.float32, seed=H * W)
+    got = run_emulated(emulated, *inputs, kernel_size=K, dilation=dilation, scale=0.9)
+    expected = run_reference(*inputs, kernel_size=K, dilation=dilation, scale=0.9)
+    assert_close_all(got, expected, torch.float32, f"{(B, C, H, W, heads, K, dilation, dual)}")
+
+
+@pytest.mark.parametrize("dtype, B, C, H, W, heads, K, dilation, dual", [
+    (torch.bfloat16, 1, 6, 12, 33, 1, 3, 1, True),  # one head
+    (torch.float64, 1, 4, 6, 7, 2, 5, 2, True),     # generic kernels in float64
+    (torch.float64, 1, 2, 4, 5, 1, 7, 1, False),
+])
+def test_other_dtypes_and_windows(emulated, dtype, B, C, H, W, heads, K, dilation, dual):
+    inputs = cpu_inputs(B, C, H, W, heads, K=K, dual=dual, dtype=dtype, seed=H * W + K)
+    got = run_emulated(emulated, *inputs, kernel_size=K, dilation=dilation, scale=0.7)
+    expected = run_reference(*inputs, kernel_size=K, dilation=dilation, scale=0.7)
+    assert_close_all(got, expected, dtype, f"{dtype} {(B, C, H, W, heads, K, dilation, dual)}")
+
+
+def test_odd_storage_offsets_half(emulated):
+    # 2-byte tensors whose data pointer is not 4-byte aligned: the fused kernels stage them through
+    # 4-byte words and must neither lose nor read past an element at either end.
+    inputs = cpu_inputs(1, 6, 14, 35, 2, dtype=torch.float16, seed=4)
+
+    def shifted(t):
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+        flat[1:] = t.reshape(-1)
+        return flat[1:].view(t.shape)
+
+    got = run_emulated(emulated, *(shifted(t) for t in inputs))
+    for a, b in zip(got, run_emulated(emulated, *inputs)):
+        assert torch.equal(a, b)
+
+
+def test_huge_logits_stay_finite(emulated):
+    value, fg, bg, grad_out = cpu_inputs(1, 8, 10, 40, 2, logit_std=1.0)
+    fg, bg = fg.sign() * 1e4, -bg.sign() * 1e4
+    for dtype in (torch.float32, torch.bfloat16):
+        for t in run_emulated(emulated, *(t.to(dtype) for t in (value, fg, bg, grad_out))):
+            assert torch.isfinite(t).all()
+    expected = run_reference(value, fg, bg, grad_out)
+    assert rel_err(run_emulated(emulated, value, fg, bg, grad_out)[0], expected[0]) <= TOLERANCES[torch.float32][0]
