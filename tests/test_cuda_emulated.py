@@ -3,7 +3,7 @@
 CI has no GPU, so tests/test_cuda.py skips there; these tests run the same kernel sources (fused
 K = 3 and generic) with their real tiling, staging and barriers, and compare them with the float64
 reference. They check the kernels' logic, not their speed or the GPU memory model: the GPU tests
-still have the last word. The first run compiles the emulated backend (about a minute).
+still have the last word. The first run compiles the emulated backend (about 40 s).
 """
 import os
 import sys
@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from condseg_ops.reference import contrast_aggregate_reference
-from test_cuda import AWKWARD, TOLERANCES, assert_close_all, make_inputs, rel_err
+from test_cuda import AWKWARD, TOLERANCES, assert_close_all, make_inputs, rel_err, run_reference
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulation uses ucontext fibers")
 
@@ -31,14 +30,6 @@ def run_emulated(module, value, fg, bg, grad_out, kernel_size=3, dilation=1, sca
     out = module.forward(value, fg, bg, kernel_size, dilation, scale)
     grad_value, grad_fg, grad_bg = module.backward(grad_out, value, fg, bg, kernel_size, dilation, scale)
     return out, grad_value, grad_fg, grad_bg if bg is not None else None
-
-
-def run_reference(value, fg, bg, grad_out, kernel_size=3, dilation=1, scale=1.0):
-    leaves = [t.double().requires_grad_() for t in (value, fg, bg) if t is not None]
-    out = contrast_aggregate_reference(*leaves, *(() if bg is not None else (None,)), kernel_size=kernel_size,
-                                       dilation=dilation, scale=scale)
-    grads = torch.autograd.grad(out, leaves, grad_out.double())
-    return (out.detach(),) + tuple(grads) + ((None,) if bg is None else ())
 
 
 def cpu_inputs(*args, **kwargs):

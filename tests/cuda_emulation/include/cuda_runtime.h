@@ -18,10 +18,8 @@
 
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <vector>
 
