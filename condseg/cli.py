@@ -1,5 +1,6 @@
 """The ``condseg`` command: argument parsing only; the work is done by condseg.engine and condseg.data."""
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -9,52 +10,75 @@ from .data.errors import DatasetError
 EPILOG = "Run 'condseg COMMAND --help' for the options of a command."
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, unless it is None or False (nothing worth reading)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _train_parser(sub):
+    # Options left out are left out of the call too (argparse.SUPPRESS): TrainConfig holds the
+    # defaults, and with --resume the run's own options come back from its checkpoint.
+    from .engine.config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+    def opt(flag, help_text, field=None, **kwargs):
+        field = field or flag.lstrip("-").replace("-", "_")
+        default = kwargs.pop("shown_default", defaults.get(field))
+        if default is not None and kwargs.get("action") != "store_true":
+            help_text = f"{help_text} (default: {default})"
+        p.add_argument(flag, help=help_text, **kwargs)
+
     p = sub.add_parser("train", help="train ConDSeg (stage 1, stage 2 or both)",
                        description="Train ConDSeg on DATA_ROOT (ROOT/images + ROOT/masks with train.txt/val.txt, "
                                    "or the ISIC/GlaS layouts). Stage 1 trains Net_0 with consistency "
-                                   "reinforcement, stage 2 the whole network with the stage-1 encoder.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "reinforcement, stage 2 the whole network with the stage-1 encoder. "
+                                   "With --resume, the options of the run in RUN_DIR come back from its "
+                                   "checkpoint; options given again override them.",
+                       argument_default=argparse.SUPPRESS)
     p.add_argument("data_root", metavar="DATA_ROOT")
-    p.add_argument("--out", required=True, metavar="RUN_DIR",
-                   help="run folder: checkpoints, log.csv, curves.png")
-    p.add_argument("--stage", choices=["both", "1", "2"], default="both")
-    p.add_argument("--epochs", type=int, default=100, help="stage-2 epochs (stage-1 epochs with --stage 1)")
-    p.add_argument("--stage1-epochs", type=int, default=None, help="stage-1 epochs (default: epochs/5)")
-    p.add_argument("--image-size", type=int, default=256, help="training side, a multiple of 16")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--encoder", default="resnet50", help="resnet18, resnet34, resnet50, vgg19, pvt_v2_b2")
-    p.add_argument("--encoder-weights", metavar="PATH", help="local ImageNet weights for the encoder")
-    p.add_argument("--classes", type=int, default=1, help="1: binary; >1: masks hold class indices")
-    p.add_argument("--decoder-channels", type=int, default=128, help="width after the encoder (light: 16-32)")
-    p.add_argument("--cdfa-variant", choices=["paper", "official"], default="paper")
-    p.add_argument("--stage1-checkpoint", metavar="PATH", help="with --stage 2: stage-1 checkpoint for the encoder")
-    p.add_argument("--lr", type=float, default=1e-4, help="stage-2 learning rate")
-    p.add_argument("--encoder-lr", type=float, default=1e-5, help="stage-2 encoder learning rate")
-    p.add_argument("--stage1-lr", type=float, default=1e-4)
-    p.add_argument("--scheduler", choices=["plateau", "cosine", "none"], default="plateau")
-    p.add_argument("--lr-patience", type=int, default=10, help="plateau scheduler patience (epochs)")
-    p.add_argument("--early-stop", type=int, default=30,
-                   help="stop after N epochs without a better val mDSC (0: never)")
-    p.add_argument("--rotation", type=float, default=15.0,
-                   help="largest random rotation in degrees, on top of flips and 90-degree turns (0: none)")
-    p.add_argument("--amp", nargs="?", const="auto", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision: auto is bf16 (else fp16) on CUDA and float32 on CPU; bf16 also "
-                        "runs on a CPU and pays where it has AMX or AVX512-BF16 units")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="train in the channels_last (NHWC) memory format: faster convolutions")
-    p.add_argument("--workers", type=int, default=None, help="data-loader workers (default: 0 when the data "
-                   "fits in memory, else 4)")
-    p.add_argument("--val-split", default="val", help="split name or split file used for validation")
-    p.add_argument("--skip-missing", action="store_true", help="leave out split ids whose files are missing")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR where it stopped")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in a RUN_DIR that holds a run")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                   help="TensorBoard events (default: when tensorboard is installed)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoints, log.csv, curves.png")
+    opt("--stage", "stages to train", choices=["both", "1", "2"])
+    opt("--epochs", "stage-2 epochs (stage-1 epochs with --stage 1)", type=int)
+    opt("--stage1-epochs", "stage-1 epochs", type=int, shown_default="epochs/5 with --stage both")
+    opt("--image-size", "training side, a multiple of 16", type=int)
+    opt("--batch-size", "training batch (validation uses twice this)", type=int)
+    opt("--encoder", "resnet18, resnet34, resnet50, vgg19, pvt_v2_b2")
+    opt("--encoder-weights", "local ImageNet weights for the encoder (none: from scratch)", metavar="PATH")
+    opt("--classes", "1: binary; >1: masks hold class indices", type=int)
+    opt("--decoder-channels", "width after the encoder (light: 16-32)", type=int)
+    opt("--cdfa-variant", "CDFA form: the paper's equations or the released code's", choices=["paper", "official"])
+    opt("--stage1-checkpoint", "with --stage 2: stage-1 checkpoint for the encoder", metavar="PATH")
+    opt("--lr", "stage-2 learning rate", type=float)
+    opt("--encoder-lr", "stage-2 encoder learning rate", type=float)
+    opt("--stage1-lr", "stage-1 learning rate", type=float)
+    opt("--scheduler", "learning-rate schedule (plateau: on the validation loss)",
+        choices=["plateau", "cosine", "none"])
+    opt("--lr-patience", "plateau scheduler patience (epochs)", type=int)
+    opt("--early-stop", "stop after N epochs without a better val mDSC (0: never)", type=int)
+    opt("--rotation", "largest random rotation in degrees, on top of flips and 90-degree turns (0: none)",
+        type=float)
+    opt("--amp", "mixed precision: auto is bf16 (else fp16) on CUDA and float32 on CPU; bf16 also runs on a CPU "
+        "and pays where it has AMX or AVX512-BF16 units", nargs="?", const="auto",
+        choices=["auto", "bf16", "fp16", "off"])
+    opt("--device", "auto, cpu, cuda, cuda:N")
+    opt("--channels-last", "train in the channels_last (NHWC) memory format: faster convolutions",
+        action=argparse.BooleanOptionalAction)
+    opt("--workers", "data-loader workers", type=int, shown_default="0 when the data fits in memory, else 4")
+    opt("--val-split", "split name or split file used for validation")
+    opt("--skip-missing", "leave out split ids whose files are missing", action="store_true")
+    opt("--seed", "random seed (weights, augmentation, data order)", type=int)
+    opt("--deterministic", "deterministic algorithms (slower)", action="store_true")
+    opt("--resume", "continue the run in RUN_DIR where it stopped, with its own options", action="store_true")
+    opt("--overwrite", "start afresh in a RUN_DIR that holds a run", action="store_true")
+    opt("--no-progress", "no progress bar", field="progress", shown_default=None, action="store_false",
+        dest="progress")
+    opt("--tensorboard", "TensorBoard events", action=argparse.BooleanOptionalAction,
+        shown_default="when tensorboard is installed")
     return p
 
 
@@ -65,56 +89,48 @@ def _commands(argv):
     _train_parser(sub)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset split",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("data_root", metavar="DATA_ROOT")
     p.add_argument("--split", default="val", help="split name, or a split file (.txt)")
     p.add_argument("--out", metavar="FILE", help="summary JSON (the per-image CSV goes beside it)")
     p.add_argument("--original-size", action="store_true", help="score at each mask's own resolution")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--skip-missing", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--skip-missing", action="store_true", help="leave out split ids whose files are missing")
 
     p = sub.add_parser("predict", help="segment images of any size",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.png")
     p.add_argument("--uncertainty", action="store_true", help="also write <stem>_uncertainty.png (SID branch)")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--threshold", type=float, default=0.5, help="foreground probability of the binary masks")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="image-reading workers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = data_sub.add_parser("check", help="report every problem of a dataset folder at once")
     q.add_argument("data_root", metavar="DATA_ROOT")
-    q.add_argument("--classes", type=int, default=1)
+    q.add_argument("--classes", type=int, default=1, help="1: binary masks; >1: masks hold class indices")
 
     p = sub.add_parser("demo", help="synthetic data, a 2-minute CPU training run, evaluation, overlays",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     p.add_argument("--out", default="condseg-demo", metavar="DIR")
     p.add_argument("--epochs", type=int, default=8, help="stage-2 epochs")
     p.add_argument("--stage1-epochs", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     return parser.parse_args(argv)
 
 
 def _train(a):
     from .engine import train
-    result = train(data_root=a.data_root, out=a.out, stage=a.stage, epochs=a.epochs, stage1_epochs=a.stage1_epochs,
-                   image_size=a.image_size, batch_size=a.batch_size, encoder=a.encoder,
-                   encoder_weights=a.encoder_weights, classes=a.classes, decoder_channels=a.decoder_channels,
-                   cdfa_variant=a.cdfa_variant, stage1_checkpoint=a.stage1_checkpoint, lr=a.lr,
-                   encoder_lr=a.encoder_lr, stage1_lr=a.stage1_lr, scheduler=a.scheduler, lr_patience=a.lr_patience,
-                   early_stop=a.early_stop, rotation=a.rotation, amp=a.amp, device=a.device,
-                   channels_last=a.channels_last, workers=a.workers, val_split=a.val_split,
-                   skip_missing=a.skip_missing, seed=a.seed,
-                   deterministic=a.deterministic, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
-                   tensorboard=a.tensorboard)
+    options = {k: v for k, v in vars(a).items() if k != "command"}
+    result = train(**options)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {result.best_checkpoint}")
         print(json.dumps(result.best_metrics, indent=2))

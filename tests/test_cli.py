@@ -59,9 +59,16 @@ def test_train_evaluate_predict_round_trip(tmp_path, capsys):
     assert main(["predict", str(ckpt), str(img), "--out", str(tmp_path / "pred"), "--overlay"]) == 0
     assert Image.open(tmp_path / "pred" / "odd.png").size == (61, 45)
     assert (tmp_path / "pred" / "odd_overlay.png").is_file()
-    # --resume of a finished run is a no-op; a second run without --resume or --overwrite refuses
-    again = ["train", str(root), "--out", str(run), "--epochs", "1", "--stage1-epochs", "1", "--resume", *TINY]
-    assert main(again) == 0
+    # --resume alone restores the run's options (resnet18 at 32x32, not the resnet50 defaults); the
+    # run is finished, so it trains nothing, and more --epochs do not extend it
+    capsys.readouterr()
+    assert main(["train", str(root), "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    assert "does not extend a finished stage" in capsys.readouterr().out
+    assert torch.load(run / "stage2_last.pt", weights_only=True)["epoch"] == 1
+    # an option that changes the network cannot resume it; nor can a new run start without --resume
+    assert main(["train", str(root), "--out", str(run), "--resume", "--decoder-channels", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "decoder_channels=64 (the run has 16)" in err and "--resume restores" in err
     assert main(["train", str(root), "--out", str(run), *TINY]) == 1
     assert "--resume" in capsys.readouterr().err
 
@@ -74,6 +81,26 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "lost_id" in err and str(root / "images") in err and "--skip-missing" in err
     assert main(["evaluate", str(tmp_path / "nope.pt"), str(root)]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+    # a wrong encoder name stops before any data is read or any run folder made
+    assert main(["train", str(root), "--out", str(tmp_path / "r2"), "--encoder", "resnet5"]) == 1
+    assert "unknown encoder 'resnet5'" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    assert main(["evaluate", str(tmp_path / "nope.pt"), str(root), "--device", "gpu"]) == 1
+    assert "device 'gpu'" in capsys.readouterr().err
+
+
+def test_predict_errors_are_messages(tmp_path, capsys):
+    root = make_synthetic_dataset(tmp_path / "d", train=8, val=4, size=32)
+    run = tmp_path / "run"
+    assert main(["train", str(root), "--out", str(run), "--stage", "1", "--epochs", "1", *TINY]) == 0
+    capsys.readouterr()
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("not an image")
+    # read by a DataLoader worker process: the message is the file's, not the worker's traceback
+    assert main(["predict", str(run / "stage1_best.pt"), str(fake), "--out", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read image {fake}" in err and "Traceback" not in err
+    assert main(["predict", str(root / "train.txt"), str(fake), "--out", str(tmp_path / "p")]) == 1
+    assert "not a condseg checkpoint" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nope.pt"), str(root / "images"), "--out", str(tmp_path / "p")]) == 1
 
 

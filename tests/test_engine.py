@@ -228,7 +228,7 @@ def test_resume_equals_uninterrupted(synth, trained, tmp_path, monkeypatch, stop
     monkeypatch.setattr(runlog.RunLog, "epoch", original)
     with pytest.raises(FileExistsError, match="--resume"):
         train(data_root=str(synth), out=str(out), **TINY)
-    train(data_root=str(synth), out=str(out), resume=True, **TINY)
+    train(data_root=str(synth), out=str(out), resume=True)  # the run's own options come from its checkpoint
     for name in ("stage2_last.pt", "stage2_best.pt"):
         a = load_checkpoint(trained.run_dir / name)
         b = load_checkpoint(out / name)

@@ -53,8 +53,10 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, foreign pickle, ...
-        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+    except Exception as e:  # not a torch file, truncated file, foreign pickle, ...
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot load checkpoint {path}: not a condseg checkpoint, or a damaged one "
+                              f"({type(e).__name__}: {first_line})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a condseg checkpoint (no '{FORMAT}' marker); "
                               f"plain state_dicts load with model.load_state_dict(torch.load(...))")

@@ -64,6 +64,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "classes", "in_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        from ..models import list_encoders  # here, not at import: the config module stays light
+
+        if self.encoder not in list_encoders():
+            raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {list_encoders()}")
         if self.stage1_epochs is None:
             self.stage1_epochs = self.epochs if self.stage == "1" else max(1, round(self.epochs / 5))
 

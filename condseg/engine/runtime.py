@@ -13,10 +13,13 @@ def resolve_device(device="auto"):
     """torch.device from "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a device name (auto, cpu, cuda, cuda:N): {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} requested but CUDA is not available in this torch build "
-                           f"({torch.__version__}); use --device cpu")
+        raise ValueError(f"device {device} requested but CUDA is not available in this torch build "
+                         f"({torch.__version__}); use --device cpu")
     return device
 
 

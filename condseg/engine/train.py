@@ -42,13 +42,36 @@ def checkpoint_path(run_dir, stage, kind):
     return Path(run_dir) / f"stage{stage}_{kind}.pt"
 
 
+# Options of one invocation, never taken from the run being resumed.
+PER_CALL_OPTIONS = ("data_root", "out", "resume", "overwrite")
+
+
+def saved_options(run_dir):
+    """The TrainConfig fields of the run in run_dir (from its newest stage*_last.pt), less the
+    per-call ones; {} when the folder holds no run."""
+    for stage in (2, 1):
+        path = checkpoint_path(run_dir, stage, "last")
+        if path.is_file():
+            saved = load_checkpoint(path).get("train_config", {})
+            return {k: v for k, v in saved.items() if k not in PER_CALL_OPTIONS}
+    return {}
+
+
 def train(config=None, **options):
     """Train ConDSeg; ``config`` is a TrainConfig, or pass its fields as keyword arguments.
 
+    With ``resume=True`` and keyword arguments, the run's own options come back from its last
+    checkpoint; the keyword arguments given override them (a model option that differs from the
+    checkpoint's network is an error).
     Returns a TrainResult with the best checkpoint (by validation mDSC) of the last stage trained.
     Works the same under ``torchrun`` (one process per GPU, or per CPU slot with gloo).
     """
-    cfg = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
+    if config is not None:
+        cfg = dataclasses.replace(config, **options)
+    else:
+        if options.get("resume") and options.get("out") is not None:
+            options = {**saved_options(options["out"]), **options}
+        cfg = TrainConfig(**options)
     device = resolve_device(cfg.device)
     set_deterministic(cfg.deterministic, device)
     ctx, device = init_distributed(device)
@@ -186,6 +209,14 @@ class _Trainer:
         self.log.info(f"stage 2: encoder initialised from {source} (epoch {state['epoch']})")
         return True
 
+    def _check_same_network(self, stage, saved, now):
+        changed = [k for k in now if k != "arch" and saved.get(k) != now[k]]
+        if changed:
+            names = {"encoder_name": "encoder"}
+            detail = ", ".join(f"{names.get(k, k)}={now[k]!r} (the run has {saved.get(k)!r})" for k in changed)
+            raise ValueError(f"cannot resume stage {stage} in {self.run_dir} with a different network: {detail}. "
+                             f"Leave these options out: --resume restores the run's own")
+
     def _run_stage(self, stage, resume, history):
         cfg, ctx, device = self.cfg, self.ctx, self.device
         epochs = cfg.stage1_epochs if stage == 1 else cfg.epochs
@@ -202,6 +233,15 @@ class _Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         start, best, best_epoch, bad = 0, -math.inf, 0, 0
         if resume is not None:
+            self._check_same_network(stage, resume["model_config"], mcfg)
+            if resume.get("finished"):
+                self.log.info(f"stage {stage}: already finished at epoch {resume['epoch']} (all its epochs done "
+                              f"or stopped early); resuming does not extend a finished stage. To train longer, "
+                              f"start a new run (for stage 2: --stage 2 --stage1-checkpoint "
+                              f"{checkpoint_path(self.run_dir, 1, 'best')})")
+                return TrainResult(self.run_dir, checkpoint_path(self.run_dir, stage, "best"),
+                                   checkpoint_path(self.run_dir, stage, "last"), resume.get("best_metrics", {}),
+                                   list(resume["history"]), len(self.train_ds))
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
             if scheduler is not None:
@@ -221,8 +261,8 @@ class _Trainer:
         static = {"stage": stage, "model_config": mcfg, "train_config": cfg.to_dict(),
                   "image_size": list(as_size(cfg.image_size)), "normalization": "imagenet",
                   "encoder_initialised": bool(stage == 1 or encoder_lr is not None)}
-        if start >= epochs or (resume is not None and resume.get("finished")):
-            self.log.info(f"stage {stage}: already finished")
+        if start >= epochs:
+            self.log.info(f"stage {stage}: already {start} epochs done, epochs={epochs}: nothing to train")
             return TrainResult(self.run_dir, best_path, last, resume.get("best_metrics", {}), history,
                                len(self.train_ds))
         best_metrics = resume.get("best_metrics", {}) if resume else {}
