@@ -79,6 +79,7 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert main(["train", str(root), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY]) == 1
     err = capsys.readouterr().err
     assert "lost_id" in err and str(root / "images") in err and "--skip-missing" in err
+    assert not (tmp_path / "r").exists()  # no empty run folder left behind
     assert main(["evaluate", str(tmp_path / "nope.pt"), str(root)]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
     # a wrong encoder name stops before any data is read or any run folder made

@@ -6,6 +6,7 @@ tensorboard/ (when installed), splits/ (when a validation split had to be held o
 """
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class _Trainer:
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.run_dir = Path(cfg.out)
         self.amp = amp_dtype(cfg.amp, device)
+        new_folder = not self.run_dir.exists()
         self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
         existing = sorted(self.run_dir.glob("stage*_last.pt"))
         if existing and not (cfg.resume or cfg.overwrite):
@@ -100,7 +102,13 @@ class _Trainer:
             for p in (self.run_dir / "log.csv", self.run_dir / "train.log"):
                 p.unlink(missing_ok=True)
         barrier(ctx)
-        self.train_ds, self.val_ds = self._datasets()
+        try:
+            self.train_ds, self.val_ds = self._datasets()
+        except Exception:
+            self.log.close()
+            if new_folder and ctx.is_main:  # bad data leaves no empty run folder behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     # -- data ---------------------------------------------------------------------------------
     def _datasets(self):
