@@ -70,13 +70,12 @@ def _train_parser(sub):
         action=argparse.BooleanOptionalAction)
     opt("--workers", "data-loader workers", type=int, shown_default="0 when the data fits in memory, else 4")
     opt("--val-split", "split name or split file used for validation")
-    opt("--skip-missing", "leave out split ids whose files are missing", action="store_true")
+    opt("--skip-missing", "leave out split ids whose files are missing", action=argparse.BooleanOptionalAction)
     opt("--seed", "random seed (weights, augmentation, data order)", type=int)
-    opt("--deterministic", "deterministic algorithms (slower)", action="store_true")
+    opt("--deterministic", "deterministic algorithms (slower)", action=argparse.BooleanOptionalAction)
     opt("--resume", "continue the run in RUN_DIR where it stopped, with its own options", action="store_true")
     opt("--overwrite", "start afresh in a RUN_DIR that holds a run", action="store_true")
-    opt("--no-progress", "no progress bar", field="progress", shown_default=None, action="store_false",
-        dest="progress")
+    opt("--progress", "progress bar", action=argparse.BooleanOptionalAction)
     opt("--tensorboard", "TensorBoard events", action=argparse.BooleanOptionalAction,
         shown_default="when tensorboard is installed")
     return p

@@ -328,6 +328,29 @@ def test_held_out_validation_and_config_errors(tmp_path):
         train(data_root=str(root), out=str(tmp_path / "x"), image_size=40)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(data_root=str(root), out=str(tmp_path / "y"), resume=True, **TINY)
+    assert not (tmp_path / "y").exists()  # a mistyped --out makes no folder
+    with pytest.raises(ValueError, match="contradict"):
+        train(data_root=str(root), out=str(tmp_path / "run"), resume=True, overwrite=True, **TINY)
+
+
+def test_resume_options_come_from_the_checkpoint(tmp_path):
+    from condseg.engine import TrainConfig
+    from condseg.engine.train import saved_options
+
+    # a derived stage1_epochs is saved as None, so a resume given new epochs derives it again
+    cfg = TrainConfig(data_root="d", out="o", stage="1", epochs=3, encoder="resnet18")
+    assert cfg.stage1_epoch_count == 3 and cfg.to_dict()["stage1_epochs"] is None
+    resumed = TrainConfig(**{**cfg.to_dict(), "epochs": 5, "resume": True})
+    assert resumed.stage1_epoch_count == 5
+    assert TrainConfig(data_root="d", out="o", epochs=10).stage1_epoch_count == 2
+    # per-call options and fields this version does not know are left out
+    run = tmp_path / "run"
+    save_checkpoint({"train_config": {**cfg.to_dict(), "removed_option": 1, "overwrite": True}},
+                    run / "stage1_last.pt")
+    options = saved_options(run)
+    assert options["encoder"] == "resnet18" and options["epochs"] == 3
+    assert not {"removed_option", "overwrite", "out", "data_root", "resume"} & set(options)
+    assert saved_options(tmp_path / "empty") == {}
 
 
 def test_ddp_two_gloo_processes(synth, tmp_path):

@@ -68,8 +68,16 @@ class TrainConfig:
 
         if self.encoder not in list_encoders():
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {list_encoders()}")
-        if self.stage1_epochs is None:
-            self.stage1_epochs = self.epochs if self.stage == "1" else max(1, round(self.epochs / 5))
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite contradict each other: pass one of them")
+
+    @property
+    def stage1_epoch_count(self):
+        """Stage-1 epochs: ``stage1_epochs``, or derived from ``epochs`` when it is None (kept None
+        in the saved config, so that a resumed run given new ``epochs`` derives it again)."""
+        if self.stage1_epochs is not None:
+            return self.stage1_epochs
+        return self.epochs if self.stage == "1" else max(1, round(self.epochs / 5))
 
     @property
     def stages(self):

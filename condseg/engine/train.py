@@ -49,12 +49,13 @@ PER_CALL_OPTIONS = ("data_root", "out", "resume", "overwrite")
 
 def saved_options(run_dir):
     """The TrainConfig fields of the run in run_dir (from its newest stage*_last.pt), less the
-    per-call ones; {} when the folder holds no run."""
+    per-call ones and any this version does not know; {} when the folder holds no run."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(PER_CALL_OPTIONS)
     for stage in (2, 1):
         path = checkpoint_path(run_dir, stage, "last")
         if path.is_file():
             saved = load_checkpoint(path).get("train_config", {})
-            return {k: v for k, v in saved.items() if k not in PER_CALL_OPTIONS}
+            return {k: v for k, v in saved.items() if k in known}
     return {}
 
 
@@ -88,15 +89,15 @@ class _Trainer:
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.run_dir = Path(cfg.out)
         self.amp = amp_dtype(cfg.amp, device)
-        new_folder = not self.run_dir.exists()
-        self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
         existing = sorted(self.run_dir.glob("stage*_last.pt"))
         if existing and not (cfg.resume or cfg.overwrite):
             raise FileExistsError(f"{self.run_dir} already holds a run ({existing[0].name}); pass "
                                   f"resume=True (--resume) to continue it or overwrite=True (--overwrite)")
         if cfg.resume and not existing:
             raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {self.run_dir}")
-        if cfg.overwrite and not cfg.resume and ctx.is_main:
+        new_folder = not self.run_dir.exists()
+        self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
+        if cfg.overwrite and ctx.is_main:
             for p in self.run_dir.glob("stage*_*.pt"):
                 p.unlink()
             for p in (self.run_dir / "log.csv", self.run_dir / "train.log"):
@@ -227,7 +228,7 @@ class _Trainer:
 
     def _run_stage(self, stage, resume, history):
         cfg, ctx, device = self.cfg, self.ctx, self.device
-        epochs = cfg.stage1_epochs if stage == 1 else cfg.epochs
+        epochs = cfg.stage1_epoch_count if stage == 1 else cfg.epochs
         mcfg = model_config(stage, cfg.encoder, cfg.in_channels, cfg.classes, cfg.decoder_channels, cfg.cdfa_variant)
         model = build_model(mcfg, encoder_weights=None if resume else cfg.encoder_weights)
         if stage == 1:
@@ -243,10 +244,14 @@ class _Trainer:
         if resume is not None:
             self._check_same_network(stage, resume["model_config"], mcfg)
             if resume.get("finished"):
+                if stage == 1:
+                    how = "a new run with more --epochs"
+                else:
+                    source = cfg.stage1_checkpoint or checkpoint_path(self.run_dir, 1, "best")
+                    how = f"a new run with --stage 2 --stage1-checkpoint {source}"
                 self.log.info(f"stage {stage}: already finished at epoch {resume['epoch']} (all its epochs done "
                               f"or stopped early); resuming does not extend a finished stage. To train longer, "
-                              f"start a new run (for stage 2: --stage 2 --stage1-checkpoint "
-                              f"{checkpoint_path(self.run_dir, 1, 'best')})")
+                              f"start {how}")
                 return TrainResult(self.run_dir, checkpoint_path(self.run_dir, stage, "best"),
                                    checkpoint_path(self.run_dir, stage, "last"), resume.get("best_metrics", {}),
                                    list(resume["history"]), len(self.train_ds))

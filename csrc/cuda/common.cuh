@@ -30,6 +30,8 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem) : "memory");
+#elif defined(CONDSEG_CUDA_EMULATION)
+  ::emu::cp_async_4(smem, gmem);  // lands at cp_async_wait, as on the GPU (tests/cuda_emulation)
 #else
   *static_cast<uint32_t*>(smem) = *static_cast<const uint32_t*>(gmem);
 #endif
@@ -38,6 +40,8 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(CONDSEG_CUDA_EMULATION)
+  ::emu::cp_async_commit();
 #endif
 }
 
@@ -46,6 +50,8 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif defined(CONDSEG_CUDA_EMULATION)
+  ::emu::cp_async_wait(N);
 #endif
 }
 

@@ -8,7 +8,8 @@
 // barriers, so a barrier that only keeps concurrent read-modify-writes of one address apart is not
 // checked; one that orders a write before another thread's read is. A thread that returns early leaves
 // the barrier count (sm_70+ semantics); reaching different numbers of barriers in one block is
-// reported as an error (undefined behaviour on a GPU). Blocks run one after another. Dynamic
+// reported as an error (undefined behaviour on a GPU). cp.async copies land only at the
+// cp_async_wait that retires their group, as on the GPU. Blocks run one after another. Dynamic
 // shared memory is filled with 0xFF bytes (NaN for floats) before each block, so reads of shared
 // memory nobody wrote show up in the results. The source rewrite that maps `kernel<<<...>>>(...)`
 // onto emu::launch and `extern __shared__` onto emu::dynamic_shared_memory() is in build.py.
@@ -20,8 +21,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <deque>
 #include <functional>
+#include <utility>
 #include <vector>
+
+#define CONDSEG_CUDA_EMULATION 1  // csrc/cuda/common.cuh routes cp.async through emu::
 
 #define __global__
 #define __device__
@@ -62,6 +67,9 @@ struct Block {
   std::vector<std::vector<char>> stacks;
   std::vector<int> barriers;   // barriers reached per thread
   std::vector<bool> finished;
+  // cp.async per thread: copies issued since the last commit, and committed groups (oldest first)
+  std::vector<std::vector<std::pair<uint32_t*, const uint32_t*>>> open_copies;
+  std::vector<std::deque<std::vector<std::pair<uint32_t*, const uint32_t*>>>> copy_groups;
   ucontext_t scheduler;
   std::function<void()> body;  // the kernel call, run by every thread
   int current = 0;
@@ -73,6 +81,28 @@ inline Block& block() {
 }
 
 inline unsigned char* dynamic_shared_memory() { return block().shared.data(); }
+
+// cp.async: a 4-byte copy lands in shared memory only when a cp_async_wait leaves fewer groups
+// pending than its own, so a missing or too lax wait shows up as unwritten (NaN) shared memory.
+inline void cp_async_4(void* smem, const void* gmem) {
+  Block& b = block();
+  b.open_copies[b.current].emplace_back(static_cast<uint32_t*>(smem), static_cast<const uint32_t*>(gmem));
+}
+
+inline void cp_async_commit() {
+  Block& b = block();
+  b.copy_groups[b.current].push_back(std::move(b.open_copies[b.current]));
+  b.open_copies[b.current].clear();
+}
+
+inline void cp_async_wait(int pending) {
+  Block& b = block();
+  auto& groups = b.copy_groups[b.current];
+  while (static_cast<int>(groups.size()) > pending) {
+    for (const auto& [dst, src] : groups.front()) *dst = *src;
+    groups.pop_front();
+  }
+}
 
 inline void syncthreads() {
   Block& b = block();
@@ -96,6 +126,8 @@ inline void run_block(int threads) {
   b.stacks.resize(threads);
   b.barriers.assign(threads, 0);
   b.finished.assign(threads, false);
+  b.open_copies.assign(threads, {});
+  b.copy_groups.assign(threads, {});
   for (int t = 0; t < threads; ++t) {
     b.stacks[t].resize(kStack);
     getcontext(&b.contexts[t]);
