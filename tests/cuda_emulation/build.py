@@ -9,6 +9,7 @@ about 40 s on 2 cores; later runs reuse it.
 """
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ LAUNCH = re.compile(r"([\w:]+(?:<[^;<>()]*>)?)<<<(.*?)>>>\(", re.S)
 SHARED = re.compile(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];")
 LIBRARY = re.compile(r"^TORCH_LIBRARY(?:_IMPL)?\(.*", re.S | re.M)
 CUDA_INCLUDES = re.compile(r'^#include <c10/cuda/.*$', re.M)
+
+STALE_LOCK_S = 600
 
 SOURCES = ["contrast_aggregate.h", "contrast_aggregate.cpp", "cuda/common.cuh", "cuda/launch.cuh",
            "cuda/k3_kernels.cuh", "cuda/generic_kernels.cuh", "cuda/fused_k3.cu", "cuda/generic.cu",
@@ -51,6 +54,11 @@ def load(cache_dir):
     """The emulated backend module: forward(value, fg, bg, K, dilation, scale) and backward(...),
     built under cache_dir in a folder per torch and Python version (a stale build would not load)."""
     build_dir = Path(cache_dir) / f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    # torch's build lock outlives a build killed midway, and the next load would wait on it forever;
+    # a build takes about a minute, so a lock older than STALE_LOCK_S is such a leftover.
+    lock = build_dir / "lock"
+    if lock.is_file() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink()
     src_dir = build_dir / "src"
     launches = emulated_sources(src_dir)
     assert launches >= 10, f"only {launches} kernel launches found in csrc/cuda: update the rewrite"
