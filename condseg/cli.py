@@ -169,6 +169,16 @@ def _demo(a):
         print(f"{key:>12}: {out[key]}")
 
 
+def _message(error):
+    """What to print for ``error``. An error raised in a DataLoader worker comes back with the
+    worker's whole traceback as its message: print the original error's own line instead."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]  # "package.module.ErrorClass: the original message"
+        text = last.split(": ", 1)[-1]
+    return text
+
+
 def main(argv=None):
     args = _commands(sys.argv[1:] if argv is None else argv)
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "data": _data_check,
@@ -179,7 +189,7 @@ def main(argv=None):
     except (DatasetError, CheckpointError, TrainingDiverged, FileExistsError, FileNotFoundError, ValueError) as e:
         if os.environ.get("CONDSEG_DEBUG"):
             raise
-        print(f"condseg {args.command}: error: {e}", file=sys.stderr)
+        print(f"condseg {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
 
 

@@ -46,18 +46,12 @@ class _Images(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        try:
-            arr = read_image(self.files[i], self.channels)
-        except DatasetError as e:  # returned, not raised: a worker would wrap it in its own traceback
-            return e, i, None
+        arr = read_image(self.files[i], self.channels)
         return resize_image(arr, self.size), i, arr.shape[:2]
 
 
 def _collate(items):
-    """(images, indices, sizes), or (the first read error, indices, sizes) for predict to raise."""
-    errors = [it[0] for it in items if isinstance(it[0], DatasetError)]
-    images = errors[0] if errors else torch.stack([it[0] for it in items])
-    return images, [it[1] for it in items], [it[2] for it in items]
+    return torch.stack([it[0] for it in items]), [it[1] for it in items], [it[2] for it in items]
 
 
 def _hot(values):
@@ -126,8 +120,6 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     used, records, pending = set(), [], []
     with ThreadPoolExecutor(max_workers=4) as pool:
         for images, indices, sizes in loader:
-            if isinstance(images, DatasetError):
-                raise images
             x = normalize(images.to(device, non_blocking=True))
             if uncertainty:
                 out = model(x, return_aux=True)

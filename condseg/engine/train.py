@@ -226,10 +226,27 @@ class _Trainer:
             raise ValueError(f"cannot resume stage {stage} in {self.run_dir} with a different network: {detail}. "
                              f"Leave these options out: --resume restores the run's own")
 
+    def _nothing_to_train(self, stage, resume):
+        """The result of a resumed stage that is finished or already has its epochs."""
+        if stage == 1:
+            how = "a new run with more --epochs"
+        else:
+            source = self.cfg.stage1_checkpoint or checkpoint_path(self.run_dir, 1, "best")
+            how = f"a new run with --stage 2 --stage1-checkpoint {source}"
+        self.log.info(f"stage {stage}: nothing to train, {resume['epoch']} epochs done (all its epochs, or an early "
+                      f"stop); resuming does not extend a finished stage. To train longer, start {how}")
+        return TrainResult(self.run_dir, checkpoint_path(self.run_dir, stage, "best"),
+                           checkpoint_path(self.run_dir, stage, "last"), resume.get("best_metrics", {}),
+                           list(resume["history"]), len(self.train_ds))
+
     def _run_stage(self, stage, resume, history):
         cfg, ctx, device = self.cfg, self.ctx, self.device
         epochs = cfg.stage1_epoch_count if stage == 1 else cfg.epochs
         mcfg = model_config(stage, cfg.encoder, cfg.in_channels, cfg.classes, cfg.decoder_channels, cfg.cdfa_variant)
+        if resume is not None:
+            self._check_same_network(stage, resume["model_config"], mcfg)
+            if resume.get("finished") or resume["epoch"] >= epochs:
+                return self._nothing_to_train(stage, resume)
         model = build_model(mcfg, encoder_weights=None if resume else cfg.encoder_weights)
         if stage == 1:
             lr, encoder_lr = cfg.stage1_lr, None
@@ -242,19 +259,6 @@ class _Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         start, best, best_epoch, bad = 0, -math.inf, 0, 0
         if resume is not None:
-            self._check_same_network(stage, resume["model_config"], mcfg)
-            if resume.get("finished"):
-                if stage == 1:
-                    how = "a new run with more --epochs"
-                else:
-                    source = cfg.stage1_checkpoint or checkpoint_path(self.run_dir, 1, "best")
-                    how = f"a new run with --stage 2 --stage1-checkpoint {source}"
-                self.log.info(f"stage {stage}: already finished at epoch {resume['epoch']} (all its epochs done "
-                              f"or stopped early); resuming does not extend a finished stage. To train longer, "
-                              f"start {how}")
-                return TrainResult(self.run_dir, checkpoint_path(self.run_dir, stage, "best"),
-                                   checkpoint_path(self.run_dir, stage, "last"), resume.get("best_metrics", {}),
-                                   list(resume["history"]), len(self.train_ds))
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
             if scheduler is not None:
@@ -274,10 +278,6 @@ class _Trainer:
         static = {"stage": stage, "model_config": mcfg, "train_config": cfg.to_dict(),
                   "image_size": list(as_size(cfg.image_size)), "normalization": "imagenet",
                   "encoder_initialised": bool(stage == 1 or encoder_lr is not None)}
-        if start >= epochs:
-            self.log.info(f"stage {stage}: already {start} epochs done, epochs={epochs}: nothing to train")
-            return TrainResult(self.run_dir, best_path, last, resume.get("best_metrics", {}), history,
-                               len(self.train_ds))
         best_metrics = resume.get("best_metrics", {}) if resume else {}
         self.log.info(f"stage {stage}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                       f"epochs {start + 1}..{epochs}, device {device}"

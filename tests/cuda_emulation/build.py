@@ -37,16 +37,20 @@ def rewrite(text):
     return LIBRARY.sub("", text), launches
 
 
+def write_if_changed(path, text):
+    """An unchanged file keeps its time stamp, so the cached build stays valid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def emulated_sources(out_dir):
     """Writes the rewritten sources under out_dir; returns the number of kernel launches rewritten."""
     launches = 0
     for name in SOURCES:
         text, n = rewrite((CSRC / name).read_text())
         launches += n
-        target = Path(out_dir) / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists() or target.read_text() != text:  # keeps torch's build cache valid
-            target.write_text(text)
+        write_if_changed(Path(out_dir) / name, text)
     return launches
 
 
@@ -63,9 +67,7 @@ def load(cache_dir):
     launches = emulated_sources(src_dir)
     assert launches >= 10, f"only {launches} kernel launches found in csrc/cuda: update the rewrite"
     bindings = build_dir / "bindings.cpp"
-    text = (HERE / "bindings.cpp").read_text()
-    if not bindings.exists() or bindings.read_text() != text:
-        bindings.write_text(text)
+    write_if_changed(bindings, (HERE / "bindings.cpp").read_text())
     return cpp_extension.load(
         name="condseg_cuda_emulated",
         sources=[str(bindings)],
