@@ -5,6 +5,8 @@ is found (set CONDSEG_FORCE_CPU=1 to skip them). TORCH_CUDA_ARCH_LIST picks the 
 """
 import glob
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import setup
@@ -23,10 +25,33 @@ except ImportError:  # pip's build isolation hides the user's torch: never build
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
 
 
+def toolkit_version(cuda_home):
+    """(major, minor) of the nvcc in cuda_home, or None when it cannot be run."""
+    try:
+        banner = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                                text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", banner)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 def want_cuda():
     if os.environ.get("CONDSEG_FORCE_CPU") == "1":
         return False
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    # torch refuses a toolkit of another major version only once compiling starts, without a way out.
+    toolkit, torch_major = toolkit_version(cpp_extension.CUDA_HOME), int(torch.version.cuda.split(".")[0])
+    if toolkit is not None and toolkit[0] != torch_major:
+        sys.exit(
+            f"\ncondseg: torch {torch.__version__} was built with CUDA {torch.version.cuda}, but the CUDA "
+            f"toolkit at {cpp_extension.CUDA_HOME} is {toolkit[0]}.{toolkit[1]}, so the CUDA kernels cannot be "
+            f"built.\nPoint CUDA_HOME at a CUDA {torch_major}.x toolkit, or build without the CUDA kernels (CUDA "
+            "tensors then run on the Triton backend when triton is installed, else on the reference):\n\n"
+            "    CONDSEG_FORCE_CPU=1 pip install --no-build-isolation .\n"
+        )
+    return True
 
 
 def extension():

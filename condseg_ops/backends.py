@@ -39,9 +39,14 @@ def build_info():
 
 
 @functools.lru_cache(maxsize=None)
-def triton_module():
-    """The Triton kernels module, imported on first use (importing triton is slow)."""
-    return importlib.import_module("condseg_ops.triton_kernels")
+def _load_triton():
+    """The Triton kernels module, imported on first use (importing triton is slow): returns
+    (module, None) or (None, why it cannot be loaded). Any error counts: an older
+    Triton without a GPU driver fails with a RuntimeError while the kernels are decorated."""
+    try:
+        return importlib.import_module("condseg_ops.triton_kernels"), None
+    except Exception as error:  # noqa: BLE001 - reported as the backend's reason
+        return None, f"the Triton backend could not be loaded ({type(error).__name__}: {error})"
 
 
 def _triton_interpreted():
@@ -55,10 +60,9 @@ def unavailable_reason(name, device_type):
     if name == "reference":
         return None
     if name == "triton":
-        try:
-            module = triton_module()
-        except ImportError as error:
-            return f"the Triton backend could not be imported ({error})"
+        module, error = _load_triton()
+        if module is None:
+            return error
         if not module.TRITON_AVAILABLE:
             return module.TRITON_UNAVAILABLE_REASON
         if device_type != "cuda" and not (device_type == "cpu" and _triton_interpreted()):

@@ -105,6 +105,19 @@ if TRITON_AVAILABLE:
     else:
         _CONFIGS = GPU_CONFIGS
 
+    # Where nothing can be timed (the interpreter, or no GPU: ahead-of-time compiles) each kernel
+    # runs with one fixed config, FIXED_CONFIGS[name] (tests swap it), instead of an autotuner:
+    # older Triton (3.2, torch 2.6's) asks the GPU driver for a benchmarker as soon as a kernel is
+    # decorated, and fails on a machine without one.
+    FIXED_CONFIGS = {name: configs[0] for name, configs in _CONFIGS.items()}
+    AUTOTUNED = not INTERPRET and torch.cuda.is_available()
+
+    def _tuned(name, key):
+        if AUTOTUNED:
+            return triton.autotune(configs=_CONFIGS[name], key=key)
+        return triton.heuristics({arg: (lambda args, arg=arg: FIXED_CONFIGS[name].kwargs[arg])
+                                  for arg in FIXED_CONFIGS[name].kwargs})
+
     @triton.jit
     def _acc(x, FP64: tl.constexpr):
         """Upcast right after loading: fp64 stays fp64, everything else computes in fp32."""
@@ -118,8 +131,15 @@ if TRITON_AVAILABLE:
         """Batched [BQ, K2P, K2P] matrix product in full precision (no tf32). tf32x3 (three
         tensor-core products per dot) was slower on an H100 at the benchmark shape: forward 1.97 ms
         in op_bench.py, against 1.24 ms of kernel time (ncu) for this form."""
-        if FP64:
-            return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float64)
+        if FP64:  # a sum of outer products: Triton < 3.3 has no fp64 dot (fp64 is for gradcheck)
+            n: tl.constexpr = a.shape[2]
+            j = tl.arange(0, n)
+            out = tl.zeros([a.shape[0], a.shape[1], n], dtype=tl.float64)
+            for k in range(n):
+                column = tl.sum(tl.where(j[None, None, :] == k, a, 0.0), axis=2)
+                row = tl.sum(tl.where(j[None, :, None] == k, b, 0.0), axis=1)
+                out += column[:, :, None] * row[:, None, :]
+            return out
         else:
             return tl.dot(a, b, input_precision="ieee")
 
@@ -154,7 +174,7 @@ if TRITON_AVAILABLE:
         r = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
         return pid // n_pb, r, r < HW, r // W, r % W
 
-    @triton.autotune(configs=_CONFIGS["mix"], key=["HW", "K", "DUAL"])
+    @_tuned("mix", key=["HW", "K", "DUAL"])
     @triton.jit
     def _mix_kernel(
         A_fg, A_bg, Mt, HW, heads, scale,
@@ -171,7 +191,7 @@ if TRITON_AVAILABLE:
         offs = (bg.to(tl.int64) * (K2 * K2) + (p * K2 + s)) * HW + q[:, None, None]
         tl.store(Mt + offs, prob, mask=qmask[:, None, None] & (p < K2) & (s < K2))
 
-    @triton.autotune(configs=_CONFIGS["pixel"], key=["HW", "K"])
+    @_tuned("pixel", key=["HW", "K"])
     @triton.jit
     def _weight_kernel(Mt, Wt, H, W, HW, dil, K: tl.constexpr, K2P: tl.constexpr, BLOCK_P: tl.constexpr):
         """Wt[b, g, d, r] = sum_p M_{r - off(p)}[p, p + d], all K2 slots p at once (axis 0)."""
@@ -200,7 +220,7 @@ if TRITON_AVAILABLE:
                 m = tl.load(m_ptr + ((dyi - (K - 1)) * K + (dxi - (K - 1))) * hw, mask=ok, other=0.0)
                 tl.store(w_ptr + (dyi * (2 * K - 1) + dxi) * hw, tl.sum(m, axis=0), mask=rmask)
 
-    @triton.autotune(configs=_CONFIGS["apply"], key=["HW", "Cg", "K", "TRANSPOSED"])
+    @_tuned("apply", key=["HW", "Cg", "K", "TRANSPOSED"])
     @triton.jit
     def _apply_kernel(
         X, Wt, Out, C, H, W, HW, heads, Cg, dil,
@@ -242,7 +262,7 @@ if TRITON_AVAILABLE:
                 acc += w[None, :] * v.to(acc.dtype)  # no jit helper call in the loop: slow when interpreted
         tl.store(Out + (rows + t[None, :]), acc.to(Out.dtype.element_ty), mask=cmask & tmask[None, :])
 
-    @triton.autotune(configs=_CONFIGS["pixel"], key=["HW", "Cg", "K"])
+    @_tuned("pixel", key=["HW", "Cg", "K"])
     @triton.jit
     def _grad_weight_kernel(
         G, V, GW, C, H, W, HW, heads, Cg, dil,
@@ -278,7 +298,7 @@ if TRITON_AVAILABLE:
                         total += tl.sum(gblk.to(total.dtype) * v.to(total.dtype), axis=0)
                 tl.store(gw_base + (dyi * (2 * K - 1) + dxi) * hw, total, mask=rmask)
 
-    @triton.autotune(configs=_CONFIGS["softmax_bwd"], key=["HW", "K", "DUAL"])
+    @_tuned("softmax_bwd", key=["HW", "K", "DUAL"])
     @triton.jit
     def _softmax_bwd_kernel(
         A_fg, A_bg, GW, GA_fg, GA_bg, H, W, HW, heads, dil, scale,

@@ -16,8 +16,13 @@ def test_cmake_library_loads_and_matches_reference(tmp_path):
     build = tmp_path / "build"
     configure = ["cmake", "-S", str(REPO), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
                  "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}"]
-    subprocess.run(configure, check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "-j", "2"], check=True, capture_output=True)
+    configured = subprocess.run(configure, capture_output=True, text=True)
+    if configured.returncode != 0 and torch.version.cuda and "PyTorch: CUDA cannot be found" in configured.stderr:
+        # LibTorch's own CMake config, not ours: a CUDA torch needs its CUDA toolkit to be found.
+        pytest.skip(f"find_package(Torch) of this CUDA {torch.version.cuda} torch needs a matching CUDA toolkit")
+    assert configured.returncode == 0, configured.stdout[-3000:] + configured.stderr[-3000:]
+    built = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     library = build / "libcondseg_ops.so"
     assert library.exists()
     # A fresh interpreter: the package's own extension must not register the same ops first.

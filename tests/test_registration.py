@@ -54,6 +54,23 @@ def test_available_backends_lists_what_runs_here():
     assert ("cuda" in names) == (torch.cuda.is_available() and "cuda" in condseg_ops.build_info()["backends"])
 
 
+
+def test_triton_that_fails_to_load_is_a_reason_not_a_crash(monkeypatch):
+    """Triton 3.2 (torch 2.6's) raises a RuntimeError while its kernels are decorated on a machine
+    without a GPU driver: the backend is then unavailable, with that reason."""
+    def broken_import(name):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    backends._load_triton.cache_clear()
+    monkeypatch.setattr(backends.importlib, "import_module", broken_import)
+    try:
+        assert "RuntimeError: 0 active drivers" in backends.unavailable_reason("triton", "cuda")
+        assert "triton" not in condseg_ops.available_backends("cuda")
+        with pytest.raises(RuntimeError, match="'triton' .*could not be loaded"):
+            contrast_aggregate(*make_inputs(1, 4, 3, 3, 1, 3), backend="triton")
+    finally:
+        backends._load_triton.cache_clear()  # the next call loads the real module again
+
 # --- custom-op machinery -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dual", [True, False])
