@@ -34,7 +34,6 @@ HERE = Path(__file__).resolve()
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
-needs_triton = pytest.mark.skipif(not tk.TRITON_AVAILABLE, reason=str(tk.TRITON_UNAVAILABLE_REASON))
 # The kernels run here: compiled on a GPU, or interpreted on CPU tensors.
 runnable = pytest.mark.skipif(
     not tk.TRITON_AVAILABLE or not (ON_GPU or tk.INTERPRET),
