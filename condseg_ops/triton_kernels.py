@@ -118,6 +118,11 @@ if TRITON_AVAILABLE:
         return triton.heuristics({arg: (lambda args, arg=arg: FIXED_CONFIGS[name].kwargs[arg])
                                   for arg in FIXED_CONFIGS[name].kwargs})
 
+    # Triton 3.2 (torch 2.6's) aborts the process (an LLVM assertion) compiling a batched fp32
+    # tl.dot in "ieee" precision; "tf32x3" (three tf32 products, close to fp32) compiles there.
+    _TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    _FP32_DOT = tl.constexpr("ieee" if _TRITON_VERSION >= (3, 3) else "tf32x3")
+
     @triton.jit
     def _acc(x, FP64: tl.constexpr):
         """Upcast right after loading: fp64 stays fp64, everything else computes in fp32."""
@@ -128,10 +133,10 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _mm(a, b, FP64: tl.constexpr):
-        """Batched [BQ, K2P, K2P] matrix product in full precision (no tf32). tf32x3 (three
-        tensor-core products per dot) was slower on an H100 at the benchmark shape: forward 1.97 ms
-        in op_bench.py, against 1.24 ms of kernel time (ncu) for this form."""
-        if FP64:  # a sum of outer products: Triton < 3.3 has no fp64 dot (fp64 is for gradcheck)
+        """Batched [BQ, K2P, K2P] matrix product in full precision (no plain tf32). tf32x3 was
+        slower than "ieee" on an H100 at the benchmark shape (forward 1.97 ms in op_bench.py,
+        against 1.24 ms of kernel time by ncu), so it is used only where "ieee" breaks."""
+        if FP64:  # a sum of outer products: Triton 3.2 has no fp64 dot (fp64 is for gradcheck)
             n: tl.constexpr = a.shape[2]
             j = tl.arange(0, n)
             out = tl.zeros([a.shape[0], a.shape[1], n], dtype=tl.float64)
@@ -141,7 +146,7 @@ if TRITON_AVAILABLE:
                 out += column[:, :, None] * row[:, None, :]
             return out
         else:
-            return tl.dot(a, b, input_precision="ieee")
+            return tl.dot(a, b, input_precision=_FP32_DOT)
 
     @triton.jit
     def _softmax_tile(A, base, qmask, scale, K2: tl.constexpr, K2P: tl.constexpr, FP64: tl.constexpr):

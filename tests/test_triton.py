@@ -345,18 +345,35 @@ def aot_specs(full=False):
     return out
 
 
-# The AOT driver speaks the ASTSource API of Triton 3.6 and later (older ones spell its arguments
-# differently); the kernels themselves also run on Triton 3.2 (torch 2.6's).
+# The AOT driver speaks the ASTSource spellings of Triton 3.2 (torch 2.6's) to 3.9.
 TRITON_VERSION = tuple(int(part) for part in importlib.metadata.version("triton").split(".")[:2]) \
     if tk.TRITON_AVAILABLE else None
-AOT_SUPPORTED = tk.TRITON_AVAILABLE and TRITON_VERSION >= (3, 6)
-needs_aot = pytest.mark.skipif(not AOT_SUPPORTED, reason=f"the AOT driver needs triton >= 3.6 "
+AOT_SUPPORTED = tk.TRITON_AVAILABLE and TRITON_VERSION >= (3, 2)
+needs_aot = pytest.mark.skipif(not AOT_SUPPORTED, reason=f"the AOT driver needs triton >= 3.2 "
                                f"(found {TRITON_VERSION or tk.TRITON_UNAVAILABLE_REASON})")
+
+
+def ast_source_before_3_6(fn, signature, consts, attrs):
+    """The same kernel source for Triton 3.2 (torch 2.6's), which keys constants by name, leaves
+    constexprs out of the signature, and takes its hints as an AttrsDescriptor."""
+    import triton
+    from triton.backends.compiler import AttrsDescriptor
+
+    names = list(fn.arg_names)
+    hints = {i: 16 for (i,) in attrs}
+    for (i,), value in consts.items():
+        if not fn.params[i].is_constexpr:  # an int 1: still in the signature, hinted as equal to 1
+            signature[names[i]] = "i32"
+            hints[i] = 1
+    signature = {arg: kind for arg, kind in signature.items() if kind != "constexpr"}
+    constants = {names[i]: value for (i,), value in consts.items()}
+    return triton.compiler.ASTSource(fn=fn, signature=signature, constants=constants,
+                                     attrs=AttrsDescriptor.from_hints(hints))
 
 
 def aot_compile(arch, full=False):
     """Compiles every spec for sm_<arch>; returns one record per kernel (with ptxas resource usage
-    when cuobjdump is available). Robust to the triton 3.6 .. 3.9 differences in ASTSource."""
+    when cuobjdump is available). Robust to the ASTSource differences of triton 3.2 .. 3.9."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -382,10 +399,13 @@ def aot_compile(arch, full=False):
             else:  # constexpr parameter, or an int 1 (specialised to a constexpr at run time)
                 signature[arg] = "constexpr"
                 consts[(i,)] = value
-        try:
-            src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-        except TypeError:  # older spellings
-            src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
+        if TRITON_VERSION < (3, 6):
+            src = ast_source_before_3_6(fn, signature, consts, attrs)
+        else:
+            try:
+                src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+            except TypeError:  # older spellings
+                src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
         compiled = triton.compile(src, target=target, options={"num_warps": config.num_warps,
                                                                "num_stages": config.num_stages})
         record = dict(kernel=name, arch=arch, constexprs={k: str(v) for k, v in constexprs.items()},
