@@ -12,12 +12,12 @@ import sys
 import setuptools
 from setuptools import setup
 
-# Older setuptools ignores pyproject.toml's [project] table: without build isolation pip would then
+# setuptools before 61 ignores pyproject.toml's [project] table: without build isolation pip would then
 # "successfully" install an empty package named UNKNOWN (Python 3.9 venvs come with setuptools 58).
-if int(setuptools.__version__.split(".")[0]) < 64:
+if int(setuptools.__version__.split(".")[0]) < 61:
     sys.exit(
-        f"\ncondseg needs setuptools >= 64 (this environment has {setuptools.__version__}). Upgrade it, then "
-        "install again:\n\n    pip install -U \"setuptools>=64\" wheel\n    pip install --no-build-isolation .\n"
+        f"\ncondseg needs setuptools >= 61 (this environment has {setuptools.__version__}). Upgrade it, then "
+        "install again:\n\n    pip install -U \"setuptools>=61\" wheel\n    pip install --no-build-isolation .\n"
     )
 
 try:

@@ -57,5 +57,5 @@ def test_old_setuptools_stops_instead_of_installing_an_empty_package(tmp_path):
     isolation pip would install "UNKNOWN 0.0.0" and report success."""
     result = run_setup(tmp_path, "12.4", "12.4", setuptools_version="58.1.0")
     assert result.returncode != 0
-    assert "needs setuptools >= 64 (this environment has 58.1.0)" in result.stderr
-    assert 'pip install -U "setuptools>=64" wheel' in result.stderr
+    assert "needs setuptools >= 61 (this environment has 58.1.0)" in result.stderr
+    assert 'pip install -U "setuptools>=61" wheel' in result.stderr
