@@ -353,7 +353,7 @@ needs_aot = pytest.mark.skipif(not AOT_SUPPORTED, reason=f"the AOT driver needs 
                                f"(found {TRITON_VERSION or tk.TRITON_UNAVAILABLE_REASON})")
 
 
-def ast_source_before_3_6(fn, signature, consts, attrs):
+def ast_source_triton_3_2(fn, signature, consts, attrs):
     """The same kernel source for Triton 3.2 (torch 2.6's), which keys constants by name, leaves
     constexprs out of the signature, and takes its hints as an AttrsDescriptor."""
     import triton
@@ -399,8 +399,8 @@ def aot_compile(arch, full=False):
             else:  # constexpr parameter, or an int 1 (specialised to a constexpr at run time)
                 signature[arg] = "constexpr"
                 consts[(i,)] = value
-        if TRITON_VERSION < (3, 6):
-            src = ast_source_before_3_6(fn, signature, consts, attrs)
+        if TRITON_VERSION < (3, 3):
+            src = ast_source_triton_3_2(fn, signature, consts, attrs)
         else:
             try:
                 src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
