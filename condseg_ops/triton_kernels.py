@@ -38,6 +38,7 @@ BACKWARD_OP_NAME = "condseg_ops::contrast_aggregate_triton_backward"
 
 TRITON_AVAILABLE = False
 TRITON_UNAVAILABLE_REASON: Optional[str] = None
+TRITON_VERSION: Optional[tuple] = None  # (major, minor) of the triton imported
 INTERPRET = False
 
 try:
@@ -52,6 +53,7 @@ else:
         )
     else:
         TRITON_AVAILABLE = True
+        TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
         try:
             from triton import knobs as _knobs
 
@@ -120,8 +122,7 @@ if TRITON_AVAILABLE:
 
     # Triton 3.2 (torch 2.6's) aborts the process (an LLVM assertion) compiling a batched fp32
     # tl.dot in "ieee" precision; "tf32x3" (three tf32 products, close to fp32) compiles there.
-    _TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-    _FP32_DOT = tl.constexpr("ieee" if _TRITON_VERSION >= (3, 3) else "tf32x3")
+    _FP32_DOT = tl.constexpr("ieee" if TRITON_VERSION >= (3, 3) else "tf32x3")
 
     @triton.jit
     def _acc(x, FP64: tl.constexpr):

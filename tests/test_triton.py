@@ -10,7 +10,6 @@ Run as a script (``python tests/test_triton.py aot 90 [--full]``) it is the AOT 
 one JSON record per compiled kernel, with registers and spill stack from cuobjdump.
 """
 import functools
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -346,11 +345,9 @@ def aot_specs(full=False):
 
 
 # The AOT driver speaks the ASTSource spellings of Triton 3.2 (torch 2.6's) to 3.9.
-TRITON_VERSION = tuple(int(part) for part in importlib.metadata.version("triton").split(".")[:2]) \
-    if tk.TRITON_AVAILABLE else None
-AOT_SUPPORTED = tk.TRITON_AVAILABLE and TRITON_VERSION >= (3, 2)
+AOT_SUPPORTED = tk.TRITON_AVAILABLE and tk.TRITON_VERSION >= (3, 2)
 needs_aot = pytest.mark.skipif(not AOT_SUPPORTED, reason=f"the AOT driver needs triton >= 3.2 "
-                               f"(found {TRITON_VERSION or tk.TRITON_UNAVAILABLE_REASON})")
+                               f"(found {tk.TRITON_VERSION or tk.TRITON_UNAVAILABLE_REASON})")
 
 
 def ast_source_triton_3_2(fn, signature, consts, attrs):
@@ -361,11 +358,10 @@ def ast_source_triton_3_2(fn, signature, consts, attrs):
 
     names = list(fn.arg_names)
     hints = {i: 16 for (i,) in attrs}
-    for (i,), value in consts.items():
-        if not fn.params[i].is_constexpr:  # an int 1: still in the signature, hinted as equal to 1
-            signature[names[i]] = "i32"
-            hints[i] = 1
-    signature = {arg: kind for arg, kind in signature.items() if kind != "constexpr"}
+    ones = [i for (i,) in consts if not fn.params[i].is_constexpr]  # int 1s: in the signature too
+    hints.update({i: 1 for i in ones})
+    types = {arg: ("i32" if i in ones else kind) for i, (arg, kind) in enumerate(signature.items())}
+    signature = {arg: kind for arg, kind in types.items() if kind != "constexpr"}
     constants = {names[i]: value for (i,), value in consts.items()}
     return triton.compiler.ASTSource(fn=fn, signature=signature, constants=constants,
                                      attrs=AttrsDescriptor.from_hints(hints))
@@ -399,7 +395,7 @@ def aot_compile(arch, full=False):
             else:  # constexpr parameter, or an int 1 (specialised to a constexpr at run time)
                 signature[arg] = "constexpr"
                 consts[(i,)] = value
-        if TRITON_VERSION < (3, 3):
+        if tk.TRITON_VERSION < (3, 3):
             src = ast_source_triton_3_2(fn, signature, consts, attrs)
         else:
             try:
