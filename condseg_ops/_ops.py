@@ -7,7 +7,7 @@ implementations and autograd formula so torch.compile and opcheck see them as or
 import torch
 
 from . import backends
-from .reference import contrast_aggregate_reference
+from .reference import contrast_aggregate_reference, reference_vjp
 
 
 def _shape(t):
@@ -105,6 +105,9 @@ def _register_compiled_op():
 
     def backward(ctx, grad_out):
         value, attn_fg, attn_bg = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' backward is not differentiable
+            grad_value, grad_fg, grad_bg = reference_vjp(grad_out, value, attn_fg, attn_bg, *ctx.params)
+            return grad_value, grad_fg, grad_bg, None, None, None
         grad_value, grad_fg, grad_bg = torch.ops.condseg_ops.contrast_aggregate_backward(
             grad_out, value, attn_fg, attn_bg, *ctx.params)
         return grad_value, grad_fg, grad_bg if ctx.has_bg else None, None, None, None

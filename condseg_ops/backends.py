@@ -6,6 +6,7 @@ the compiled CUDA kernels, else Triton, else the reference; CPU tensors to the c
 kernels, else the reference.
 """
 import contextlib
+import contextvars
 import functools
 import importlib
 import logging
@@ -18,7 +19,9 @@ logger = logging.getLogger("condseg_ops")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "CONDSEG_OPS_BACKEND"
 
-_forced_stack = []
+# The innermost use_backend() choice of this thread (or asyncio task): a context variable, so that
+# one thread's block never leaks into another's, whatever order they exit in.
+_forced = contextvars.ContextVar("condseg_ops_forced_backend", default=None)
 
 
 def _load_compiled():
@@ -92,20 +95,20 @@ def use_backend(name):
     """Forces ``name`` for every call inside the block (``None`` restores automatic choice)."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"use_backend: unknown backend {name!r}; choose one of {BACKENDS}")
-    _forced_stack.append(name)
+    token = _forced.set(name)
     try:
         yield
     finally:
-        _forced_stack.pop()
+        _forced.reset(token)
 
 
 def _forced_choice(argument):
     if argument is not None:
         return argument, "the backend= argument"
-    if _forced_stack and _forced_stack[-1] is not None:
-        return _forced_stack[-1], "use_backend()"
-    if os.environ.get(ENV_VAR):
-        return os.environ[ENV_VAR], f"the {ENV_VAR} environment variable"
+    if _forced.get() is not None:
+        return _forced.get(), "use_backend()"
+    if os.environ.get(ENV_VAR, "").strip():
+        return os.environ[ENV_VAR].strip().lower(), f"the {ENV_VAR} environment variable"
     return None, None
 
 

@@ -28,3 +28,19 @@ def contrast_aggregate_reference(value, attn_fg, attn_bg=None, kernel_size=3, di
 
     windows = windows.permute(0, 2, 4, 3, 1).reshape(B, C * k2, H * W)
     return F.fold(windows, (H, W), kernel_size, dilation=dilation, padding=padding)
+
+
+def reference_vjp(grad_out, value, attn_fg, attn_bg=None, kernel_size=3, dilation=1, scale=1.0):
+    """(grad_value, grad_attn_fg, grad_attn_bg) of the reference for the upstream ``grad_out``,
+    themselves differentiable: the compiled and Triton backwards are not, so a backward with
+    create_graph=True (gradient penalties, higher-order gradients) runs through this instead.
+    grad_attn_bg is None without attn_bg."""
+    with torch.enable_grad():
+        # autograd.grad needs every input in the graph; a detached copy stands in for an input that
+        # does not require grad (its gradient is then a plain tensor, as the backward expects).
+        inputs = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in (value, attn_fg, attn_bg)]
+        out = contrast_aggregate_reference(*inputs, kernel_size, dilation, scale)
+        present = [t for t in inputs if t is not None]
+        grads = torch.autograd.grad(out, present, grad_out, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(present, grads)]
+    return grads[0], grads[1], grads[2] if attn_bg is not None else None

@@ -33,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from .reference import reference_vjp
+
 OP_NAME = "condseg_ops::contrast_aggregate_triton"
 BACKWARD_OP_NAME = "condseg_ops::contrast_aggregate_triton_backward"
 
@@ -493,6 +495,9 @@ if TRITON_AVAILABLE:
 
     def _autograd_backward(ctx, grad_out):
         value, attn_fg, attn_bg = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: these kernels' backward is not differentiable
+            grad_value, grad_fg, grad_bg = reference_vjp(grad_out, value, attn_fg, attn_bg, *ctx.args)
+            return grad_value, grad_fg, grad_bg, None, None, None
         grad_value, grad_fg, grad_bg = _backward_op(grad_out, value, attn_fg, attn_bg, *ctx.args)
         return grad_value, grad_fg, grad_bg if ctx.has_bg else None, None, None, None
 

@@ -147,6 +147,27 @@ def test_gradcheck_float64(case, backend):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+@pytest.mark.parametrize("dual", [True, False])
+def test_second_order_gradients(dual):
+    # The compiled backward is not differentiable itself; create_graph=True must still give the
+    # reference's higher-order gradients (it once gave silent zeros).
+    inputs = [t for t in make_inputs(1, 4, 4, 5, 2, 3, dual, dtype=torch.float64, requires_grad=True)
+              if t is not None]
+
+    def fn(*x):
+        return contrast_aggregate(x[0], x[1], x[2] if dual else None, 3, 1, 0.8, backend="cpu")
+
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_first_order_backward_runs_the_compiled_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(condseg_ops._ops, "reference_vjp", lambda *a: calls.append(a))
+    value, attn_fg, attn_bg = make_inputs(1, 4, 5, 5, 2, 3, requires_grad=True)
+    contrast_aggregate(value, attn_fg, attn_bg, backend="cpu").sum().backward()
+    assert not calls and value.grad is not None and attn_bg.grad is not None
+
+
 def test_backward_is_deterministic():
     inputs = make_inputs(2, 8, 9, 9, 2, 3, requires_grad=True)
     grad_out = torch.randn(2, 8, 9, 9)

@@ -1,5 +1,6 @@
 """The op as a torch custom op: backend dispatch, opcheck, torch.compile, autocast."""
 import logging
+import threading
 
 import pytest
 import torch
@@ -25,6 +26,34 @@ def test_forcing_precedence(monkeypatch):
             assert backends.select_backend("cpu") == "reference"  # None defers to the environment
     monkeypatch.delenv(backends.ENV_VAR)
     assert backends.select_backend("cpu") == "cpu"
+
+
+def test_use_backend_is_per_thread(monkeypatch):
+    # Another thread's block neither leaks into this one's automatic choice nor, exiting while this
+    # thread is inside its own block, pops this thread's choice (both happened with a global stack).
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def other():
+        with condseg_ops.use_backend("reference"):
+            entered.set()
+            release.wait(30)
+            seen["other"] = backends.select_backend("cpu")
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert entered.wait(30)
+    seen["main"] = backends.select_backend("cpu")
+    with condseg_ops.use_backend("cpu"):
+        release.set()
+        thread.join(30)
+        seen["main, after the other block ended"] = backends.select_backend("cpu")
+    assert seen == {"other": "reference", "main": "cpu", "main, after the other block ended": "cpu"}
+
+
+def test_environment_variable_ignores_case_and_spaces(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, " Reference\n")
+    assert backends.select_backend("cpu") == "reference"
 
 
 def test_forced_backend_that_cannot_run_says_why(monkeypatch):

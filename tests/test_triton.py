@@ -131,6 +131,15 @@ def fp64_inputs(dual):
 
 
 @runnable
+def test_second_order_gradients():
+    # create_graph=True differentiates through the reference (the kernels' backward is not
+    # differentiable), instead of failing or giving zeros.
+    inputs = [t.requires_grad_() for t in make_inputs(1, 4, 4, 3, 2, 3, True, dtype=torch.float64)]
+    assert torch.autograd.gradgradcheck(lambda v, f, b: run_triton(v, f, b, 3, 1, 0.8), inputs, eps=1e-6,
+                                        atol=1e-6, fast_mode=True)
+
+
+@runnable
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference_half(dtype):
     check_against_reference(*inputs_for(MAIN, dtype=dtype), 3, 1, 0.7)
