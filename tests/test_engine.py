@@ -333,6 +333,21 @@ def test_held_out_validation_and_config_errors(tmp_path):
         train(data_root=str(root), out=str(tmp_path / "run"), resume=True, overwrite=True, **TINY)
 
 
+def test_without_a_train_split_the_other_splits_stay_out_of_training(tmp_path):
+    # Once, with val.txt and test.txt but no train.txt, training took every pair, val and test ones too.
+    root = make_synthetic_dataset(tmp_path / "d", train=6, val=2, test=2, size=32)
+    (root / "train.txt").unlink()
+    one_epoch = {**TINY, "epochs": 1, "stage1_epochs": None}
+    train(data_root=str(root), out=str(tmp_path / "run"), stage="1", **one_epoch)
+    assert "data: 6 training and 2 validation pairs" in (tmp_path / "run" / "train.log").read_text()
+    (root / "val.txt").unlink()  # validation is then held out of the pairs that test.txt does not list
+    train(data_root=str(root), out=str(tmp_path / "run2"), stage="1", val_fraction=0.25, **one_epoch)
+    split_ids = [(tmp_path / "run2" / "splits" / f"{name}.txt").read_text().split() for name in ("train", "val")]
+    test_ids = (root / "test.txt").read_text().split()
+    assert sorted(split_ids[0] + split_ids[1]) == sorted(set(p.stem for p in (root / "images").iterdir()) - set(test_ids))
+    assert len(split_ids[1]) == 2
+
+
 def test_resume_options_come_from_the_checkpoint(tmp_path):
     from condseg.engine import TrainConfig
     from condseg.engine.train import saved_options

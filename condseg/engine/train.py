@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.dataset import SegmentationDataset, as_size, collate
+from ..data.errors import DatasetError
 from ..data.layouts import available_splits, find_samples
 from .builders import build_model, make_optimizer, make_scheduler, model_config
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -119,9 +120,16 @@ class _Trainer:
                   skip_missing=cfg.skip_missing, warn=self.log.info if self.ctx.is_main else (lambda m: None))
         train_split = cfg.train_split if (cfg.train_split in splits or str(cfg.train_split).endswith(".txt")) else None
         val_split = cfg.val_split if (cfg.val_split in splits or str(cfg.val_split).endswith(".txt")) else None
+        train_ids = None
+        if train_split is None:
+            # No training split: train on every pair that no other split (val, test) lists.
+            held_out = [split for split in dict.fromkeys([val_split, *splits]) if split not in (None, "train")]
+            train_ids = self._ids_outside(root, held_out)
+            if self.ctx.is_main and held_out:
+                self.log.info(f"no '{cfg.train_split}' split in {root}: training on the {len(train_ids)} pairs "
+                              f"that {', '.join(map(str, held_out))} do not list")
         if val_split is None:
-            samples, _ = find_samples(root, train_split, cfg.skip_missing, warn=lambda m: None)
-            ids = [s.id for s in samples]
+            ids = train_ids if train_ids is not None else self._ids_outside(root, [], split=train_split)
             order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             n_val = max(1, round(len(ids) * cfg.val_fraction))
             val_ids, train_ids = [ids[i] for i in order[:n_val]], [ids[i] for i in order[n_val:]]
@@ -133,7 +141,7 @@ class _Trainer:
                               f"pairs for validation (ids in {self.run_dir / 'splits'})")
             train_kw, val_kw = dict(split=train_split, ids=train_ids), dict(split=train_split, ids=val_ids)
         else:
-            train_kw, val_kw = dict(split=train_split), dict(split=val_split)
+            train_kw, val_kw = dict(split=train_split, ids=train_ids), dict(split=val_split)
         h, w = as_size(cfg.image_size)
         train_ds = SegmentationDataset(root, **train_kw, **kw)
         val_ds = SegmentationDataset(root, **val_kw, **kw)
@@ -144,6 +152,16 @@ class _Trainer:
             self.log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation pairs from {root} "
                           f"({train_ds.layout.name} layout) at {h}x{w}")
         return train_ds, val_ds
+
+    def _ids_outside(self, root, splits, split=None):
+        """Ids of ``split``'s pairs (None: every pair) that none of ``splits`` lists."""
+        quiet = lambda message: None  # noqa: E731 - the datasets report missing ids themselves
+        listed = {s.id for other in splits for s in find_samples(root, other, True, warn=quiet)[0]}
+        ids = [s.id for s in find_samples(root, split, self.cfg.skip_missing, warn=quiet)[0] if s.id not in listed]
+        if not ids:
+            raise DatasetError(f"no training pairs in {root}: every pair is listed by {', '.join(map(str, splits))}",
+                               root)
+        return ids
 
     def _preload(self, count, bytes_per_item):
         if self.cfg.preload == "auto":
