@@ -206,6 +206,20 @@ def test_predict_keeps_each_input_size(trained, tmp_path):
         predict(trained.run_dir / "stage1_best.pt", [single], tmp_path / "o2", uncertainty=True, workers=0)
 
 
+def test_predict_never_overwrites_its_inputs(trained, tmp_path):
+    # --out set to the input folder: p1.jpg's mask would be p1.png, an input (once overwritten).
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("p0.jpg", "p1.jpg", "p1.png"):
+        Image.fromarray(np.random.randint(0, 255, (40, 40, 3), np.uint8)).save(folder / name)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match="overwrite an input image"):
+        predict(trained.best_checkpoint, folder, folder, workers=0)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    records = predict(trained.best_checkpoint, folder / "p0.jpg", folder, overlay=True, workers=0)
+    assert Path(records[0]["mask"]).name == "p0.png"  # no input is named like an output: allowed
+
+
 class _Interrupt(Exception):
     pass
 

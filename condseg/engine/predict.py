@@ -82,6 +82,14 @@ def _unique_stem(path, used):
     return stem
 
 
+def _refuse_to_overwrite_inputs(files, outputs):
+    inputs = {path.resolve() for path in files}
+    clashes = [str(path) for path in outputs if path.resolve() in inputs]
+    if clashes:
+        raise ValueError(f"predict: the output folder holds the inputs, and writing {clashes[0]} would "
+                         f"overwrite an input image ({len(clashes)} such files); choose another --out folder")
+
+
 def _write(record, labels, prob, unc, classes, write_overlay):
     stem_path = record["stem_path"]
     mask = labels.astype(np.uint8) * (255 if classes == 1 else 1)
@@ -114,10 +122,14 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
         raise ValueError(f"uncertainty maps come from the stage-2 network; {checkpoint} is a stage-1 checkpoint")
     files = list_inputs(inputs)
     out_dir = Path(out_dir)
+    used = set()
+    stems = [_unique_stem(path, used) for path in files]
+    suffixes = [".png"] + ["_overlay.png"] * overlay + ["_prob.png"] * probabilities + ["_uncertainty.png"] * uncertainty
+    _refuse_to_overwrite_inputs(files, [out_dir / f"{stem}{suffix}" for stem in stems for suffix in suffixes])
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(_Images(files, tuple(state["image_size"]), mcfg["in_channels"]), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
-    used, records, pending = set(), [], []
+    records, pending = [], []
     with ThreadPoolExecutor(max_workers=4) as pool:
         for images, indices, sizes in loader:
             x = normalize(images.to(device, non_blocking=True))
@@ -140,7 +152,7 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
                 if unc_logits is not None:
                     u = F.interpolate(unc_logits[j:j + 1], size=size, mode="bilinear", align_corners=False)
                     unc = (torch.sigmoid(u[0, 0]) * 255).round().to(torch.uint8).cpu().numpy()
-                stem_path = out_dir / _unique_stem(files[i], used)
+                stem_path = out_dir / stems[i]
                 record = {"input": str(files[i]), "mask": f"{stem_path}.png", "stem_path": str(stem_path)}
                 if overlay:
                     record["overlay"] = f"{stem_path}_overlay.png"
