@@ -128,6 +128,55 @@ def test_check_dataset_reports_everything_at_once(folder):
     assert check_dataset(folder).ok
 
 
+def test_check_dataset_goes_on_past_duplicate_ids_and_fails_an_empty_dataset(folder, tmp_path):
+    # A duplicate id once stopped the scan of its folder: nothing else there was checked.
+    _write_pair(folder, "a0", image_ext="bmp")
+    (folder / "images" / "a2.png").write_bytes(b"garbage")
+    report = check_dataset(folder)
+    assert [p.message.split(":")[0] for p in report.problems] == [
+        "two image files share the id 'a0'", f"cannot read image {folder / 'images' / 'a2.png'}"], str(report)
+    assert report.pairs == 4
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    report = check_dataset(empty)
+    assert not report.ok and "no image/mask pairs" in str(report)
+
+
+def test_masks_in_other_encodings(tmp_path):
+    truth = np.zeros((8, 10), np.uint8)
+    truth[2:5, 3:9] = 1
+    cases = {
+        "zero-one.png": Image.fromarray(truth),                                        # 0/1 in 8 bits
+        "zero-one-16.png": Image.fromarray(truth.astype(np.uint16)),                  # 0/1 in 16 bits
+        "grey-alpha.png": Image.fromarray(np.stack([truth * 255, np.full_like(truth, 255)], -1), "LA"),
+        "palette.png": Image.fromarray(truth * 255).convert("P"),
+    }
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        assert np.array_equal(read_mask(tmp_path / name), truth), name
+    noisy = np.where(truth == 1, 1, 0).astype(np.uint8)  # a JPEG "empty" mask with noise of 1 stays empty
+    Image.fromarray(noisy).save(tmp_path / "noise.jpg", quality=100)
+    assert read_mask(tmp_path / "noise.jpg").sum() == 0
+
+
+def test_cmyk_and_ycbcr_images_read_as_rgb(tmp_path):
+    colour = Image.new("RGB", (6, 4), (200, 30, 10))
+    colour.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    colour.convert("YCbCr").save(tmp_path / "ycbcr.tif")
+    for name in ("cmyk.jpg", "ycbcr.tif"):
+        assert np.abs(read_image(tmp_path / name).astype(int) - (200, 30, 10)).max() <= 3, name
+
+
+def test_check_dataset_warns_of_masks_that_read_as_empty(folder):
+    # 0/255 stored in 16 bits binarises at 32768: all background. Usable, so a warning.
+    mask = np.array(Image.open(folder / "masks" / "a1.png")).astype(np.uint16)
+    Image.fromarray(mask).save(folder / "masks" / "a1.png")
+    report = check_dataset(folder)
+    assert report.ok and len(report.warnings) == 1, str(report)
+    assert "a1.png" in str(report) and "largest value is 255, under the threshold 32768" in str(report)
+
+
 def test_check_real_kvasir(kvasir_root):
     report = check_dataset(kvasir_root)
     assert len(report.problems) == 1 and all(i in str(report) for i in KVASIR_MISSING)

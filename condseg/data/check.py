@@ -1,10 +1,12 @@
 """check_dataset: every problem of a dataset folder, reported at once (``condseg data check``)."""
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dataset import load_pair
 from .errors import DatasetError, MissingFilesError
+from .io import raw_mask
 from .layouts import SPLITS, Sample, _index_layout, find_samples, resolve_layout
 
 
@@ -24,6 +26,7 @@ class DatasetReport:
     pairs: int = 0
     splits: dict = field(default_factory=dict)   # split -> number of usable pairs
     problems: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # suspicious but usable: they do not fail the check
 
     @property
     def ok(self):
@@ -37,15 +40,30 @@ class DatasetReport:
         else:
             lines.append(f"{len(self.problems)} problem(s):")
             lines += [f"  {p}" for p in self.problems]
+        if self.warnings:
+            lines.append(f"{len(self.warnings)} warning(s):")
+            lines += [f"  {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
+def _threshold(top):
+    """The smallest foreground value of read_mask's binarisation (``value >= top / 2``)."""
+    return math.ceil(top / 2) if isinstance(top, int) else top / 2
+
+
 def _check_pair(sample, binarize, classes):
+    """(problem, warning) of one pair, each None when there is nothing to say."""
     try:
-        load_pair(sample, 3, classes, binarize)
+        _, mask = load_pair(sample, 3, classes, binarize)
     except DatasetError as e:
-        return Problem(e.path or str(sample.image), str(e))
-    return None
+        return Problem(e.path or str(sample.image), str(e)), None
+    if classes == 1 and binarize == "half" and not mask.any():
+        values, top = raw_mask(sample.mask)
+        if values.max() > 0:  # a mask stored at another scale (0/255 in 16 bits, say) reads as empty
+            return None, Problem(str(sample.mask), f"binarises to all background: its largest value is "
+                                                   f"{values.max()}, under the threshold {_threshold(top)} (half "
+                                                   f"the file's range); rescale it if it marks foreground")
+    return None, None
 
 
 def check_dataset(root, classes=1, workers=4):
@@ -71,11 +89,9 @@ def check_dataset(root, classes=1, workers=4):
         key = (layout.image_dir, layout.mask_dir)
         if key in seen:
             continue
-        try:
-            images, masks = _index_layout(layout)
-        except DatasetError as e:
-            report.problems.append(Problem(str(layout.image_dir), str(e)))
-            continue
+        duplicates = []
+        images, masks = _index_layout(layout, duplicates)
+        report.problems += [Problem(e.path, str(e)) for e in duplicates]
         seen[key] = [Sample(i, images[i], masks[i]) for i in sorted(images) if i in masks]
         for i in sorted(set(images) - set(masks)):
             report.problems.append(Problem(str(images[i]), f"image has no mask in {layout.mask_dir}"))
@@ -83,9 +99,12 @@ def check_dataset(root, classes=1, workers=4):
             report.problems.append(Problem(str(masks[i]), f"mask has no image in {layout.image_dir}"))
         binarize = layout.binarize
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            found = pool.map(lambda s: _check_pair(s, binarize, classes), seen[key])
-            report.problems += [p for p in found if p is not None]
+            for problem, warning in pool.map(lambda s: _check_pair(s, binarize, classes), seen[key]):
+                report.problems += [problem] if problem else []
+                report.warnings += [warning] if warning else []
     report.pairs = sum(len(v) for v in seen.values())
+    if not report.pairs and seen:
+        report.problems.append(Problem(str(root), "no image/mask pairs found"))
     for split, layout in layouts.items():
         if split is None:
             continue
@@ -102,5 +121,7 @@ def check_dataset(root, classes=1, workers=4):
             except DatasetError:
                 report.splits[split] = 0
         except DatasetError as e:
-            report.problems.append(Problem(str(layout.split_file or layout.image_dir), str(e)))
+            problem = Problem(e.path or str(layout.split_file or layout.image_dir), str(e))
+            if problem not in report.problems:  # duplicate ids are already reported, once
+                report.problems.append(problem)
     return report

@@ -7,6 +7,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+_LOSSY = (".jpg", ".jpeg")
 _READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -21,16 +22,24 @@ def _open(path, kind):
         raise DatasetError(f"cannot read {kind} {path}: {e}", path) from None
 
 
+_INTEGER_16 = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_AS_STORED = ("L", "LA", "RGB", "RGBA")  # 8-bit modes whose channels are grey or R, G, B (and alpha)
+
+
 def _to_array(img):
-    """Pixel array of any Pillow mode, and the maximum value of its range."""
+    """Pixel array of any Pillow mode, and the maximum value of its range. 8-bit modes come back as
+    L, LA, RGB or RGBA: palette, CMYK, YCbCr, LAB, HSV and premultiplied files are converted first
+    (their raw channels are not colours)."""
     if img.mode == "1":
         return np.array(img, dtype=np.uint8), 1
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode in _INTEGER_16:
         return np.array(img).astype(np.int64), 65535
     if img.mode == "F":
         return np.array(img, dtype=np.float32), 1.0
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode not in _AS_STORED:
+        img = img.convert("RGBA" if img.mode.endswith(("A", "a")) else "RGB")
     return np.array(img), 255
 
 
@@ -58,13 +67,11 @@ def read_mask(path, binarize="half", classes=1):
 
     Binary (``classes == 1``): foreground where the value is at least half the range of the file's
     pixel type (128 for 8-bit, 32768 for 16-bit), or any non-zero value with ``binarize="nonzero"``
-    (instance-label masks such as GlaS). Multi-channel masks are reduced by their channel maximum.
+    (instance-label masks such as GlaS). A lossless mask (not JPEG) whose largest value is 1 is a
+    0/1 mask: 1 marks the foreground. Colour masks are reduced by their channel maximum (alpha ignored).
     Multi-class (``classes > 1``): the stored values are class indices and must be < classes.
     """
-    img = _open(path, "mask")
-    arr, top = _to_array(img)
-    if arr.ndim == 3:
-        arr = arr[:, :, :3].max(axis=2)
+    arr, top = raw_mask(path)
     if classes > 1:
         if arr.size and (arr.min() < 0 or arr.max() >= classes):
             raise DatasetError(f"mask {path} has values {sorted(np.unique(arr).tolist())[:10]} "
@@ -74,7 +81,18 @@ def read_mask(path, binarize="half", classes=1):
         return (arr > 0).astype(np.uint8)
     if binarize != "half":
         raise ValueError(f"read_mask: binarize must be 'half' or 'nonzero', got {binarize!r}")
+    if arr.size and arr.max() == 1 and Path(path).suffix.lower() not in _LOSSY:  # JPEG noise is no 0/1 mask
+        return (arr == 1).astype(np.uint8)
     return (arr >= top / 2).astype(np.uint8)
+
+
+def raw_mask(path):
+    """The stored values of a mask (H, W), colour channels reduced by their maximum, and the top of
+    the file's value range (255 for 8-bit, 65535 for 16-bit)."""
+    arr, top = _to_array(_open(path, "mask"))
+    if arr.ndim == 3:
+        arr = (arr[:, :, :1] if arr.shape[2] == 2 else arr[:, :, :3]).max(axis=2)  # LA: grey; RGB(A)
+    return arr, top
 
 
 def is_image_file(path):

@@ -51,8 +51,9 @@ def _mask_id(stem):
     return stem
 
 
-def _index(folder, kind, key=lambda stem: stem, exclude=lambda stem: False):
-    """Map id -> file for the image files in a folder; two files with one id is an error."""
+def _index(folder, kind, key=lambda stem: stem, exclude=lambda stem: False, duplicates=None):
+    """Map id -> file for the image files in a folder. Two files with one id are an error, or, with
+    a ``duplicates`` list, are appended to it (the first file keeps the id)."""
     found = {}
     for path in sorted(Path(folder).iterdir()):
         if not path.is_file() or not is_image_file(path) or path.name.startswith("."):
@@ -61,7 +62,11 @@ def _index(folder, kind, key=lambda stem: stem, exclude=lambda stem: False):
             continue
         key_ = key(path.stem)
         if key_ in found:
-            raise DatasetError(f"two {kind} files share the id {key_!r}: {found[key_]} and {path}")
+            error = DatasetError(f"two {kind} files share the id {key_!r}: {found[key_]} and {path}", path)
+            if duplicates is None:
+                raise error
+            duplicates.append(error)
+            continue
         found[key_] = path
     return found
 
@@ -138,15 +143,16 @@ def resolve_layout(root, split=None):
                        f"(or the ISIC or GlaS layout)")
 
 
-def _index_layout(layout):
+def _index_layout(layout, duplicates=None):
+    """(id -> image file, id -> mask file) of a layout's folders; see _index for ``duplicates``."""
     same = layout.image_dir == layout.mask_dir
     images = _index(layout.image_dir, "image", exclude=lambda s: s.lower().endswith("_superpixels")
-                    or (same and s.lower().endswith("_anno")))
+                    or (same and s.lower().endswith("_anno")), duplicates=duplicates)
     if same:
         masks = _index(layout.mask_dir, "mask", key=lambda s: s[:-5],
-                       exclude=lambda s: not s.lower().endswith("_anno"))
+                       exclude=lambda s: not s.lower().endswith("_anno"), duplicates=duplicates)
     else:
-        masks = _index(layout.mask_dir, "mask", key=_mask_id)
+        masks = _index(layout.mask_dir, "mask", key=_mask_id, duplicates=duplicates)
     return images, masks
 
 
