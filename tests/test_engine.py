@@ -204,6 +204,8 @@ def test_predict_keeps_each_input_size(trained, tmp_path):
         assert set(np.unique(np.array(Image.open(r["mask"])))) <= {0, 255}
     with pytest.raises(ValueError, match="stage-1 checkpoint"):
         predict(trained.run_dir / "stage1_best.pt", [single], tmp_path / "o2", uncertainty=True, workers=0)
+    with pytest.raises(ValueError, match=r"threshold is a foreground probability in \[0, 1\], got 2"):
+        predict(trained.best_checkpoint, [single], tmp_path / "o3", threshold=2, workers=0)
 
 
 def test_predict_never_overwrites_its_inputs(trained, tmp_path):
@@ -360,6 +362,21 @@ def test_without_a_train_split_the_other_splits_stay_out_of_training(tmp_path):
     test_ids = (root / "test.txt").read_text().split()
     assert sorted(split_ids[0] + split_ids[1]) == sorted(set(p.stem for p in (root / "images").iterdir()) - set(test_ids))
     assert len(split_ids[1]) == 2
+
+
+def test_bad_options_fail_before_the_data_is_read(tmp_path):
+    nowhere = str(tmp_path / "no-data")  # never reached: each error comes first
+    for options, message in [({"stage1_epochs": -2}, "stage1_epochs must be at least 1"),
+                             ({"early_stop": -1}, "early_stop must be at least 0"),
+                             ({"val_fraction": 1.0}, "val_fraction must lie between 0 and 1"),
+                             ({"encoder_lr": 0.0}, "encoder_lr must be positive")]:
+        with pytest.raises(ValueError, match=message):
+            train(data_root=nowhere, out=str(tmp_path / "run"), **{**TINY, **options})
+    junk = tmp_path / "weights.pt"
+    junk.write_text("hello")
+    with pytest.raises(ValueError, match=r"cannot load encoder weights .*weights\.pt: not a PyTorch weights file"):
+        train(data_root=nowhere, out=str(tmp_path / "run"), encoder_weights=str(junk), **TINY)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_options_come_from_the_checkpoint(tmp_path):

@@ -61,9 +61,17 @@ class TrainConfig:
         sides = (size, size) if isinstance(size, int) else tuple(size)
         if len(sides) != 2 or any(int(s) < 32 or int(s) % 16 for s in sides):
             raise ValueError(f"image_size must be a multiple of 16 (at least 32), got {size!r}")
-        for name in ("epochs", "batch_size", "classes", "in_channels"):
-            if getattr(self, name) < 1:
+        for name in ("epochs", "batch_size", "classes", "in_channels", "stage1_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("early_stop", "lr_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        for name in ("lr", "encoder_lr", "stage1_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must lie between 0 and 1, got {self.val_fraction}")
         from ..models import list_encoders  # here, not at import: the config module stays light
 
         if self.encoder not in list_encoders():

@@ -114,6 +114,8 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     ``<stem>_uncertainty.png`` (the SID uncertainty branch's map, stage-2 checkpoints only).
     Returns one dict per input with the paths written.
     """
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"predict: threshold is a foreground probability in [0, 1], got {threshold}")
     device = resolve_device(device)
     model, state = load_model(checkpoint, device)
     mcfg = state["model_config"]

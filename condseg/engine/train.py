@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..data.dataset import SegmentationDataset, as_size, collate
 from ..data.errors import DatasetError
 from ..data.layouts import available_splits, find_samples
+from ..models.encoders import read_weights_file
 from .builders import build_model, make_optimizer, make_scheduler, model_config
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -96,6 +97,8 @@ class _Trainer:
                                   f"resume=True (--resume) to continue it or overwrite=True (--overwrite)")
         if cfg.resume and not existing:
             raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {self.run_dir}")
+        if cfg.encoder_weights and not cfg.resume:  # a bad file fails now, not after the data loads
+            read_weights_file(cfg.encoder_weights)
         new_folder = not self.run_dir.exists()
         self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
         if cfg.overwrite and ctx.is_main:

@@ -347,21 +347,32 @@ def _adapt_first_conv(weight, in_channels):
     return weight[:, index] * (weight.shape[1] / in_channels)
 
 
-def load_encoder_weights(encoder, path):
-    """Loads a local weight file (a plain state_dict, or one under a "state_dict"/"model" key;
-    a "module." prefix is stripped) into ``encoder``. Raises FileNotFoundError for a missing
-    file and ValueError (naming keys, shapes and the file) for one that does not match."""
+def read_weights_file(path):
+    """The state_dict of a local weight file (a plain one, or one under a "state_dict"/"model"
+    key; a "module." prefix is stripped). Raises FileNotFoundError for a missing file and
+    ValueError for one that is not a PyTorch state_dict."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights file not found: {path} (encoder_weights takes a "
                                 "local file path; nothing is downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or a pickle that weights_only refuses
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot load encoder weights {path}: not a PyTorch weights file, or a damaged "
+                         f"one ({type(e).__name__}: {first_line})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
-    state = {key[7:] if key.startswith("module.") else key: value for key, value in state.items()}
+    return {key[7:] if key.startswith("module.") else key: value for key, value in state.items()}
+
+
+def load_encoder_weights(encoder, path):
+    """Loads a local weight file (see read_weights_file) into ``encoder``; ValueError names the
+    keys, shapes and the file when it does not match."""
+    state = read_weights_file(path)
     state = {key: value for key, value in state.items() if not key.startswith(encoder.unused_prefixes)}
     conv = encoder.first_conv
     if conv in state and state[conv].dim() == 4:
