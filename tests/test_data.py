@@ -78,6 +78,16 @@ def test_real_kvasir_split_reports_the_two_missing_ids(kvasir_root):
     assert mask.shape == (1, 64, 64) and 0 < int(mask.sum()) < 64 * 64
 
 
+def test_split_files_as_written_by_hand(folder, monkeypatch, tmp_path):
+    # A byte order mark (Windows Notepad) and file names instead of ids once made ids "missing".
+    (folder / "train.txt").write_text("\ufeffa0\r\na1.jpg\r\na2.PNG\r\n", encoding="utf-8")
+    assert [s.id for s in find_samples(folder, "train")[0]] == ["a0", "a1", "a2"]
+    monkeypatch.chdir(tmp_path)  # a split file named relative to the dataset, not the working folder
+    assert [s.id for s in find_samples(folder, "val.txt")[0]] == ["a3"]
+    with pytest.raises(DatasetError, match="ids not in split 'train'.*: ghost"):
+        SegmentationDataset(folder, "train", ids=["a0", "ghost"])
+
+
 def test_corrupt_file_error_names_it(folder):
     bad = folder / "images" / "a0.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

@@ -72,13 +72,15 @@ def _index(folder, kind, key=lambda stem: stem, exclude=lambda stem: False, dupl
 
 
 def read_split_file(path):
-    """Ids of a split file: one per line, blank lines and surrounding spaces ignored."""
+    """Ids of a split file: one per line, blank lines and surrounding spaces ignored, a UTF-8 byte
+    order mark (Windows editors) dropped, and so is an image extension (``<id>.jpg`` is ``<id>``)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read split file {path}: {e}", path) from None
     ids = [line.strip() for line in text.splitlines() if line.strip()]
+    ids = [Path(i).stem if is_image_file(i) else i for i in ids]
     if not ids:
         raise DatasetError(f"split file {path} is empty: it lists no ids", path)
     return ids
@@ -104,9 +106,12 @@ def resolve_layout(root, split=None):
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}", root)
-    if split and str(split).endswith(".txt"):  # a split file given by path
+    if split and str(split).endswith(".txt"):  # a split file given by path (else inside root)
+        split_file = Path(split)
+        if not split_file.is_file() and (root / split_file).is_file():
+            split_file = root / split_file
         layout = resolve_layout(root)
-        layout.split_file, layout.ids, layout.prefixes = Path(split), read_split_file(split), None
+        layout.split_file, layout.ids, layout.prefixes = split_file, read_split_file(split_file), None
         return layout
     if (root / "images").is_dir() and (root / "masks").is_dir():
         split_file = root / f"{split}.txt" if split else None
