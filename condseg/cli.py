@@ -136,13 +136,14 @@ def _train(a):
 
 
 def _evaluate(a):
-    from .engine import evaluate
+    from .engine.evaluate import evaluate, evaluation_files
     summary = evaluate(a.checkpoint, a.data_root, split=a.split, out=a.out, original_size=a.original_size,
                        device=a.device, batch_size=a.batch_size, skip_missing=a.skip_missing)
     summary.pop("per_image")
     print(json.dumps(summary, indent=2))
     if a.out:
-        print(f"summary: {a.out}; per-image metrics: {os.path.splitext(a.out)[0]}.csv")
+        summary_file, table_file = evaluation_files(a.out)
+        print(f"summary: {summary_file}; per-image metrics: {table_file}")
 
 
 def _predict(a):

@@ -184,6 +184,10 @@ def test_evaluate_writes_csv_and_json(trained, synth, tmp_path):
     assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(saved["mDSC"], abs=1e-5)
     # stage-1 checkpoints evaluate too
     assert evaluate(trained.run_dir / "stage1_best.pt", synth, split="val")["images"] == 4
+    # --out metrics.csv once wrote the summary, then the table over it
+    evaluate(trained.best_checkpoint, synth, split="val", out=tmp_path / "metrics.csv")
+    assert json.loads((tmp_path / "metrics.json").read_text())["images"] == 4
+    assert len(list(csv.DictReader(open(tmp_path / "metrics.csv")))) == 4
 
 
 def test_predict_keeps_each_input_size(trained, tmp_path):

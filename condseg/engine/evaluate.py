@@ -23,14 +23,22 @@ def _foreground_mean(scores):
 
 
 @torch.no_grad()
+def evaluation_files(out):
+    """(summary .json, per-image .csv) written for ``out``: the two never share a name, whether
+    ``out`` ends in .json, .csv or something else."""
+    out = Path(out)
+    summary = out.with_suffix(".json") if out.suffix.lower() in ("", ".csv") else out
+    return summary, summary.with_suffix(".csv")
+
+
 def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, device="auto",
              batch_size=8, workers=0, skip_missing=False, threshold=0.5):
     """Metrics of ``checkpoint`` on a split of ``data_root``.
 
     Per image at ``threshold``: IoU, Dice, recall, precision, then the mean over images (mIoU, mDSC,
     recall, precision). By default at the training size (as in the paper); ``original_size=True``
-    upsamples the logits to each mask's own size. With ``out`` (a .json path), writes the summary
-    there and the per-image table to the same name with .csv. Returns the summary dict, whose
+    upsamples the logits to each mask's own size. With ``out``, writes the summary (JSON) and the
+    per-image table (CSV) to the two files of evaluation_files(out). Returns the summary dict, whose
     "per_image" entry lists the per-image rows.
     """
     device = resolve_device(device)
@@ -62,10 +70,10 @@ def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, 
                     "resolution": "original" if original_size else "x".join(map(str, state["image_size"])),
                     "threshold": threshold})
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2) + "\n")
-        with open(out.with_suffix(".csv"), "w", newline="") as f:
+        summary_file, table_file = evaluation_files(out)
+        summary_file.parent.mkdir(parents=True, exist_ok=True)
+        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+        with open(table_file, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["id", *METRICS])
             writer.writeheader()
             writer.writerows({**r, **{k: f"{r[k]:.6f}" for k in METRICS}} for r in rows)
