@@ -11,6 +11,10 @@ from pathlib import Path
 
 import torch
 
+# The process's umask, read once at import (reading it means setting it: not while threads write files).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 FORMAT = "condseg-checkpoint"
 VERSION = 1
 
@@ -26,6 +30,7 @@ def save_checkpoint(state, path):
     state = {"format": FORMAT, "version": VERSION, **state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from other users
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
