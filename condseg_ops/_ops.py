@@ -4,6 +4,9 @@ The compiled kernels are real custom ops (``torch.ops.condseg_ops.contrast_aggre
 ``_backward``, schema in csrc/contrast_aggregate.cpp); this module registers their fake (meta)
 implementations and autograd formula so torch.compile and opcheck see them as ordinary ops.
 """
+import numbers
+import operator
+
 import torch
 
 from . import backends
@@ -14,12 +17,35 @@ def _shape(t):
     return tuple(t.shape)
 
 
+def as_int(where, name, number, minimum=1, odd=False):
+    """``number`` as a Python int (NumPy and other integer types too, bool not), or a ValueError
+    naming ``name`` when it is not an integer >= minimum (and odd, with ``odd``)."""
+    try:
+        checked = None if isinstance(number, bool) else operator.index(number)
+    except TypeError:
+        checked = None
+    if checked is None or checked < minimum or (odd and checked % 2 == 0):
+        kind = "an odd integer" if odd else "an integer"
+        raise ValueError(f"{where}: {name} must be {kind} >= {minimum}, got {number!r}")
+    return checked
+
+
+def as_scale(scale):
+    """``scale`` as a float; a tensor that needs its gradient is refused (it would get none)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.requires_grad:
+            raise ValueError("contrast_aggregate: scale must be a constant number (a learnable temperature "
+                             f"gets no gradient here: multiply the logits by it instead), got {scale!r}")
+        return float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"contrast_aggregate: scale must be a real number, got {scale!r}")
+    return float(scale)
+
+
 def check_inputs(value, attn_fg, attn_bg, kernel_size, dilation):
     """Raises ValueError (naming the argument and the expected shape) for any invalid input."""
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"contrast_aggregate: kernel_size must be an odd integer >= 1, got {kernel_size!r}")
-    if not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"contrast_aggregate: dilation must be an integer >= 1, got {dilation!r}")
+    as_int("contrast_aggregate", "kernel_size", kernel_size, odd=True)
+    as_int("contrast_aggregate", "dilation", dilation)
     if not isinstance(value, torch.Tensor) or value.dim() != 4:
         got = _shape(value) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"contrast_aggregate: value must have shape (B, C, H, W), got {got}")
@@ -73,7 +99,8 @@ def contrast_aggregate(value, attn_fg, attn_bg=None, kernel_size=3, dilation=1, 
     """
     value, attn_fg, attn_bg = _autocast(value, attn_fg, attn_bg)
     check_inputs(value, attn_fg, attn_bg, kernel_size, dilation)
-    scale = float(scale)
+    kernel_size, dilation = operator.index(kernel_size), operator.index(dilation)
+    scale = as_scale(scale)
     name = backends.select_backend(value.device.type, backend)
     if name == "reference":
         return contrast_aggregate_reference(value, attn_fg, attn_bg, kernel_size, dilation, scale)

@@ -1,7 +1,9 @@
 """ContrastAggregation: the drop-in CDFA layer (DESIGN.md section 2, paper Eq. 11-14)."""
+import torch
 from torch import nn
 
-from ._ops import contrast_aggregate
+from ._ops import as_int, contrast_aggregate
+from .backends import BACKENDS
 
 VARIANTS = ("paper", "official")
 
@@ -23,11 +25,15 @@ class ContrastAggregation(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"ContrastAggregation: variant must be one of {VARIANTS}, got {variant!r}")
-        if num_heads < 1 or dim % num_heads != 0:
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"ContrastAggregation: backend must be one of {BACKENDS} or None, got {backend!r}")
+        where = "ContrastAggregation"
+        dim, num_heads = as_int(where, "dim", dim), as_int(where, "num_heads", num_heads)
+        kernel_size = as_int(where, "kernel_size", kernel_size, odd=True)
+        dilation = as_int(where, "dilation", dilation)
+        guide_dim = dim if guide_dim is None else as_int(where, "guide_dim", guide_dim)
+        if dim % num_heads != 0:
             raise ValueError(f"ContrastAggregation: dim={dim} must be divisible by num_heads={num_heads}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"ContrastAggregation: kernel_size must be odd and >= 1, got {kernel_size}")
-        guide_dim = dim if guide_dim is None else guide_dim
         self.dim, self.num_heads, self.kernel_size = dim, num_heads, kernel_size
         self.dilation, self.variant, self.backend = dilation, variant, backend
         self.scale = (dim // num_heads) ** -0.5
@@ -56,6 +62,9 @@ class ContrastAggregation(nn.Module):
         return self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x, f_fg, f_bg):
+        for name, tensor in (("x", x), ("f_fg", f_fg), ("f_bg", f_bg)):
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"ContrastAggregation: {name} must be a tensor, got {type(tensor).__name__}")
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"ContrastAggregation: x must have shape (B, {self.dim}, H, W), "
                              f"got {tuple(x.shape)}")

@@ -71,6 +71,10 @@ def test_layer_parameters_and_gradients():
     (dict(dim=10, num_heads=4), "divisible by num_heads"),
     (dict(dim=8, kernel_size=2), "kernel_size"),
     (dict(dim=8, variant="fast"), "variant"),
+    (dict(dim=8, dilation=0), "dilation must be an integer >= 1"),
+    (dict(dim=8, backend="gpu"), "backend must be one of"),
+    (dict(dim=8, num_heads=2.0), "num_heads must be an integer"),
+    (dict(dim=8, kernel_size=3.0), "kernel_size must be an odd integer"),
 ])
 def test_layer_rejects_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -84,3 +88,5 @@ def test_layer_rejects_mismatched_guides():
         layer(x, torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 6))
     with pytest.raises(ValueError, match="x must have shape"):
         layer(torch.randn(1, 6, 5, 5), torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="f_fg must be a tensor, got list"):
+        layer(x, [[0.0]], torch.randn(1, 4, 5, 5))

@@ -200,6 +200,10 @@ def _bad_calls():
         ("kernel_size", dict(kernel_size=4)),
         ("kernel_size", dict(kernel_size=0)),
         ("dilation", dict(dilation=0)),
+        ("kernel_size", dict(kernel_size=True)),
+        ("kernel_size", dict(kernel_size=3.0)),
+        ("scale", dict(scale=None)),
+        ("scale", dict(scale=torch.tensor(0.5, requires_grad=True))),
         ("attn_fg", dict(attn_fg=fg.double())),
         ("attn_bg", dict(attn_bg=bg.half())),
         ("attn_bg", dict(attn_bg=bg.to("meta"))),
@@ -212,10 +216,19 @@ def _bad_calls():
 def test_bad_input_names_the_argument(backend, index):
     v, fg, bg = make_inputs(1, 8, 5, 5, 2, 3)
     name, overrides = _bad_calls()[index]
-    kwargs = dict(value=v, attn_fg=fg, attn_bg=bg, kernel_size=3, dilation=1)
+    kwargs = dict(value=v, attn_fg=fg, attn_bg=bg, kernel_size=3, dilation=1, scale=1.0)
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=name):
         contrast_aggregate(**kwargs, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_numpy_integers_and_constant_tensors_are_accepted(backend):
+    np = pytest.importorskip("numpy")
+    v, fg, bg = make_inputs(1, 4, 5, 5, 2, 3)
+    expected = contrast_aggregate_reference(v, fg, bg, 3, 2, 0.5)
+    got = contrast_aggregate(v, fg, bg, np.int64(3), np.int32(2), torch.tensor(0.5), backend=backend)
+    torch.testing.assert_close(got, expected)
 
 
 def test_compiled_op_checks_its_inputs_too():
