@@ -350,6 +350,10 @@ def test_held_out_validation_and_config_errors(tmp_path):
         train(data_root=str(root), out=str(tmp_path / "x"), image_size=40)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(data_root=str(root), out=str(tmp_path / "y"), resume=True, **TINY)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):  # data_root comes from the run
+        train(out=str(tmp_path / "y"), resume=True)
+    with pytest.raises(ValueError, match="data_root must be given"):
+        train(out=str(tmp_path / "y"))
     assert not (tmp_path / "y").exists()  # a mistyped --out makes no folder
     with pytest.raises(ValueError, match="contradict"):
         train(data_root=str(root), out=str(tmp_path / "run"), resume=True, overwrite=True, **TINY)

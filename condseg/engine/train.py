@@ -74,7 +74,13 @@ def train(config=None, **options):
         cfg = dataclasses.replace(config, **options)
     else:
         if options.get("resume") and options.get("out") is not None:
-            options = {**saved_options(options["out"]), **options}
+            saved = saved_options(options["out"])
+            if not saved:
+                raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {options['out']}")
+            options = {**saved, **options}
+        missing = [name for name in ("data_root", "out") if options.get(name) is None]
+        if missing:
+            raise ValueError(f"train: {' and '.join(missing)} must be given")
         cfg = TrainConfig(**options)
     device = resolve_device(cfg.device)
     set_deterministic(cfg.deterministic, device)
