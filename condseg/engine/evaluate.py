@@ -22,7 +22,6 @@ def _foreground_mean(scores):
     return scores[:, 1:].mean(1) if scores.dim() == 2 else scores
 
 
-@torch.no_grad()
 def evaluation_files(out):
     """(summary .json, per-image .csv) written for ``out``: the two never share a name, whether
     ``out`` ends in .json, .csv or something else."""
@@ -31,6 +30,7 @@ def evaluation_files(out):
     return summary, summary.with_suffix(".csv")
 
 
+@torch.no_grad()
 def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, device="auto",
              batch_size=8, workers=0, skip_missing=False, threshold=0.5):
     """Metrics of ``checkpoint`` on a split of ``data_root``.
