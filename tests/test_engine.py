@@ -369,8 +369,8 @@ def test_without_a_train_split_the_other_splits_stay_out_of_training(tmp_path):
     (root / "val.txt").unlink()  # validation is then held out of the pairs that test.txt does not list
     train(data_root=str(root), out=str(tmp_path / "run2"), stage="1", val_fraction=0.25, **one_epoch)
     split_ids = [(tmp_path / "run2" / "splits" / f"{name}.txt").read_text().split() for name in ("train", "val")]
-    test_ids = (root / "test.txt").read_text().split()
-    assert sorted(split_ids[0] + split_ids[1]) == sorted(set(p.stem for p in (root / "images").iterdir()) - set(test_ids))
+    not_test = {p.stem for p in (root / "images").iterdir()} - set((root / "test.txt").read_text().split())
+    assert sorted(split_ids[0] + split_ids[1]) == sorted(not_test)
     assert len(split_ids[1]) == 2
 
 

@@ -126,7 +126,8 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     out_dir = Path(out_dir)
     used = set()
     stems = [_unique_stem(path, used) for path in files]
-    suffixes = [".png"] + ["_overlay.png"] * overlay + ["_prob.png"] * probabilities + ["_uncertainty.png"] * uncertainty
+    suffixes = [".png", *["_overlay.png"] * overlay, *["_prob.png"] * probabilities,
+                *["_uncertainty.png"] * uncertainty]
     _refuse_to_overwrite_inputs(files, [out_dir / f"{stem}{suffix}" for stem in stems for suffix in suffixes])
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(_Images(files, tuple(state["image_size"]), mcfg["in_channels"]), batch_size=batch_size,
