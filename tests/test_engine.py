@@ -389,6 +389,20 @@ def test_bad_options_fail_before_the_data_is_read(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_stage2_run_takes_its_network_from_the_stage1_checkpoint(synth, trained, tmp_path):
+    # The tool's own hint for training longer; it once built the default resnet50 and failed to load.
+    stage1 = trained.run_dir / "stage1_best.pt"
+    result = train(data_root=str(synth), out=str(tmp_path / "s2"), stage="2", stage1_checkpoint=str(stage1),
+                   epochs=1, progress=False, tensorboard=False)
+    saved = load_checkpoint(result.last_checkpoint)
+    assert saved["model_config"]["encoder_name"] == TINY["encoder"]
+    assert saved["model_config"]["decoder_channels"] == TINY["decoder_channels"]
+    assert saved["train_config"]["image_size"] == TINY["image_size"] and saved["encoder_initialised"]
+    with pytest.raises(ValueError, match="holds a resnet18 encoder .* this run builds resnet34"):
+        train(data_root=str(synth), out=str(tmp_path / "s2b"), stage="2", stage1_checkpoint=str(stage1),
+              encoder="resnet34", epochs=1, progress=False, tensorboard=False)
+
+
 def test_resume_options_come_from_the_checkpoint(tmp_path):
     from condseg.engine import TrainConfig
     from condseg.engine.train import saved_options

@@ -61,6 +61,19 @@ def saved_options(run_dir):
     return {}
 
 
+# Options of the network (and its input size) that a stage-2 run takes from its stage-1 checkpoint.
+STAGE1_NETWORK_OPTIONS = ("encoder", "in_channels", "classes", "decoder_channels", "cdfa_variant", "image_size")
+
+
+def stage1_network_options(path):
+    """The network options of the run that wrote the stage-1 checkpoint at ``path`` (a stage-2 run
+    started from it takes those it is not given)."""
+    state = load_checkpoint(path)
+    saved = {k: v for k, v in state.get("train_config", {}).items() if k in STAGE1_NETWORK_OPTIONS}
+    saved.update(encoder=state["model_config"]["encoder_name"], in_channels=state["model_config"]["in_channels"])
+    return saved
+
+
 def train(config=None, **options):
     """Train ConDSeg; ``config`` is a TrainConfig, or pass its fields as keyword arguments.
 
@@ -78,6 +91,8 @@ def train(config=None, **options):
             if not saved:
                 raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {options['out']}")
             options = {**saved, **options}
+        elif options.get("stage1_checkpoint"):
+            options = {**stage1_network_options(options["stage1_checkpoint"]), **options}
         missing = [name for name in ("data_root", "out") if options.get(name) is None]
         if missing:
             raise ValueError(f"train: {' and '.join(missing)} must be given")
@@ -239,8 +254,13 @@ class _Trainer:
                           + ("encoder_weights" if cfg.encoder_weights else "scratch"))
             return bool(cfg.encoder_weights)
         state = load_checkpoint(source)
-        if state["model_config"]["arch"] != "stage1":
-            raise ValueError(f"{source} is not a stage-1 checkpoint (arch {state['model_config']['arch']!r})")
+        saved = state["model_config"]
+        if saved["arch"] != "stage1":
+            raise ValueError(f"{source} is not a stage-1 checkpoint (arch {saved['arch']!r})")
+        if (saved["encoder_name"], saved["in_channels"]) != (cfg.encoder, cfg.in_channels):
+            raise ValueError(f"{source} holds a {saved['encoder_name']} encoder for {saved['in_channels']} input "
+                             f"channels, but this run builds {cfg.encoder} for {cfg.in_channels}: leave the encoder "
+                             "option out (a stage-2 run takes it from its stage-1 checkpoint)")
         model.load_stage1_encoder(state["model"])
         self.log.info(f"stage 2: encoder initialised from {source} (epoch {state['epoch']})")
         return True
@@ -251,7 +271,7 @@ class _Trainer:
             names = {"encoder_name": "encoder"}
             detail = ", ".join(f"{names.get(k, k)}={now[k]!r} (the run has {saved.get(k)!r})" for k in changed)
             raise ValueError(f"cannot resume stage {stage} in {self.run_dir} with a different network: {detail}. "
-                             f"Leave these options out: --resume restores the run's own")
+                             f"Leave these options out: --resume restores the run's own network")
 
     def _nothing_to_train(self, stage, resume):
         """The result of a resumed stage that is finished or already has its epochs."""
