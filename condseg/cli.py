@@ -3,6 +3,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 
 from .data.errors import DatasetError
@@ -88,10 +89,13 @@ def _commands(argv):
     _train_parser(sub)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset split",
+                       description="Metrics of CHECKPOINT on a split of DATA_ROOT: IoU, Dice, recall and "
+                                   "precision per image, averaged over the images (mIoU, mDSC, ...), at the "
+                                   "training size unless --original-size.",
                        formatter_class=_DefaultsHelp)
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("data_root", metavar="DATA_ROOT")
-    p.add_argument("--split", default="val", help="split name, or a split file (.txt)")
+    p.add_argument("--split", default="val", help="split name, a split file (.txt), or 'all' for every pair")
     p.add_argument("--out", metavar="FILE", help="summary JSON (the per-image CSV goes beside it)")
     p.add_argument("--original-size", action="store_true", help="score at each mask's own resolution")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
@@ -99,10 +103,13 @@ def _commands(argv):
     p.add_argument("--skip-missing", action="store_true", help="leave out split ids whose files are missing")
 
     p = sub.add_parser("predict", help="segment images of any size",
+                       description="Masks (PNG, 0/255) for image files and folders, each at its input's own "
+                                   "size, named after the inputs; optionally overlays, probability and "
+                                   "uncertainty maps.",
                        formatter_class=_DefaultsHelp)
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the masks (not the inputs' own)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.png")
     p.add_argument("--uncertainty", action="store_true", help="also write <stem>_uncertainty.png (SID branch)")
@@ -118,10 +125,14 @@ def _commands(argv):
     q.add_argument("--classes", type=int, default=1, help="1: binary masks; >1: masks hold class indices")
 
     p = sub.add_parser("demo", help="synthetic data, a 2-minute CPU training run, evaluation, overlays",
+                       description="The package's main job in one command: makes a small synthetic dataset of "
+                                   "low-contrast blobs, trains a small ConDSeg on it (about two minutes on a "
+                                   "CPU), evaluates it, writes overlays, and prints where everything is.",
                        formatter_class=_DefaultsHelp)
-    p.add_argument("--out", default="condseg-demo", metavar="DIR")
+    p.add_argument("--out", default="condseg-demo", metavar="DIR",
+                   help="folder for the data, the run, the evaluation and the predictions")
     p.add_argument("--epochs", type=int, default=8, help="stage-2 epochs")
-    p.add_argument("--stage1-epochs", type=int, default=2)
+    p.add_argument("--stage1-epochs", type=int, default=2, help="stage-1 epochs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     return parser.parse_args(argv)
 
@@ -192,6 +203,14 @@ def main(argv=None):
             raise
         print(f"condseg {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if os.environ.get("CONDSEG_DEBUG"):
+            raise
+        hint = ""
+        if args.command == "train":  # checkpoints are written atomically: the last one is whole
+            hint = f"; continue with: condseg train {shlex.quote(args.data_root)} --out {shlex.quote(args.out)} --resume"
+        print(f"condseg {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The condseg command line: help, data check, train/evaluate/predict round trip, errors, demo."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -87,6 +89,22 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "unknown encoder 'resnet5'" in capsys.readouterr().err and not (tmp_path / "r2").exists()
     assert main(["evaluate", str(tmp_path / "nope.pt"), str(root), "--device", "gpu"]) == 1
     assert "device 'gpu'" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume(monkeypatch, capsys):
+    import condseg.engine
+
+    def interrupted(**options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(condseg.engine, "train", interrupted)
+    assert main(["train", "my data", "--out", "runs/a"]) == 130
+    assert "interrupted; continue with: condseg train 'my data' --out runs/a --resume" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command():
+    done = subprocess.run([sys.executable, "-m", "condseg", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage: condseg" in done.stdout
 
 
 def test_predict_errors_are_messages(tmp_path, capsys):

@@ -109,8 +109,9 @@ def test_size_mismatch_and_empty_split_errors(folder):
     (folder / "test.txt").write_text("\n \n")
     with pytest.raises(DatasetError, match="test.txt is empty"):
         find_samples(folder, "test")
-    with pytest.raises(DatasetError, match="no split file"):
+    with pytest.raises(DatasetError, match="no split file .* or take every pair with the split 'all'"):
         find_samples(folder, "nosuch")
+    assert len(find_samples(folder, "all")[0]) == 4  # every pair, as the message says
     with pytest.raises(DatasetError, match="dataset folder not found"):
         find_samples(folder / "nowhere")
 

@@ -17,6 +17,7 @@ from .errors import DatasetError, MissingFilesError
 from .io import is_image_file
 
 SPLITS = ("train", "val", "test")
+ALL = "all"  # the split name for every pair (unless the dataset has an all.txt)
 MASK_SUFFIXES = ("_segmentation", "_mask", "_anno")
 _ISIC_WORDS = {"train": "training", "val": "validation", "test": "test"}
 _GLAS_PREFIXES = {"train": ("train_",), "val": ("testA_", "testB_"), "test": ("testA_", "testB_"),
@@ -101,11 +102,13 @@ def _glas_root(root):
 
 
 def resolve_layout(root, split=None):
-    """The Layout of ``split`` under ``root``: None (every pair), a split name, or the path of a
-    split file (``*.txt``) naming ids of root's pairs. Errors say what was expected."""
+    """The Layout of ``split`` under ``root``: None or "all" (every pair), a split name, or the path
+    of a split file (``*.txt``) naming ids of root's pairs. Errors say what was expected."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}", root)
+    if split == ALL and not (root / f"{ALL}.txt").is_file():
+        split = None
     if split and str(split).endswith(".txt"):  # a split file given by path (else inside root)
         split_file = Path(split)
         if not split_file.is_file() and (root / split_file).is_file():
@@ -119,7 +122,7 @@ def resolve_layout(root, split=None):
             if (root / split / "images").is_dir():
                 return resolve_layout(root / split)
             raise DatasetError(f"no split file {split_file} (nor folder {root / split / 'images'}); "
-                               f"write one id per line, or use the whole folder without a split")
+                               f"write one id per line, or take every pair with the split {ALL!r}")
         ids = read_split_file(split_file) if split else None
         return Layout("folder", root / "images", root / "masks", ids, split_file)
     if split and (root / split / "images").is_dir():
