@@ -9,8 +9,10 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import importlib.metadata
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -29,8 +31,28 @@ def _load_compiled():
     try:
         return importlib.import_module("condseg_ops._C"), None
     except ImportError as error:
+        installed = _shadowed_install()
+        if installed is not None:
+            return None, (f"condseg_ops was imported from {Path(__file__).parent}, a source folder without the "
+                          f"compiled extension, which hides the installed build in {installed} (Python looks in "
+                          "the current folder first): run from another folder, or build in place with "
+                          "`python setup.py build_ext --inplace`")
         return None, (f"the compiled extension condseg_ops._C is not built ({error}); "
                       "reinstall with `pip install --no-build-isolation .`")
+
+
+def _shadowed_install():
+    """The folder of an installed condseg_ops that has the compiled extension, when it is not the
+    one imported (a source checkout on the path hides it), else None."""
+    here = Path(__file__).resolve().parent
+    # every "condseg" on the path: a checkout's own condseg.egg-info comes first from inside it
+    for dist in importlib.metadata.distributions():
+        if dist.metadata["Name"] != "condseg":
+            continue
+        installed = Path(dist.locate_file("condseg_ops"))
+        if installed.is_dir() and installed.resolve() != here and any(installed.glob("_C*")):
+            return installed
+    return None
 
 
 COMPILED, COMPILED_ERROR = _load_compiled()
@@ -113,8 +135,8 @@ def _forced_choice(argument):
 
 
 @functools.lru_cache(maxsize=None)
-def _log_fallback_once(device_type, skipped):
-    logger.info("condseg_ops: for %s tensors %s", device_type, skipped)
+def _log_fallback_once(device_type, skipped, level=logging.INFO):
+    logger.log(level, "condseg_ops: for %s tensors %s", device_type, skipped)
 
 
 def _automatic(device_type):
@@ -123,8 +145,9 @@ def _automatic(device_type):
     for name in preferred:
         reason = unavailable_reason(name, device_type)
         if reason is None:
-            if skipped:
-                _log_fallback_once(device_type, f"using {name!r}: " + "; ".join(skipped))
+            if skipped:  # the reference is many times slower than the kernels: worth a warning
+                level = logging.WARNING if name == "reference" else logging.INFO
+                _log_fallback_once(device_type, f"using {name!r}: " + "; ".join(skipped), level)
             return name
         skipped.append(f"{name!r} unavailable: {reason}")
     return "reference"

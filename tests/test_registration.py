@@ -1,6 +1,7 @@
 """The op as a torch custom op: backend dispatch, opcheck, torch.compile, autocast."""
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +75,33 @@ def test_missing_backend_falls_back_and_logs(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="condseg_ops"):
         assert backends.select_backend("cpu") == "reference"
     assert "not built in this test" in caplog.text
+    assert caplog.records[-1].levelno == logging.WARNING  # the slow reference: shown by default
     assert "cpu" not in condseg_ops.available_backends("cpu")
+
+
+def test_a_source_folder_hiding_the_installed_build_is_named(monkeypatch, tmp_path):
+    # Python run from a checkout imports its condseg_ops (no _C there) instead of the installed one.
+    installed = tmp_path / "site-packages" / "condseg_ops"
+    installed.mkdir(parents=True)
+    (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+
+    class Distribution:  # the checkout's own egg-info first, then the installed package
+        def __init__(self, folder):
+            self.folder, self.metadata = folder, {"Name": "condseg"}
+
+        def locate_file(self, name):
+            return self.folder / name
+
+    def no_extension(name):
+        raise ImportError(f"No module named {name!r}")
+
+    checkout = Path(backends.__file__).resolve().parents[1]
+    monkeypatch.setattr(backends.importlib.metadata, "distributions",
+                        lambda: [Distribution(checkout), Distribution(tmp_path / "site-packages")])
+    monkeypatch.setattr(backends.importlib, "import_module", no_extension)
+    module, reason = backends._load_compiled()
+    assert module is None and f"hides the installed build in {installed}" in reason
+    assert "build_ext --inplace" in reason
 
 
 def test_available_backends_lists_what_runs_here():
