@@ -47,7 +47,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError as exc:  # optional dependency
-    TRITON_UNAVAILABLE_REASON = f"triton is not installed (pip install .[triton]): {exc}"
+    TRITON_UNAVAILABLE_REASON = f"triton is not installed (pip install triton): {exc}"
 else:
     if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
         TRITON_UNAVAILABLE_REASON = (

@@ -218,10 +218,13 @@ def test_image_and_mask_formats(tmp_path):
         read_mask(tmp_path / "labels.png", classes=2)
 
 
-def test_isic_layout(tmp_path):
+@pytest.mark.parametrize("data, truth", [("ISBI2016_ISIC_Part1_{}_Data", "ISBI2016_ISIC_Part1_{}_GroundTruth"),
+                                         ("ISIC2018_Task1-2_{}_Input", "ISIC2018_Task1_{}_GroundTruth")],
+                         ids=["2016", "2018"])
+def test_isic_layout(tmp_path, data, truth):
     root = tmp_path / "isic"
     for split, word in (("train", "Training"), ("test", "Test")):
-        images, masks = root / f"ISBI2016_ISIC_Part1_{word}_Data", root / f"ISBI2016_ISIC_Part1_{word}_GroundTruth"
+        images, masks = root / data.format(word), root / truth.format(word)
         images.mkdir(parents=True)
         masks.mkdir(parents=True)
         for i in range(2):

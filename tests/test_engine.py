@@ -379,7 +379,8 @@ def test_bad_options_fail_before_the_data_is_read(tmp_path):
     for options, message in [({"stage1_epochs": -2}, "stage1_epochs must be at least 1"),
                              ({"early_stop": -1}, "early_stop must be at least 0"),
                              ({"val_fraction": 1.0}, "val_fraction must lie between 0 and 1"),
-                             ({"encoder_lr": 0.0}, "encoder_lr must be positive")]:
+                             ({"encoder_lr": 0.0}, "encoder_lr must be positive"),
+                             ({"encoder": "pvt_v2_b2", "image_size": 48}, "multiple of 32 for the pvt_v2_b2")]:
         with pytest.raises(ValueError, match=message):
             train(data_root=nowhere, out=str(tmp_path / "run"), **{**TINY, **options})
     junk = tmp_path / "weights.pt"
@@ -401,6 +402,16 @@ def test_stage2_run_takes_its_network_from_the_stage1_checkpoint(synth, trained,
     with pytest.raises(ValueError, match="holds a resnet18 encoder .* this run builds resnet34"):
         train(data_root=str(synth), out=str(tmp_path / "s2b"), stage="2", stage1_checkpoint=str(stage1),
               encoder="resnet34", epochs=1, progress=False, tensorboard=False)
+
+
+def test_encoder_weights_are_loaded_and_logged(synth, tmp_path):
+    from condseg.models import create_encoder
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(create_encoder("resnet18").state_dict(), weights)
+    train(data_root=str(synth), out=str(tmp_path / "run"), stage="1", encoder_weights=str(weights),
+          **{**TINY, "epochs": 1, "stage1_epochs": None})
+    assert f"stage 1: encoder weights loaded from {weights}" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_resume_options_come_from_the_checkpoint(tmp_path):

@@ -3,8 +3,9 @@
 Folder layout (the default):   ROOT/images/<id>.<ext>, ROOT/masks/<id>[_mask|_segmentation].<ext>,
                                optional ROOT/train.txt, val.txt, test.txt (one id per line), or
                                split sub-folders ROOT/<split>/images and ROOT/<split>/masks.
-ISIC challenge layout:          ROOT/*Training_Data/<id>.jpg and ROOT/*Training*GroundTruth/
-                               <id>_Segmentation.png (Validation / Test likewise);
+ISIC challenge layout:          ROOT/*Training_Data/ (2018: *Training_Input/) <id>.jpg and
+                               ROOT/*Training*GroundTruth/<id>_Segmentation.png (Validation /
+                               Test likewise);
                                ``*_superpixels`` files are ignored.
 GlaS layout:                    ROOT/<id>.bmp and ROOT/<id>_anno.bmp in one folder (instance masks,
                                binarised as label > 0); splits from the id prefix: train_, testA_,
@@ -89,7 +90,7 @@ def read_split_file(path):
 
 def _isic_dirs(root):
     dirs = [d for d in root.iterdir() if d.is_dir()]
-    data = [d for d in dirs if d.name.lower().endswith("_data")]
+    data = [d for d in dirs if d.name.lower().endswith(("_data", "_input"))]  # ISIC 2016/2017, 2018
     truth = [d for d in dirs if "groundtruth" in d.name.lower()]
     return data, truth
 
@@ -133,7 +134,7 @@ def resolve_layout(root, split=None):
         image_dirs = [d for d in data if word in d.name.lower()]
         mask_dirs = [d for d in truth if word in d.name.lower()]
         if len(image_dirs) != 1 or len(mask_dirs) != 1:
-            raise DatasetError(f"ISIC layout in {root}: expected one '*{word}*_Data' and one "
+            raise DatasetError(f"ISIC layout in {root}: expected one '*{word}*_Data' (or _Input) and one "
                                f"'*{word}*GroundTruth' folder for split {split!r}, found "
                                f"{[d.name for d in image_dirs]} and {[d.name for d in mask_dirs]}")
         return Layout("isic", image_dirs[0], mask_dirs[0])

@@ -1,4 +1,4 @@
-"""TrainConfig: every training option in one place, with the defaults of DESIGN.md section 5."""
+"""TrainConfig: every training option in one place, with its default."""
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -72,10 +72,17 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie between 0 and 1, got {self.val_fraction}")
-        from ..models import list_encoders  # here, not at import: the config module stays light
+        import torch  # here, not at import: the config module stays light
+
+        from ..models import create_encoder, list_encoders
 
         if self.encoder not in list_encoders():
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {list_encoders()}")
+        with torch.device("meta"):  # the encoder's deepest stride, without allocating its weights
+            multiple = create_encoder(self.encoder, self.in_channels).reductions[-1]
+        if any(int(s) % multiple for s in sides):
+            raise ValueError(f"image_size must be a multiple of {multiple} for the {self.encoder} encoder, "
+                             f"got {size!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: pass one of them")
 

@@ -295,6 +295,8 @@ class _Trainer:
             if resume.get("finished") or resume["epoch"] >= epochs:
                 return self._nothing_to_train(stage, resume)
         model = build_model(mcfg, encoder_weights=None if resume else cfg.encoder_weights)
+        if cfg.encoder_weights and not resume:
+            self.log.info(f"stage {stage}: encoder weights loaded from {cfg.encoder_weights}")
         if stage == 1:
             lr, encoder_lr = cfg.stage1_lr, None
         else:
