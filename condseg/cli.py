@@ -208,7 +208,8 @@ def main(argv=None):
             raise
         hint = ""
         if args.command == "train":  # checkpoints are written atomically: the last one is whole
-            hint = f"; continue with: condseg train {shlex.quote(args.data_root)} --out {shlex.quote(args.out)} --resume"
+            root, out = shlex.quote(args.data_root), shlex.quote(args.out)
+            hint = f"; continue with: condseg train {root} --out {out} --resume"
         print(f"condseg {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 

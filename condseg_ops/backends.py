@@ -45,13 +45,16 @@ def _shadowed_install():
     """The folder of an installed condseg_ops that has the compiled extension, when it is not the
     one imported (a source checkout on the path hides it), else None."""
     here = Path(__file__).resolve().parent
-    # every "condseg" on the path: a checkout's own condseg.egg-info comes first from inside it
-    for dist in importlib.metadata.distributions():
-        if dist.metadata["Name"] != "condseg":
-            continue
-        installed = Path(dist.locate_file("condseg_ops"))
-        if installed.is_dir() and installed.resolve() != here and any(installed.glob("_C*")):
-            return installed
+    try:  # only a better message: nothing here may break the import
+        # every "condseg" on the path: a checkout's own condseg.egg-info comes first from inside it
+        for dist in importlib.metadata.distributions():
+            if dist.metadata["Name"] != "condseg":
+                continue
+            installed = Path(dist.locate_file("condseg_ops"))
+            if installed.is_dir() and installed.resolve() != here and any(installed.glob("_C*")):
+                return installed
+    except Exception:  # noqa: BLE001 - a broken distribution on the path
+        return None
     return None
 
 
