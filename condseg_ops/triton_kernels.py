@@ -33,8 +33,6 @@ from typing import Optional
 
 import torch
 
-from .reference import reference_vjp
-
 OP_NAME = "condseg_ops::contrast_aggregate_triton"
 BACKWARD_OP_NAME = "condseg_ops::contrast_aggregate_triton_backward"
 
@@ -496,6 +494,8 @@ if TRITON_AVAILABLE:
     def _autograd_backward(ctx, grad_out):
         value, attn_fg, attn_bg = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: these kernels' backward is not differentiable
+            from condseg_ops.reference import reference_vjp  # here: this module also loads on its own
+
             grad_value, grad_fg, grad_bg = reference_vjp(grad_out, value, attn_fg, attn_bg, *ctx.args)
             return grad_value, grad_fg, grad_bg, None, None, None
         grad_value, grad_fg, grad_bg = _backward_op(grad_out, value, attn_fg, attn_bg, *ctx.args)
