@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from .data.errors import DatasetError
 
@@ -46,7 +47,7 @@ def _train_parser(sub):
     opt("--stage", "stages to train", choices=["both", "1", "2"])
     opt("--epochs", "stage-2 epochs (stage-1 epochs with --stage 1)", type=int)
     opt("--stage1-epochs", "stage-1 epochs", type=int, shown_default="epochs/5 with --stage both")
-    opt("--image-size", "training side, a multiple of 16", type=int)
+    opt("--image-size", "training side, a multiple of 16 (32 for pvt_v2_b2)", type=int)
     opt("--batch-size", "training batch (validation uses twice this)", type=int)
     opt("--encoder", "resnet18, resnet34, resnet50, vgg19, pvt_v2_b2")
     opt("--encoder-weights", "local ImageNet weights for the encoder (none: from scratch)", metavar="PATH")
@@ -103,13 +104,13 @@ def _commands(argv):
     p.add_argument("--skip-missing", action="store_true", help="leave out split ids whose files are missing")
 
     p = sub.add_parser("predict", help="segment images of any size",
-                       description="Masks (PNG, 0/255) for image files and folders, each at its input's own "
-                                   "size, named after the inputs; optionally overlays, probability and "
-                                   "uncertainty maps.",
+                       description="Masks (PNG: 0/255, or class indices) for image files and folders, each at its "
+                                   "input's own size, named after the inputs; optionally overlays, "
+                                   "probability and uncertainty maps.",
                        formatter_class=_DefaultsHelp)
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the masks (not the inputs' own)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the masks (an input is never overwritten)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.png")
     p.add_argument("--uncertainty", action="store_true", help="also write <stem>_uncertainty.png (SID branch)")
@@ -207,7 +208,7 @@ def main(argv=None):
         if os.environ.get("CONDSEG_DEBUG"):
             raise
         hint = ""
-        if args.command == "train":  # checkpoints are written atomically: the last one is whole
+        if args.command == "train" and any(Path(args.out).glob("stage*_last.pt")):  # written atomically: whole
             root, out = shlex.quote(args.data_root), shlex.quote(args.out)
             hint = f"; continue with: condseg train {root} --out {out} --resume"
         print(f"condseg {args.command}: interrupted{hint}", file=sys.stderr)

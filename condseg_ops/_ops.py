@@ -33,7 +33,7 @@ def as_int(where, name, number, minimum=1, odd=False):
 def as_scale(scale):
     """``scale`` as a float; a tensor that needs its gradient is refused (it would get none)."""
     if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1 or scale.requires_grad:
+        if scale.numel() != 1 or (scale.requires_grad and torch.is_grad_enabled()):
             raise ValueError("contrast_aggregate: scale must be a constant number (a learnable temperature "
                              f"gets no gradient here: multiply the logits by it instead), got {scale!r}")
         return float(scale)

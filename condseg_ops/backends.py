@@ -26,25 +26,24 @@ ENV_VAR = "CONDSEG_OPS_BACKEND"
 _forced = contextvars.ContextVar("condseg_ops_forced_backend", default=None)
 
 
-def _load_compiled():
-    """Returns (module, None) or (None, why it is missing)."""
+def _load_compiled(here=Path(__file__).resolve().parent):
+    """Returns (module, None) or (None, why it is missing); ``here`` is this package's folder."""
     try:
         return importlib.import_module("condseg_ops._C"), None
     except ImportError as error:
-        installed = _shadowed_install()
+        installed = None if any(here.glob("_C*")) else _shadowed_install(here)  # else _C itself is broken
         if installed is not None:
-            return None, (f"condseg_ops was imported from {Path(__file__).parent}, a source folder without the "
-                          f"compiled extension, which hides the installed build in {installed} (Python looks in "
-                          "the current folder first): run from another folder, or build in place with "
+            return None, (f"condseg_ops was imported from {here}, a source folder without the compiled "
+                          f"extension ({error}), which hides the installed build in {installed} (Python looks "
+                          "in the current folder first): run from another folder, or build in place with "
                           "`python setup.py build_ext --inplace`")
         return None, (f"the compiled extension condseg_ops._C is not built ({error}); "
                       "reinstall with `pip install --no-build-isolation .`")
 
 
-def _shadowed_install():
-    """The folder of an installed condseg_ops that has the compiled extension, when it is not the
-    one imported (a source checkout on the path hides it), else None."""
-    here = Path(__file__).resolve().parent
+def _shadowed_install(here):
+    """The folder of an installed condseg_ops that has the compiled extension, when it is not
+    ``here``, the one imported (a source checkout on the path hides it), else None."""
     try:  # only a better message: nothing here may break the import
         # every "condseg" on the path: a checkout's own condseg.egg-info comes first from inside it
         for dist in importlib.metadata.distributions():

@@ -91,15 +91,20 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "device 'gpu'" in capsys.readouterr().err
 
 
-def test_ctrl_c_says_how_to_resume(monkeypatch, capsys):
+def test_ctrl_c_says_how_to_resume(monkeypatch, capsys, tmp_path):
     import condseg.engine
 
     def interrupted(**options):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(condseg.engine, "train", interrupted)
-    assert main(["train", "my data", "--out", "runs/a"]) == 130
-    assert "interrupted; continue with: condseg train 'my data' --out runs/a --resume" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", "my data", "--out", str(run)]) == 130
+    assert capsys.readouterr().err.strip() == "condseg train: interrupted"  # no checkpoint yet: nothing to resume
+    run.mkdir()
+    (run / "stage1_last.pt").write_bytes(b"")
+    assert main(["train", "my data", "--out", str(run)]) == 130
+    assert f"interrupted; continue with: condseg train 'my data' --out {run} --resume" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs_the_command():

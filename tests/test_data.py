@@ -166,6 +166,10 @@ def test_masks_in_other_encodings(tmp_path):
     for name, img in cases.items():
         img.save(tmp_path / name)
         assert np.array_equal(read_mask(tmp_path / name), truth), name
+    soft = np.where(truth == 1, 0.8, 0.0).astype(np.float32)  # a float mask: range 0..1 already
+    soft[0, 0] = 1.0
+    Image.fromarray(soft, "F").save(tmp_path / "soft.tif")
+    assert read_mask(tmp_path / "soft.tif").sum() == truth.sum() + 1
     noisy = np.where(truth == 1, 1, 0).astype(np.uint8)  # a JPEG "empty" mask with noise of 1 stays empty
     Image.fromarray(noisy).save(tmp_path / "noise.jpg", quality=100)
     assert read_mask(tmp_path / "noise.jpg").sum() == 0
@@ -234,6 +238,8 @@ def test_isic_layout(tmp_path, data, truth):
             Image.fromarray(np.full((6, 7), 255, np.uint8)).save(masks / f"{sid}_Segmentation.png")
     samples, layout = find_samples(root, "train")
     assert layout.name == "isic" and [s.id for s in samples] == ["ISIC_train0", "ISIC_train1"]
+    with pytest.raises(DatasetError, match="the split 'all' .* keeps its splits in separate folders"):
+        find_samples(root, "all")  # not just the training folder
     assert [s.id for s in find_samples(root, "test")[0]] == ["ISIC_test0", "ISIC_test1"]
     ds = SegmentationDataset(root, "test", image_size=32)
     assert ds[0]["mask"].all()

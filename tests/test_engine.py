@@ -350,7 +350,7 @@ def test_held_out_validation_and_config_errors(tmp_path):
         train(data_root=str(root), out=str(tmp_path / "x"), image_size=40)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(data_root=str(root), out=str(tmp_path / "y"), resume=True, **TINY)
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):  # data_root comes from the run
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):  # a message, not a TypeError on data_root
         train(out=str(tmp_path / "y"), resume=True)
     with pytest.raises(ValueError, match="data_root must be given"):
         train(out=str(tmp_path / "y"))
@@ -372,6 +372,9 @@ def test_without_a_train_split_the_other_splits_stay_out_of_training(tmp_path):
     not_test = {p.stem for p in (root / "images").iterdir()} - set((root / "test.txt").read_text().split())
     assert sorted(split_ids[0] + split_ids[1]) == sorted(not_test)
     assert len(split_ids[1]) == 2
+    (root / "test.txt").write_text("not_downloaded_1\nnot_downloaded_2\n")  # a test split's files need not exist
+    train(data_root=str(root), out=str(tmp_path / "run3"), stage="1", val_fraction=0.25, **one_epoch)
+    assert "data: 8 training and 2 validation pairs" in (tmp_path / "run3" / "train.log").read_text()
 
 
 def test_bad_options_fail_before_the_data_is_read(tmp_path):

@@ -229,6 +229,9 @@ def test_numpy_integers_and_constant_tensors_are_accepted(backend):
     expected = contrast_aggregate_reference(v, fg, bg, 3, 2, 0.5)
     got = contrast_aggregate(v, fg, bg, np.int64(3), np.int32(2), torch.tensor(0.5), backend=backend)
     torch.testing.assert_close(got, expected)
+    with torch.no_grad():  # a learnable temperature is fine where no gradient is wanted
+        got = contrast_aggregate(v, fg, bg, 3, 2, torch.nn.Parameter(torch.tensor(0.5)), backend=backend)
+    torch.testing.assert_close(got, expected)
 
 
 def test_compiled_op_checks_its_inputs_too():

@@ -95,13 +95,17 @@ def test_a_source_folder_hiding_the_installed_build_is_named(monkeypatch, tmp_pa
     def no_extension(name):
         raise ImportError(f"No module named {name!r}")
 
-    checkout = Path(backends.__file__).resolve().parents[1]
+    checkout = tmp_path / "checkout"  # a source tree with no built extension
+    (checkout / "condseg_ops").mkdir(parents=True)
     monkeypatch.setattr(backends.importlib.metadata, "distributions",
                         lambda: [Distribution(checkout), Distribution(tmp_path / "site-packages")])
     monkeypatch.setattr(backends.importlib, "import_module", no_extension)
-    module, reason = backends._load_compiled()
+    module, reason = backends._load_compiled(checkout / "condseg_ops")
     assert module is None and f"hides the installed build in {installed}" in reason
-    assert "build_ext --inplace" in reason
+    assert "build_ext --inplace" in reason and "No module named" in reason
+    # an extension that is there but fails to load is that error, not a shadowing
+    (checkout / "condseg_ops" / "_C.so").write_bytes(b"")
+    assert "not built" in backends._load_compiled(checkout / "condseg_ops")[1]
 
 
 def test_available_backends_lists_what_runs_here():

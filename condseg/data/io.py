@@ -28,8 +28,8 @@ _AS_STORED = ("L", "LA", "RGB", "RGBA")  # 8-bit modes whose channels are grey o
 
 def _to_array(img):
     """Pixel array of any Pillow mode, and the maximum value of its range. 8-bit modes come back as
-    L, LA, RGB or RGBA: palette, CMYK, YCbCr, LAB, HSV and premultiplied files are converted first
-    (their raw channels are not colours)."""
+    L, LA, RGB or RGBA: palette, CMYK, YCbCr, LAB and HSV files are converted first (their raw
+    channels are not colours)."""
     if img.mode == "1":
         return np.array(img, dtype=np.uint8), 1
     if img.mode in _INTEGER_16:
@@ -81,8 +81,8 @@ def read_mask(path, binarize="half", classes=1):
         return (arr > 0).astype(np.uint8)
     if binarize != "half":
         raise ValueError(f"read_mask: binarize must be 'half' or 'nonzero', got {binarize!r}")
-    if arr.size and arr.max() == 1 and Path(path).suffix.lower() not in _LOSSY:  # JPEG noise is no 0/1 mask
-        return (arr == 1).astype(np.uint8)
+    if top > 1 and arr.size and arr.max() == 1 and Path(path).suffix.lower() not in _LOSSY:
+        return (arr == 1).astype(np.uint8)  # an integer 0/1 mask (JPEG noise of 1 is not one)
     return (arr >= top / 2).astype(np.uint8)
 
 

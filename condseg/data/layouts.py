@@ -82,7 +82,7 @@ def read_split_file(path):
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read split file {path}: {e}", path) from None
     ids = [line.strip() for line in text.splitlines() if line.strip()]
-    ids = [Path(i).stem if is_image_file(i) else i for i in ids]
+    ids = [i[: -len(Path(i).suffix)] if is_image_file(i) else i for i in ids]
     if not ids:
         raise DatasetError(f"split file {path} is empty: it lists no ids", path)
     return ids
@@ -108,7 +108,8 @@ def resolve_layout(root, split=None):
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}", root)
-    if split == ALL and not (root / f"{ALL}.txt").is_file():
+    every = split == ALL and not (root / f"{ALL}.txt").is_file()
+    if every:
         split = None
     if split and str(split).endswith(".txt"):  # a split file given by path (else inside root)
         split_file = Path(split)
@@ -126,6 +127,9 @@ def resolve_layout(root, split=None):
                                f"write one id per line, or take every pair with the split {ALL!r}")
         ids = read_split_file(split_file) if split else None
         return Layout("folder", root / "images", root / "masks", ids, split_file)
+    if every and _glas_root(root) is None:  # ISIC and split sub-folders keep each split apart
+        raise DatasetError(f"the split {ALL!r} (every pair) needs {root / 'images'} and {root / 'masks'} (or the "
+                           f"GlaS layout); {root} keeps its splits in separate folders: name one of them", root)
     if split and (root / split / "images").is_dir():
         return resolve_layout(root / split)
     data, truth = _isic_dirs(root)

@@ -65,11 +65,14 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("early_stop", "lr_patience"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:  # early_stop None: never
                 raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         for name in ("lr", "encoder_lr", "stage1_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if name == "encoder_lr" and value is None:  # None: the encoder takes lr too
+                continue
+            if value is None or not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie between 0 and 1, got {self.val_fraction}")
         import torch  # here, not at import: the config module stays light

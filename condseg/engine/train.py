@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.dataset import SegmentationDataset, as_size, collate
 from ..data.errors import DatasetError
-from ..data.layouts import available_splits, find_samples
+from ..data.layouts import available_splits, find_samples, resolve_layout
 from ..models.encoders import read_weights_file
 from .builders import build_model, make_optimizer, make_scheduler, model_config
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -89,7 +89,8 @@ def train(config=None, **options):
         if options.get("resume") and options.get("out") is not None:
             saved = saved_options(options["out"])
             if not saved:
-                raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {options['out']}")
+                raise FileNotFoundError(f"nothing to resume: no stage*_last.pt with a run's options in "
+                                        f"{options['out']}")
             options = {**saved, **options}
         elif options.get("stage1_checkpoint"):
             options = {**stage1_network_options(options["stage1_checkpoint"]), **options}
@@ -179,8 +180,8 @@ class _Trainer:
 
     def _ids_outside(self, root, splits, split=None):
         """Ids of ``split``'s pairs (None: every pair) that none of ``splits`` lists."""
+        listed = {i for other in splits for i in (resolve_layout(root, other).ids or ())}  # files not needed
         quiet = lambda message: None  # noqa: E731 - the datasets report missing ids themselves
-        listed = {s.id for other in splits for s in find_samples(root, other, True, warn=quiet)[0]}
         ids = [s.id for s in find_samples(root, split, self.cfg.skip_missing, warn=quiet)[0] if s.id not in listed]
         if not ids:
             raise DatasetError(f"no training pairs in {root}: every pair is listed by {', '.join(map(str, splits))}",
@@ -295,8 +296,8 @@ class _Trainer:
             if resume.get("finished") or resume["epoch"] >= epochs:
                 return self._nothing_to_train(stage, resume)
         model = build_model(mcfg, encoder_weights=None if resume else cfg.encoder_weights)
-        if cfg.encoder_weights and not resume:
-            self.log.info(f"stage {stage}: encoder weights loaded from {cfg.encoder_weights}")
+        if cfg.encoder_weights and not resume and stage == 1:  # stage 2 says where its encoder came from
+            self.log.info(f"stage 1: encoder weights loaded from {cfg.encoder_weights}")
         if stage == 1:
             lr, encoder_lr = cfg.stage1_lr, None
         else:
