@@ -6,9 +6,11 @@
 # Usage (from anywhere):  bash benchmarks/gpu_check.sh
 # Environment: OUT (default ./gpu_out), GPU_CHECK_BUDGET_S (default 450: stages are cut short so
 # the whole run fits), FPS_ARGS (extra arguments for benchmarks/fps.py), FPS_LIMIT_S (default 90:
-# the fps stage's limit; its --budget is 20 s less).
+# the fps stage's limit, less where the deadline is nearer; fps.py's --budget is 20 s less).
 # Output: $OUT/build.log, tests.log, op_bench.log, op_bench.jsonl (JSON lines, one per row),
-# fps.jsonl and profile_bf16.txt (when benchmarks/fps.py exists), summary.txt.
+# fps.log, fps.jsonl, profile.log and profile_bf16.txt (when benchmarks/fps.py exists), summary.txt
+# (which also rebuilds the fps table: the console's tail may be all a caller sees).
+# Logs are written by a tee that ignores SIGINT, so a stage cut short by its limit keeps its output.
 # Every stage runs even when an earlier one failed (the benchmark still gives numbers for the
 # backends that work); the exit status is non-zero when any stage failed.
 set -euo pipefail
@@ -84,7 +86,7 @@ run_stage build 240 150 bash -c build
 # 2. Tests. -P keeps the source tree off sys.path: the installed package (with its _C) is tested.
 pytest_stage() {
   local file=$1
-  $PY -P -m pytest -q -rs -m "not slow" "$file" 2>&1 | tee -a "$OUT/tests.log"
+  $PY -P -m pytest -q -rfEs -m "not slow" "$file" 2>&1 | (trap '' INT; exec tee -a "$OUT/tests.log")
   return "${PIPESTATUS[0]}"
 }
 export -f pytest_stage
@@ -98,7 +100,7 @@ fi
 bench() {
   $PY -P benchmarks/op_bench.py --device cuda --shapes levels --batch 12 --dtypes float32,bfloat16 \
     --backends reference,cuda,triton --iters 10 --warmup 2 --out "$OUT/op_bench.jsonl" 2>&1 |
-    tee "$OUT/op_bench.log"
+    (trap '' INT; exec tee "$OUT/op_bench.log")
   return "${PIPESTATUS[0]}"
 }
 export -f bench
@@ -110,10 +112,26 @@ if [[ -f benchmarks/fps.py ]]; then
   # >>> end-to-end benchmark (benchmarks/fps.py) <<<
   # shellcheck disable=SC2086  # FPS_ARGS is a list of arguments
   FPS_LIMIT_S=${FPS_LIMIT_S:-90}
-  run_stage fps "$FPS_LIMIT_S" 25 $PY -P benchmarks/fps.py --device cuda --quick --budget $((FPS_LIMIT_S - 20)) \
-    ${FPS_ARGS:-} --json "$OUT/fps.jsonl"
+  # fps.py's --budget follows the limit the stage really gets (earlier stages may have cut it).
+  fps_left=$((DEADLINE - $(date +%s) - 25))
+  FPS_LIMIT=$((FPS_LIMIT_S < fps_left ? FPS_LIMIT_S : fps_left))
+  fps() {
+    # shellcheck disable=SC2086  # FPS_ARGS is a list of arguments
+    $PY -P benchmarks/fps.py --device cuda --quick --budget $((FPS_LIMIT - 20)) ${FPS_ARGS:-} \
+      --json "$OUT/fps.jsonl" 2>&1 | (trap '' INT; exec tee "$OUT/fps.log")
+    return "${PIPESTATUS[0]}"
+  }
+  export -f fps
+  export FPS_LIMIT FPS_ARGS
+  run_stage fps "$FPS_LIMIT" 25 bash -c fps
   # Where the batch-1 GPU time goes (the fps bars' bottleneck), slowest kernels first.
-  run_stage profile 40 0 $PY -P benchmarks/profile_model.py --device cuda --mode bf16 --shapes --out "$OUT/profile_bf16.txt"
+  # Its report goes to the file only: the run tool returns just the tail of the console.
+  profile() {
+    $PY -P benchmarks/profile_model.py --device cuda --mode bf16 --shapes --out "$OUT/profile_bf16.txt" \
+      >"$OUT/profile.log" 2>&1
+  }
+  export -f profile
+  run_stage profile 40 0 bash -c profile
 fi
 
 # 5. Short table last: the bars' shape from the benchmark, then the stages.
@@ -132,6 +150,18 @@ op_bench.print_bars(rows, True)
 EOF
   else
     echo "(no benchmark rows)"
+  fi
+  if [[ -s "$OUT/fps.jsonl" ]]; then
+    echo
+    echo "=== end-to-end (fps.jsonl)"
+    $PY -P - "$OUT/fps.jsonl" <<'EOF' || true
+import json, sys
+sys.path.insert(0, "benchmarks")
+import fps
+rows = [json.loads(line) for line in open(sys.argv[1])]
+print(fps.format_table(rows))
+print("\n".join(fps.summary(rows, "cuda")[0]))
+EOF
   fi
   echo
   echo "=== gpu_check stages ($(($(date +%s) - T0)) s in all; results in $OUT)"

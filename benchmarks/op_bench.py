@@ -250,80 +250,88 @@ def main(argv=None):
     bandwidth = copy_gbps(device, largest, iters)
     print(f"# device-to-device copy: {bandwidth:.0f} GB/s")
 
-    rows, failures = [], 0
-    for (B, C, H, W, heads) in shapes:
-        for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
-            for softmax in softmaxes:
-                dual = softmax == "dual"
-                K, scale = 3, (C // heads) ** -0.5
-                try:
-                    value, fg, bg, grad = make_inputs(B, C, H, W, heads, K, dual, dtype, device)
-                except torch.cuda.OutOfMemoryError:
-                    print(f"# {B}x{C}x{H}x{W}: inputs do not fit, skipped")
-                    continue
-                for pass_name in passes:
-                    ref_ms = ref_peak = None
-                    ref_note = ""
-                    for backend in backends:
-                        row = {"device": dev_name, "date": date, "torch": torch.__version__, "command": command,
-                               "bench": "op", "backend": backend, "dtype": dtype_name, "pass": pass_name,
-                               "B": B, "C": C, "H": H, "W": W, "heads": heads, "K": K, "dual": dual,
-                               "iters": iters, "ms": None, "ref_ms": None, "speedup": None, "gbps": None,
-                               "copy_gbps": round(bandwidth, 1), "pct_of_copy": None, "peak_mem_mb": None,
-                               "ref_peak_mem_mb": None, "note": ""}
-                        if backend == "reference":
-                            est_bytes, est_s = reference_estimate(B, C, H, W, heads, K, dual, dtype.itemsize,
-                                                                  pass_name)
-                            free = torch.cuda.mem_get_info()[0] if on_cuda else None
-                            if on_cuda and est_bytes > 0.9 * free:
-                                ref_note = f"reference skipped: needs ~{est_bytes / 2**30:.1f} GiB"
-                            elif not on_cuda and est_s > args.max_ref_seconds:
-                                ref_note = f"reference skipped: ~{est_s:.0f} s per iteration"
-                            if ref_note:
-                                row["note"] = ref_note
-                                rows.append(row)
-                                continue
-                        fn = op_for(backend, K, scale)
-                        try:
-                            ms, peak = measure(fn, (value, fg, bg), grad, pass_name, device, warmup, iters)
-                        except torch.cuda.OutOfMemoryError:
-                            torch.cuda.empty_cache()
-                            row["note"] = "out of memory"
-                            if backend == "reference":
-                                ref_note = "reference out of memory"
-                            rows.append(row)
-                            continue
-                        except Exception as error:  # noqa: BLE001 - record and go on
-                            failures += 1
-                            row["note"] = f"error: {str(error).splitlines()[0][:300]}"
-                            print(f"# FAILED {backend} {dtype_name} {pass_name} {B}x{C}x{H}x{W}: {row['note']}")
-                            rows.append(row)
-                            continue
-                        if backend == "reference":
-                            ref_ms, ref_peak = ms, peak
-                        gbps = min_bytes(pass_name, B, C, H, W, heads, K, dual, dtype.itemsize) / (ms * 1e-3) / 1e9
-                        row.update(ms=round(ms, 4), ref_ms=None if ref_ms is None else round(ref_ms, 4),
-                                   speedup=None if ref_ms is None else round(ref_ms / ms, 2),
-                                   gbps=round(gbps, 1), pct_of_copy=round(gbps / bandwidth, 3),
-                                   peak_mem_mb=None if peak is None else round(peak, 1),
-                                   ref_peak_mem_mb=None if ref_peak is None else round(ref_peak, 1),
-                                   note=ref_note if backend != "reference" else "")
-                        rows.append(row)
-                del value, fg, bg, grad
-                if on_cuda:
-                    torch.cuda.empty_cache()
-
+    rows, failures, interrupted = [], 0, False
     if not args.no_save:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        with out_path.open("a") as fh:
-            for row in rows:
+
+    def keep(row):
+        rows.append(row)
+        if not args.no_save:  # row by row: a run cut short keeps what it measured
+            with out_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
+
+    try:
+        for (B, C, H, W, heads) in shapes:
+            for dtype_name in dtypes:
+                dtype = DTYPES[dtype_name]
+                for softmax in softmaxes:
+                    dual = softmax == "dual"
+                    K, scale = 3, (C // heads) ** -0.5
+                    try:
+                        value, fg, bg, grad = make_inputs(B, C, H, W, heads, K, dual, dtype, device)
+                    except torch.cuda.OutOfMemoryError:
+                        print(f"# {B}x{C}x{H}x{W}: inputs do not fit, skipped")
+                        continue
+                    for pass_name in passes:
+                        ref_ms = ref_peak = None
+                        ref_note = ""
+                        for backend in backends:
+                            row = {"device": dev_name, "date": date, "torch": torch.__version__, "command": command,
+                                   "bench": "op", "backend": backend, "dtype": dtype_name, "pass": pass_name,
+                                   "B": B, "C": C, "H": H, "W": W, "heads": heads, "K": K, "dual": dual,
+                                   "iters": iters, "ms": None, "ref_ms": None, "speedup": None, "gbps": None,
+                                   "copy_gbps": round(bandwidth, 1), "pct_of_copy": None, "peak_mem_mb": None,
+                                   "ref_peak_mem_mb": None, "note": ""}
+                            if backend == "reference":
+                                est_bytes, est_s = reference_estimate(B, C, H, W, heads, K, dual, dtype.itemsize,
+                                                                      pass_name)
+                                free = torch.cuda.mem_get_info()[0] if on_cuda else None
+                                if on_cuda and est_bytes > 0.9 * free:
+                                    ref_note = f"reference skipped: needs ~{est_bytes / 2**30:.1f} GiB"
+                                elif not on_cuda and est_s > args.max_ref_seconds:
+                                    ref_note = f"reference skipped: ~{est_s:.0f} s per iteration"
+                                if ref_note:
+                                    row["note"] = ref_note
+                                    keep(row)
+                                    continue
+                            fn = op_for(backend, K, scale)
+                            try:
+                                ms, peak = measure(fn, (value, fg, bg), grad, pass_name, device, warmup, iters)
+                            except torch.cuda.OutOfMemoryError:
+                                torch.cuda.empty_cache()
+                                row["note"] = "out of memory"
+                                if backend == "reference":
+                                    ref_note = "reference out of memory"
+                                keep(row)
+                                continue
+                            except Exception as error:  # noqa: BLE001 - record and go on
+                                failures += 1
+                                row["note"] = f"error: {str(error).splitlines()[0][:300]}"
+                                print(f"# FAILED {backend} {dtype_name} {pass_name} {B}x{C}x{H}x{W}: {row['note']}")
+                                keep(row)
+                                continue
+                            if backend == "reference":
+                                ref_ms, ref_peak = ms, peak
+                            gbps = min_bytes(pass_name, B, C, H, W, heads, K, dual, dtype.itemsize) / (ms * 1e-3) / 1e9
+                            row.update(ms=round(ms, 4), ref_ms=None if ref_ms is None else round(ref_ms, 4),
+                                       speedup=None if ref_ms is None else round(ref_ms / ms, 2),
+                                       gbps=round(gbps, 1), pct_of_copy=round(gbps / bandwidth, 3),
+                                       peak_mem_mb=None if peak is None else round(peak, 1),
+                                       ref_peak_mem_mb=None if ref_peak is None else round(ref_peak, 1),
+                                       note=ref_note if backend != "reference" else "")
+                            keep(row)
+                    del value, fg, bg, grad
+                    if on_cuda:
+                        torch.cuda.empty_cache()
+
+    except KeyboardInterrupt:  # a time limit: report what was measured
+        interrupted = True
+        print(f"# interrupted after {len(rows)} rows")
     print_table(rows)
     print_bars(rows, on_cuda)
     if not args.no_save:
         print(f"# {len(rows)} rows appended to {out_path}")
-    return 1 if failures else 0
+    return 130 if interrupted else 1 if failures else 0
 
 
 def print_table(rows):
