@@ -110,7 +110,6 @@ run_stage op-bench 150 30 bash -c bench
 # 4. End-to-end benchmark: only when benchmarks/fps.py exists (its arguments: FPS_ARGS).
 if [[ -f benchmarks/fps.py ]]; then
   # >>> end-to-end benchmark (benchmarks/fps.py) <<<
-  # shellcheck disable=SC2086  # FPS_ARGS is a list of arguments
   FPS_LIMIT_S=${FPS_LIMIT_S:-90}
   # fps.py's --budget follows the limit the stage really gets (earlier stages may have cut it).
   fps_left=$((DEADLINE - $(date +%s) - 25))
