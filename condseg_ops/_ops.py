@@ -43,9 +43,10 @@ def as_scale(scale):
 
 
 def check_inputs(value, attn_fg, attn_bg, kernel_size, dilation):
-    """Raises ValueError (naming the argument and the expected shape) for any invalid input."""
-    as_int("contrast_aggregate", "kernel_size", kernel_size, odd=True)
-    as_int("contrast_aggregate", "dilation", dilation)
+    """Raises ValueError (naming the argument and the expected shape) for any invalid input;
+    returns kernel_size and dilation as Python ints."""
+    kernel_size = as_int("contrast_aggregate", "kernel_size", kernel_size, odd=True)
+    dilation = as_int("contrast_aggregate", "dilation", dilation)
     if not isinstance(value, torch.Tensor) or value.dim() != 4:
         got = _shape(value) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"contrast_aggregate: value must have shape (B, C, H, W), got {got}")
@@ -73,6 +74,7 @@ def check_inputs(value, attn_fg, attn_bg, kernel_size, dilation):
             raise ValueError(f"contrast_aggregate: {name} has dtype {attn.dtype} but value has {value.dtype}")
         if attn.device != value.device:
             raise ValueError(f"contrast_aggregate: {name} is on {attn.device} but value is on {value.device}")
+    return kernel_size, dilation
 
 
 def _autocast(value, attn_fg, attn_bg):
@@ -98,8 +100,7 @@ def contrast_aggregate(value, attn_fg, attn_bg=None, kernel_size=3, dilation=1, 
     Returns a tensor shaped like value, in its dtype, on its device.
     """
     value, attn_fg, attn_bg = _autocast(value, attn_fg, attn_bg)
-    check_inputs(value, attn_fg, attn_bg, kernel_size, dilation)
-    kernel_size, dilation = operator.index(kernel_size), operator.index(dilation)
+    kernel_size, dilation = check_inputs(value, attn_fg, attn_bg, kernel_size, dilation)
     scale = as_scale(scale)
     name = backends.select_backend(value.device.type, backend)
     if name == "reference":

@@ -129,8 +129,9 @@ def use_backend(name):
 def _forced_choice(argument):
     if argument is not None:
         return argument, "the backend= argument"
-    if _forced.get() is not None:
-        return _forced.get(), "use_backend()"
+    forced = _forced.get()
+    if forced is not None:
+        return forced, "use_backend()"
     if os.environ.get(ENV_VAR, "").strip():
         return os.environ[ENV_VAR].strip().lower(), f"the {ENV_VAR} environment variable"
     return None, None

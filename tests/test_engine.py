@@ -277,7 +277,9 @@ def test_checkpoint_write_failure_keeps_old_file(tmp_path, monkeypatch):
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.arange(10))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     # readable like the run's other files (mkstemp alone gave 0600)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~ckpt_module._UMASK
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_checkpoint_process_killed_mid_write_keeps_old_file(tmp_path):

@@ -1,12 +1,11 @@
 """check_dataset: every problem of a dataset folder, reported at once (``condseg data check``)."""
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dataset import load_pair
 from .errors import DatasetError, MissingFilesError
-from .io import raw_mask
+from .io import half_range, raw_mask
 from .layouts import SPLITS, Sample, _index_layout, find_samples, resolve_layout
 
 
@@ -46,11 +45,6 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def _threshold(top):
-    """The smallest foreground value of read_mask's binarisation (``value >= top / 2``)."""
-    return math.ceil(top / 2) if isinstance(top, int) else top / 2
-
-
 def _check_pair(sample, binarize, classes):
     """(problem, warning) of one pair, each None when there is nothing to say."""
     try:
@@ -61,7 +55,7 @@ def _check_pair(sample, binarize, classes):
         values, top = raw_mask(sample.mask)
         if values.max() > 0:  # a mask stored at another scale (0/255 in 16 bits, say) reads as empty
             return None, Problem(str(sample.mask), f"binarises to all background: its largest value is "
-                                                   f"{values.max()}, under the threshold {_threshold(top)} (half "
+                                                   f"{values.max()}, under the threshold {half_range(top)} (half "
                                                    f"the file's range); rescale it if it marks foreground")
     return None, None
 

@@ -1,4 +1,5 @@
 """Reading images and masks from disk (Pillow), with errors that name the file."""
+import math
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,13 @@ def read_mask(path, binarize="half", classes=1):
         raise ValueError(f"read_mask: binarize must be 'half' or 'nonzero', got {binarize!r}")
     if top > 1 and arr.size and arr.max() == 1 and Path(path).suffix.lower() not in _LOSSY:
         return (arr == 1).astype(np.uint8)  # an integer 0/1 mask (JPEG noise of 1 is not one)
-    return (arr >= top / 2).astype(np.uint8)
+    return (arr >= half_range(top)).astype(np.uint8)
+
+
+def half_range(top):
+    """The smallest foreground value of a binary mask whose values reach ``top``: 128 for 8-bit,
+    32768 for 16-bit, 0.5 for float masks."""
+    return math.ceil(top / 2) if isinstance(top, int) else top / 2
 
 
 def raw_mask(path):
