@@ -57,6 +57,14 @@ def test_generic_kernels_match_reference(emulated, dtype, monkeypatch):
     assert_close_all(generic, expected, dtype, "generic")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_value_chunks(emulated, dtype):
+    # Cg = 36: five 8-channel value chunks through three rotating stage buffers, the last partial.
+    inputs = cpu_inputs(1, 72, 14, 35, 2, dtype=dtype, seed=5)
+    got = run_emulated(emulated, *inputs, scale=0.5)
+    assert_close_all(got, run_reference(*inputs, scale=0.5), dtype, f"{dtype} Cg=36")
+
+
 @pytest.mark.parametrize("B, C, H, W, heads, K, dilation, dual", AWKWARD)
 def test_awkward_sizes(emulated, B, C, H, W, heads, K, dilation, dual):
     inputs = cpu_inputs(B, C, H, W, heads, K=K, dual=dual, dtype=torch.float32, seed=H * W)

@@ -27,8 +27,8 @@ cudaError_t allow_shared_memory(Kernel* kernel, int bytes) {
 
 bool fused_sizes_ok(const Geo& g) {
   if (g.HW > INT_MAX || g.C > INT_MAX || g.heads > INT_MAX) return false;
-  // offsets of the window centres of one weights_kernel tile from its first one (int32)
-  if (((k3::EH + 1) * g.W + k3::EW) * g.heads * k3::K4 > INT_MAX) return false;
+  // byte offsets of the window centres of one weights_kernel tile from its first one (int32)
+  if (((k3::EH + 1) * g.W + k3::EW) * g.heads * k3::K4 * 4 > INT_MAX) return false;
   const long long weights_blocks = tiles_of(g, k3::TH, k3::TW).blocks;
   const long long grad_blocks = tiles_of(g, k3::BH, k3::BW).blocks;
   const long long logit_blocks = (g.B * g.HW * g.heads + k3::NT4 - 1) / k3::NT4;

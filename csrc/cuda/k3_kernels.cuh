@@ -12,10 +12,9 @@
 // staged through shared memory with cp.async in rounds of 3 matrix rows (double-buffered), and
 // scatters the rows of M into Wt of the tile in shared memory (one slot p at a time, so the writes
 // of a round never collide: deterministic, no atomics). Phase 2 stages value with a 2-pixel ring, 8
-// channels at a time (cp.async, the next chunk in flight while the current one is applied), and each
-// thread applies Wt to a column of 3 output pixels (value loads shared by the 3 rows) for half of
-// the channels. Only the logits, value and
-// the output cross global memory. weights_kernel<APPLY=false> writes Wt (fp32, layout
+// channels at a time (cp.async, two chunks in flight while one is applied), and each thread applies
+// Wt to a column of 3 output pixels (value loads shared by the 3 rows) for half of the channels.
+// Only the logits, value and the output cross global memory. weights_kernel<APPLY=false> writes Wt (fp32, layout
 // (B, heads, 25, H, W)) instead: the first step of the backward.
 //
 // Backward: value_grad_kernel computes grad_value[c, t] = sum_d Wt_{t-d}[d] G[c, t-d] and
@@ -40,7 +39,8 @@ constexpr int PASSES = (EP + NT - 1) / NT;         // 2
 constexpr int TP = TH * TW;                        // 384 output pixels
 constexpr int RPR = 3;                             // matrix rows per copy round
 constexpr int VW = TW + 4, VH = TH + 4;            // value tile with its 2-pixel ring
-constexpr int CC = 8;                              // channels per value stage
+constexpr int CC = 8;                              // channels per value chunk
+constexpr int VSTAGES = 3;                         // value chunk buffers: two in flight, one applied
 constexpr int QR = 3;                              // output rows per thread in phase 2
 constexpr int NQ = (TH + QR - 1) / QR;             // row groups: 4
 constexpr int CSPLIT = NT / (NQ * TW);             // channel groups: 2
@@ -61,13 +61,20 @@ constexpr int raw_row_words() {
   return sizeof(T) == 4 ? VW : (VW * 2 + 2 + 3) / 4;  // 36 or 19
 }
 
+// 4-byte words of one staged value chunk (CC channels x VH rows).
+template <typename T>
+constexpr int value_chunk_words() {
+  return CC * VH * raw_row_words<T>();
+}
+
 template <typename T>
 constexpr int weights_smem_bytes() {
   constexpr int wt = D * TP * 4;
   constexpr int table = PASSES * NT * 4;
   constexpr int rounds = 2 * NT * slot_words<T>() * 4;
-  constexpr int vstage = CC * VH * raw_row_words<T>() * 4 + CC * VH * VW * 4;
-  return wt + table + (rounds > vstage ? rounds : vstage);
+  // fp32 chunks are applied where they land; 2-byte ones are converted into one fp32 tile first.
+  constexpr int values = VSTAGES * value_chunk_words<T>() * 4 + (sizeof(T) == 4 ? 0 : CC * VH * VW * 4);
+  return wt + table + (rounds > values ? rounds : values);
 }
 
 // Element offset of a chunk inside its first word (0 for 4-byte types, 0 or 1 for 2-byte ones).
@@ -78,7 +85,7 @@ __device__ __forceinline__ int word_phase(const T* p) {
 
 // Copies rows [row0, row0 + RPR) of every valid slot's matrix into buf (NT slots x slot_words):
 // lanes of a warp take consecutive words of one slot (two slots for 2-byte types), so the global
-// reads are coalesced. offsets[slot] is the element offset of the slot's matrix from `base` (the
+// reads are coalesced. offsets[slot] is the byte offset of the slot's matrix from `base` (the
 // block's first window centre), or -1. `checked`: a word of this block may stick out of the tensor
 // [lo, hi) (2-byte types, first and last matrix of the tensor only).
 template <typename T>
@@ -89,29 +96,43 @@ __device__ __forceinline__ void issue_round(uint32_t* buf, const T* base, const 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane / WPS, w = lane - sub * WPS;
   if (sub >= SPI) return;
+  // Byte offsets make a copy's address one 64-bit add (element offsets cost two more, the scaling).
+  // Offsets are read in batches before their copies: the compiler pads every shared load that
+  // directly precedes a cp.async with three no-op instructions.
+  constexpr int BATCH = 4, STEP = NWARPS * SPI;
+  static_assert(NT % (BATCH * STEP) == 0, "batches must cover the slots exactly");
   if constexpr (sizeof(T) == 4) {
-    const T* lane_src = base + row0 * K2 + w;
+    const char* lane_src = reinterpret_cast<const char*>(base + row0 * K2 + w);
     uint32_t* lane_dst = buf + w;
-#pragma unroll 4
-    for (int slot = warp; slot < NT; slot += NWARPS) {
-      const int off = offsets[slot];
-      if (off >= 0) cp_async_4(lane_dst + slot * WPS, lane_src + static_cast<unsigned>(off));
+#pragma unroll 1
+    for (int slot0 = warp; slot0 < NT; slot0 += BATCH * STEP) {
+      int off[BATCH];
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) off[u] = offsets[slot0 + u * STEP];
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u)
+        if (off[u] >= 0) cp_async_4(lane_dst + (slot0 + u * STEP) * WPS, lane_src + static_cast<unsigned>(off[u]));
     }
   } else {
     constexpr int CHUNK_WORDS = (2 + RPR * K2 * 2 + 3) / 4;  // 14 whatever the chunk's phase
     if (w >= CHUNK_WORDS) return;
-    const T* lane_src = base + row0 * K2;
+    const char* lane_src = reinterpret_cast<const char*>(base + row0 * K2);
     uint32_t* lane_dst = buf + w;
     if (!checked) {
-#pragma unroll 4
-      for (int slot = warp * SPI + sub; slot < NT; slot += NWARPS * SPI) {
-        const int off = offsets[slot];
-        if (off < 0) continue;
-        const uintptr_t chunk = reinterpret_cast<uintptr_t>(lane_src + static_cast<unsigned>(off));
-        cp_async_4(lane_dst + slot * WPS, reinterpret_cast<const char*>(chunk & ~uintptr_t(3)) + 4 * w);
+#pragma unroll 1
+      for (int slot0 = warp * SPI + sub; slot0 < NT; slot0 += BATCH * STEP) {
+        int off[BATCH];
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) off[u] = offsets[slot0 + u * STEP];
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          if (off[u] < 0) continue;
+          const uintptr_t chunk = reinterpret_cast<uintptr_t>(lane_src + static_cast<unsigned>(off[u]));
+          cp_async_4(lane_dst + (slot0 + u * STEP) * WPS, reinterpret_cast<const char*>(chunk & ~uintptr_t(3)) + 4 * w);
+        }
       }
     } else {
-      for (int slot = warp * SPI + sub; slot < NT; slot += NWARPS * SPI) {
+      for (int slot = warp * SPI + sub; slot < NT; slot += STEP) {
         const int off = offsets[slot];
         if (off < 0) continue;
         const uintptr_t chunk = reinterpret_cast<uintptr_t>(lane_src + static_cast<unsigned>(off));
@@ -188,11 +209,11 @@ __global__ void __launch_bounds__(NT, 2)
 
   for (int i = tid; i < D * TP; i += NT) wt_s[i] = 0.f;
   // Window centre e of the block is pixel (oy0 - 1 + e / EW, ox0 - 1 + e % EW); its matrix is at
-  // element base + table[e] of the logits (int32: the host checks that the tile's span fits).
+  // byte base + table[e] of the logits (int32: the host checks that the tile's span fits).
   for (int e = tid; e < PASSES * NT; e += NT) {
     const int ey = e / EW, ex = e - ey * EW, qy = oy0 - 1 + ey, qx = ox0 - 1 + ex;
     const bool inside = e < EP && qy >= 0 && qy < H && qx >= 0 && qx < W;
-    table[e] = inside ? (ey * W + ex) * heads * K4 : -1;
+    table[e] = inside ? (ey * W + ex) * heads * K4 * static_cast<int>(sizeof(T)) : -1;
   }
   const long long base_off = ((((long long)b * H + (oy0 - 1)) * W + (ox0 - 1)) * heads + g) * K4;
   const T* fg_base = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(fg) + base_off * (long long)sizeof(T));
@@ -236,7 +257,9 @@ __global__ void __launch_bounds__(NT, 2)
       __syncthreads();
       const bool is_bg = DUAL && r < 3;
       const int row0 = (r % 3) * RPR;
-      const T* src = (is_bg ? bg_base : fg_base) + (valid ? my_off : 0) + row0 * K2;
+      const T* src =
+          reinterpret_cast<const T*>(reinterpret_cast<const char*>(is_bg ? bg_base : fg_base) + (valid ? my_off : 0)) +
+          row0 * K2;
       const T* rows = reinterpret_cast<const T*>(rounds + (t & 1) * NT * WPS + tid * WPS) + word_phase(src);
       if (is_bg) {
         if (valid) {
@@ -293,12 +316,16 @@ __global__ void __launch_bounds__(NT, 2)
   }
 
   // ---- phase 2: out = sum_d Wt[d] V[. + d] ----------------------------------------------------
-  // Value is staged CC channels at a time: raw words by cp.async (the next chunk flies while the
-  // current one is applied), then converted to a zero-padded fp32 tile. Loops over staging items
-  // stay rolled so that their index arithmetic is not kept live across chunks (registers).
-  constexpr int RAWW = raw_row_words<T>(), VROWS = CC * VH, VTILE = VH * VW;
-  uint32_t* raw = reinterpret_cast<uint32_t*>(stage);                       // [VROWS][RAWW]
-  float* vs = reinterpret_cast<float*>(stage + VROWS * RAWW * 4);           // [CC][VH][VW]
+  // Value is staged CC channels at a time by cp.async into VSTAGES buffers: two chunks are in
+  // flight while one is applied, because applying a chunk takes less time than fetching one from
+  // DRAM. fp32 chunks are applied where they land (positions outside the image are zeroed by plain
+  // stores); 2-byte chunks arrive as raw words and are converted into a zero-padded fp32 tile.
+  // Loops over staging items stay rolled so that their index arithmetic is not kept live across
+  // chunks (registers).
+  constexpr bool DIRECT = sizeof(T) == 4;
+  constexpr int RAWW = raw_row_words<T>(), VROWS = CC * VH, VTILE = VH * VW, CHUNK = value_chunk_words<T>();
+  uint32_t* raw = reinterpret_cast<uint32_t*>(stage);                       // [VSTAGES][VROWS][RAWW]
+  float* converted = reinterpret_cast<float*>(stage + VSTAGES * CHUNK * 4);  // [CC][VH][VW], 2-byte T
   const T* vplane = value + ((long long)b * C + (long long)g * Cg) * HW;    // channel 0 of the head
   const char* v_lo = reinterpret_cast<const char*>(value);
   const char* v_hi = reinterpret_cast<const char*>(value + value_numel);
@@ -309,33 +336,46 @@ __global__ void __launch_bounds__(NT, 2)
     if (c >= Cg || y < 0 || y >= H) return nullptr;
     return vplane + (long long)c * HW + (long long)y * W + (ox0 - 2);
   };
-  auto issue_values = [&](int c0) {
+  // Queues chunk k into buffer k % VSTAGES and commits one group, empty past the last chunk, so
+  // that the waits below can count groups.
+  auto issue_values = [&](int k) {
+    const int c0 = k * CC;
+    uint32_t* buf = raw + (k % VSTAGES) * CHUNK;
+    if (c0 < Cg) {
 #pragma unroll 1
-    for (int i = tid; i < VROWS * RAWW; i += NT) {
-      const int row = i / RAWW, w = i - row * RAWW;
-      const T* first = row_start(row, c0);
-      if (first == nullptr) continue;
-      if (sizeof(T) == 4) {
-        const int x = ox0 - 2 + w;
-        if (x >= 0 && x < W) cp_async_4(raw + i, first + w);
-      } else {
-        const char* word0 = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(first) & ~uintptr_t(3));
-        copy_word<T>(raw + i, word0 + 4 * w, v_lo, v_hi);
+      for (int i = tid; i < CHUNK; i += NT) {
+        const int row = i / RAWW, w = i - row * RAWW;
+        const T* first = row_start(row, c0);
+        if (DIRECT) {
+          const int x = ox0 - 2 + w;
+          if (first != nullptr && x >= 0 && x < W)
+            cp_async_4(buf + i, first + w);
+          else
+            buf[i] = 0u;  // the bits of 0.f
+        } else if (first != nullptr) {
+          const char* word0 = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(first) & ~uintptr_t(3));
+          copy_word<T>(buf + i, word0 + 4 * w, v_lo, v_hi);
+        }
       }
     }
     cp_async_commit();
   };
-  auto convert_values = [&](int c0) {
+  auto convert_values = [&](int k) {
+    const uint32_t* buf = raw + (k % VSTAGES) * CHUNK;
 #pragma unroll 1
     for (int i = tid; i < CC * VTILE; i += NT) {
       const int row = i / VW, j = i - row * VW, x = ox0 - 2 + j;
-      const T* first = row_start(row, c0);
+      const T* first = row_start(row, k * CC);
       float v = 0.f;
       if (first != nullptr && x >= 0 && x < W)
-        v = static_cast<float>(reinterpret_cast<const T*>(raw + row * RAWW)[word_phase(first) + j]);
-      vs[i] = v;
+        v = static_cast<float>(reinterpret_cast<const T*>(buf + row * RAWW)[word_phase(first) + j]);
+      converted[i] = v;
     }
   };
+
+  // Phase 1 is over (its last barrier is above): the stage is free.
+#pragma unroll
+  for (int k = 0; k < VSTAGES - 1; ++k) issue_values(k);
 
   const int col = tid & 31, warp = tid >> 5;
   const int r0 = (warp % NQ) * QR, cgroup = warp / NQ;
@@ -346,21 +386,27 @@ __global__ void __launch_bounds__(NT, 2)
 #pragma unroll
     for (int d = 0; d < D; ++d) w[i][d] = i < nrows ? wt_s[d * TP + (r0 + i) * TW + col] : 0.f;
 
-  issue_values(0);  // phase 1 is over (last barrier above): the stage is free
-  for (int c0 = 0; c0 < Cg; c0 += CC) {
-    cp_async_wait<0>();
-    __syncthreads();  // chunk landed; everyone is done reading the previous tile
-    convert_values(c0);
-    __syncthreads();  // tile ready; raw words free for the next chunk
-    if (c0 + CC < Cg) issue_values(c0 + CC);
+  const int chunks = (Cg + CC - 1) / CC;
 #pragma unroll 1
-    for (int k = 0; k < CC / CSPLIT; ++k) {
-      const int cl = cgroup + k * CSPLIT, c = c0 + cl;
+  for (int k = 0; k < chunks; ++k) {
+    const int c0 = k * CC;
+    cp_async_wait<VSTAGES - 2>();  // this thread's copies of chunk k landed
+    __syncthreads();               // everyone's did, and everyone is done with chunk k - 1
+    issue_values(k + VSTAGES - 1);  // into chunk k - 1's buffer
+    const float* tile = reinterpret_cast<const float*>(raw + (k % VSTAGES) * CHUNK);
+    if (!DIRECT) {
+      convert_values(k);
+      __syncthreads();  // converted tile ready
+      tile = converted;
+    }
+#pragma unroll 1
+    for (int kk = 0; kk < CC / CSPLIT; ++kk) {
+      const int cl = cgroup + kk * CSPLIT, c = c0 + cl;
       if (c >= Cg) break;
       float acc[QR];
 #pragma unroll
       for (int i = 0; i < QR; ++i) acc[i] = 0.f;
-      const float* plane = vs + cl * VTILE + r0 * VW + col;
+      const float* plane = tile + cl * VTILE + r0 * VW + col;
 #pragma unroll
       for (int vr = 0; vr < QR + 4; ++vr) {
         if (vr >= nrows + 4) break;

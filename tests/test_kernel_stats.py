@@ -1,0 +1,63 @@
+"""tools/kernel_stats.py: its parsers, and (slow, needs nvcc) the static shape of the fused forward.
+
+The compiler pads a cp.async that directly follows a shared load with three no-op instructions
+(`@!PT LDS`). The fused forward reads its copy offsets in batches so that a whole batch shares one
+padding; the slow test keeps it that way (before, every copy of the logits had its own).
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("kernel_stats", REPO / "tools" / "kernel_stats.py")
+kernel_stats = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernel_stats)
+
+PTXAS = """\
+ptxas info    : Compiling entry function '_Z1aPf' for 'sm_90'
+ptxas info    : Function properties for _Z1aPf
+    16 bytes stack frame, 12 bytes spill stores, 44 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 16 bytes cumulative stack size
+ptxas info    : Compiling entry function '_Z1bPf' for 'sm_90'
+ptxas info    : Function properties for _Z1bPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers
+"""
+
+
+def test_ptxas_resources_are_read_per_kernel():
+    assert kernel_stats.ptxas_resources(PTXAS) == {"_Z1aPf": (128, 12, 44, 16), "_Z1bPf": (40, 0, 0, 0)}
+
+
+def test_short_names_without_a_demangler_keep_the_mangled_names(monkeypatch):
+    monkeypatch.setattr(kernel_stats.shutil, "which", lambda name: None)
+    assert kernel_stats.short_names(["_Z1aPf"]) == {"_Z1aPf": "_Z1aPf"}
+
+
+NVCC = kernel_stats.find_tool("nvcc")
+CUOBJDUMP = kernel_stats.find_tool("cuobjdump")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs nvcc and cuobjdump (CUDA_HOME, or triton's)")
+def test_fused_forward_copies_are_not_padded_one_by_one(tmp_path, capsys):
+    source = REPO / "csrc" / "cuda" / "fused_k3.cu"
+    cubin, ptxas = kernel_stats.compile_cubin(NVCC, source, "90", tmp_path)
+    counts = kernel_stats.sass_counts(CUOBJDUMP, cubin)
+    names = kernel_stats.short_names(list(counts))
+    # float32 only: 2-byte logits at the ends of the tensor take an element-wise path, whose
+    # stores the compiler pads too.
+    forward = {names[n]: c for n, c in counts.items() if names[n].startswith("weights_kernel<float,")}
+    assert len(forward) == 4, f"expected the 4 float32 weights_kernel variants in {sorted(names.values())}"
+    for name, c in forward.items():
+        assert c["ldgsts"] > 0 and c["bar"] > 0, (name, c)
+        # every copy of the logits used to have three no-ops of its own (pad = 3 x ldgsts); now a
+        # batch of four shares them (the value stage's copies still have some)
+        assert c["pad"] <= 1.5 * c["ldgsts"], (name, c)
+    resources = kernel_stats.ptxas_resources(ptxas)
+    assert resources and all(0 < regs <= 255 for regs, *_ in resources.values()), resources
+
+    assert kernel_stats.main([str(source), "--filter", "weights_kernel<float, true, true>"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 2 and rows[1].startswith("weights_kernel<float, true, true>"), rows

@@ -1,0 +1,138 @@
+"""Static figures of the CUDA kernels, for work on them without a GPU.
+
+Compiles one csrc/cuda source for one architecture (the flags of setup.py), then prints per kernel:
+registers, spill bytes and stack (ptxas -v), and counts in its SASS: all instructions, the no-ops
+the compiler pads cp.async copies with (`@!PT LDS`), cp.async copies (LDGSTS), barriers and shared
+loads. Counts are static (each instruction once, loops not multiplied out): compare two versions
+of a kernel, not two kernels.
+
+    python tools/kernel_stats.py                      # csrc/cuda/fused_k3.cu, sm_90
+    python tools/kernel_stats.py --filter weights_kernel --arch 89 csrc/cuda/fused_k3.cu
+
+Needs nvcc (CUDA_HOME or /usr/local/cuda) and cuobjdump (the toolkit's, or the copy the triton
+wheel ships). The torch headers come from the installed torch, as in tests/test_cuda_compile.py.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_tool(name):
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if base and (Path(base) / "bin" / name).is_file():
+            return str(Path(base) / "bin" / name)
+    if shutil.which(name):
+        return shutil.which(name)
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.is_file() else None
+
+
+def include_flags(workdir):
+    from torch.utils import cpp_extension
+
+    dirs = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
+    # CPU wheels of torch lack this one generated header (see tests/test_cuda_compile.py).
+    stub = Path(workdir) / "c10/cuda/impl/cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    return [f"-I{d}" for d in dirs + [str(workdir)]]
+
+
+def compile_cubin(nvcc, source, arch, workdir):
+    """(cubin path, ptxas -v text)."""
+    cubin = Path(workdir) / "kernels.cubin"
+    cmd = [nvcc, "-cubin", "-o", str(cubin), str(source), "-std=c++17", "-O3", "--use_fast_math",
+           "--expt-relaxed-constexpr", "-DCONDSEG_WITH_CUDA", "-D__CUDA_NO_HALF_OPERATORS__",
+           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+           "-D__CUDA_NO_HALF2_OPERATORS__", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+           *include_flags(workdir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"nvcc failed on {source}:\n{proc.stderr[-4000:]}")
+    return cubin, proc.stderr
+
+
+def ptxas_resources(text):
+    """{mangled kernel name: (registers, spill store bytes, spill load bytes, stack bytes)}."""
+    out, current, spills = {}, None, (0, 0, 0)
+    for line in text.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            current = m.group(1)
+        elif m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            spills = (int(m.group(2)), int(m.group(3)), int(m.group(1)))
+        elif (m := re.search(r"Used (\d+) registers", line)) and current:
+            out[current] = (int(m.group(1)),) + spills
+            current, spills = None, (0, 0, 0)
+    return out
+
+
+def sass_counts(cuobjdump, cubin):
+    """{mangled kernel name: {counter: static count}}."""
+    text = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    counts, name = {}, None
+    for line in text.splitlines():
+        if m := re.search(r"Function : (\w+)", line):
+            name = m.group(1)
+            counts[name] = dict.fromkeys(("instr", "pad", "ldgsts", "bar", "lds"), 0)
+            continue
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(.*?);", line)
+        if not m or name is None or " NOP" in f" {m.group(1)}":
+            continue
+        ins = m.group(1)
+        c = counts[name]
+        c["instr"] += 1
+        c["pad"] += ins.startswith("@!PT LDS")
+        c["ldgsts"] += "LDGSTS" in ins
+        c["bar"] += "BAR.SYNC" in ins
+        c["lds"] += bool(re.search(r"\bLDS(\.|\s)", ins)) and not ins.startswith("@!PT")
+    return counts
+
+
+def short_names(mangled):
+    """{mangled: 'weights_kernel<float, true, true>'}, through c++filt when there is one."""
+    if not mangled or shutil.which("c++filt") is None:
+        return {name: name for name in mangled}
+    text = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True).stdout
+    return {name: re.sub(r"^void |\(.*$|condseg_ops::cuda::(k3::)?|c10::", "", plain)
+            for name, plain in zip(mangled, text.splitlines())}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", nargs="?", default=str(REPO / "csrc/cuda/fused_k3.cu"))
+    parser.add_argument("--arch", default="90", help="SM architecture, like 90 or 89 (default 90)")
+    parser.add_argument("--filter", default="", help="only kernels whose name contains this text")
+    args = parser.parse_args(argv)
+    nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
+    if nvcc is None or cuobjdump is None:
+        sys.exit("needs nvcc and cuobjdump (set CUDA_HOME, or pip install triton for its cuobjdump)")
+    with tempfile.TemporaryDirectory() as workdir:
+        cubin, ptxas = compile_cubin(nvcc, Path(args.source), args.arch, workdir)
+        resources, counts = ptxas_resources(ptxas), sass_counts(cuobjdump, cubin)
+    names = short_names(list(counts))
+    print(f"{'kernel':44} {'regs':>4} {'spill st/ld':>11} {'instr':>6} {'pad':>4} {'cp.async':>8} "
+          f"{'bar':>4} {'lds':>5}")
+    for name in sorted(counts, key=names.get):
+        if args.filter not in names[name]:
+            continue
+        regs, st, ld, _ = resources.get(name, (0, 0, 0, 0))
+        c = counts[name]
+        print(f"{names[name]:44} {regs:4d} {f'{st}/{ld}':>11} {c['instr']:6d} {c['pad']:4d} "
+              f"{c['ldgsts']:8d} {c['bar']:4d} {c['lds']:5d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
