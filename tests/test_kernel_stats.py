@@ -5,6 +5,7 @@ The compiler pads a cp.async that directly follows a shared load with three no-o
 padding; the slow test keeps it that way (before, every copy of the logits had its own).
 """
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,23 +42,21 @@ CUOBJDUMP = kernel_stats.find_tool("cuobjdump")
 
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs nvcc and cuobjdump (CUDA_HOME, or triton's)")
-def test_fused_forward_copies_are_not_padded_one_by_one(tmp_path, capsys):
-    source = REPO / "csrc" / "cuda" / "fused_k3.cu"
-    cubin, ptxas = kernel_stats.compile_cubin(NVCC, source, "90", tmp_path)
-    counts = kernel_stats.sass_counts(CUOBJDUMP, cubin)
-    names = kernel_stats.short_names(list(counts))
+@pytest.mark.skipif(shutil.which("c++filt") is None, reason="needs c++filt (binutils) to name the kernels")
+def test_fused_forward_copies_are_not_padded_one_by_one(capsys):
+    """Depends on nvcc's scheduling: if a newer nvcc pads differently, look with the tool and adjust."""
+    rows = kernel_stats.collect(REPO / "csrc" / "cuda" / "fused_k3.cu", "90", NVCC, CUOBJDUMP)
+    assert all(0 < r["regs"] <= 255 for r in rows), rows
     # float32 only: 2-byte logits at the ends of the tensor take an element-wise path, whose
     # stores the compiler pads too.
-    forward = {names[n]: c for n, c in counts.items() if names[n].startswith("weights_kernel<float,")}
-    assert len(forward) == 4, f"expected the 4 float32 weights_kernel variants in {sorted(names.values())}"
-    for name, c in forward.items():
-        assert c["ldgsts"] > 0 and c["bar"] > 0, (name, c)
+    forward = [r for r in rows if r["name"].startswith("weights_kernel<float,")]
+    assert len(forward) == 4, f"expected the 4 float32 weights_kernel variants in {[r['name'] for r in rows]}"
+    for r in forward:
+        assert r["ldgsts"] > 0 and r["bar"] > 0, r
         # every copy of the logits used to have three no-ops of its own (pad = 3 x ldgsts); now a
         # batch of four shares them (the value stage's copies still have some)
-        assert c["pad"] <= 1.5 * c["ldgsts"], (name, c)
-    resources = kernel_stats.ptxas_resources(ptxas)
-    assert resources and all(0 < regs <= 255 for regs, *_ in resources.values()), resources
+        assert r["pad"] <= 1.5 * r["ldgsts"], r
 
-    assert kernel_stats.main([str(source), "--filter", "weights_kernel<float, true, true>"]) == 0
-    rows = capsys.readouterr().out.splitlines()
-    assert len(rows) == 2 and rows[1].startswith("weights_kernel<float, true, true>"), rows
+    kernel_stats.print_table(rows, "weights_kernel<float, true, true>")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("weights_kernel<float, true, true>"), lines

@@ -109,6 +109,29 @@ def short_names(mangled):
             for name, plain in zip(mangled, text.splitlines())}
 
 
+def collect(source, arch, nvcc, cuobjdump):
+    """One row per kernel: name, regs, spill_stores, spill_loads, and the SASS counters."""
+    with tempfile.TemporaryDirectory() as workdir:
+        cubin, ptxas = compile_cubin(nvcc, Path(source), arch, workdir)
+        resources, counts = ptxas_resources(ptxas), sass_counts(cuobjdump, cubin)
+    names = short_names(list(counts))
+    rows = []
+    for mangled, c in counts.items():
+        regs, stores, loads, _ = resources.get(mangled, (0, 0, 0, 0))
+        rows.append({"name": names[mangled], "regs": regs, "spill_stores": stores, "spill_loads": loads, **c})
+    return sorted(rows, key=lambda row: row["name"])
+
+
+def print_table(rows, name_filter=""):
+    print(f"{'kernel':44} {'regs':>4} {'spill st/ld':>11} {'instr':>6} {'pad':>4} {'cp.async':>8} "
+          f"{'bar':>4} {'lds':>5}")
+    for r in rows:
+        if name_filter in r["name"]:
+            spills = f"{r['spill_stores']}/{r['spill_loads']}"
+            print(f"{r['name']:44} {r['regs']:4d} {spills:>11} {r['instr']:6d} {r['pad']:4d} {r['ldgsts']:8d} "
+                  f"{r['bar']:4d} {r['lds']:5d}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", nargs="?", default=str(REPO / "csrc/cuda/fused_k3.cu"))
@@ -118,19 +141,7 @@ def main(argv=None):
     nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
     if nvcc is None or cuobjdump is None:
         sys.exit("needs nvcc and cuobjdump (set CUDA_HOME, or pip install triton for its cuobjdump)")
-    with tempfile.TemporaryDirectory() as workdir:
-        cubin, ptxas = compile_cubin(nvcc, Path(args.source), args.arch, workdir)
-        resources, counts = ptxas_resources(ptxas), sass_counts(cuobjdump, cubin)
-    names = short_names(list(counts))
-    print(f"{'kernel':44} {'regs':>4} {'spill st/ld':>11} {'instr':>6} {'pad':>4} {'cp.async':>8} "
-          f"{'bar':>4} {'lds':>5}")
-    for name in sorted(counts, key=names.get):
-        if args.filter not in names[name]:
-            continue
-        regs, st, ld, _ = resources.get(name, (0, 0, 0, 0))
-        c = counts[name]
-        print(f"{names[name]:44} {regs:4d} {f'{st}/{ld}':>11} {c['instr']:6d} {c['pad']:4d} "
-              f"{c['ldgsts']:8d} {c['bar']:4d} {c['lds']:5d}")
+    print_table(collect(args.source, args.arch, nvcc, cuobjdump), args.filter)
     return 0
 
 

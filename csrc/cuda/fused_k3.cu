@@ -27,7 +27,8 @@ cudaError_t allow_shared_memory(Kernel* kernel, int bytes) {
 
 bool fused_sizes_ok(const Geo& g) {
   if (g.HW > INT_MAX || g.C > INT_MAX || g.heads > INT_MAX) return false;
-  // byte offsets of the window centres of one weights_kernel tile from its first one (int32)
+  // byte offsets of the window centres of one weights_kernel tile from its first one (int32; 4-byte
+  // elements, the widest the fused kernels take)
   if (((k3::EH + 1) * g.W + k3::EW) * g.heads * k3::K4 * 4 > INT_MAX) return false;
   const long long weights_blocks = tiles_of(g, k3::TH, k3::TW).blocks;
   const long long grad_blocks = tiles_of(g, k3::BH, k3::BW).blocks;
@@ -37,7 +38,7 @@ bool fused_sizes_ok(const Geo& g) {
 
 template <typename T>
 int fused_shared_memory_bytes() {
-  int bytes = k3::weights_smem_bytes<T>();
+  int bytes = k3::weights_smem_bytes<T, true>();
   if (k3::value_grad_smem_bytes > bytes) bytes = k3::value_grad_smem_bytes;
   if (k3::logit_grad_smem_bytes<T, true>() > bytes) bytes = k3::logit_grad_smem_bytes<T, true>();
   return bytes;
@@ -47,9 +48,8 @@ template <typename T>
 cudaError_t fused_weights(const Geo& g, const T* value, const T* fg, const T* bg, T* out, float* weights, float sl2,
                           cudaStream_t stream) {
   const Tiles tiles = tiles_of(g, k3::TH, k3::TW);
-  const int smem = k3::weights_smem_bytes<T>();
   const long long attn_numel = g.B * g.HW * g.heads * g.k4, value_numel = g.B * g.C * g.HW;
-  auto launch = [&](auto kernel) {
+  auto launch = [&](auto kernel, int smem) {
     const cudaError_t status = allow_shared_memory(kernel, smem);
     if (status != cudaSuccess) return status;
     kernel<<<static_cast<unsigned int>(tiles.blocks), k3::NT, smem, stream>>>(
@@ -59,10 +59,12 @@ cudaError_t fused_weights(const Geo& g, const T* value, const T* fg, const T* bg
     return cudaGetLastError();
   };
   const bool dual = bg != nullptr, apply = out != nullptr;
-  if (dual && apply) return launch(k3::weights_kernel<T, true, true>);
-  if (dual) return launch(k3::weights_kernel<T, true, false>);
-  if (apply) return launch(k3::weights_kernel<T, false, true>);
-  return launch(k3::weights_kernel<T, false, false>);
+  // Without APPLY (the backward's first step) the kernel needs no value stage: less shared memory.
+  constexpr int with_apply = k3::weights_smem_bytes<T, true>(), without = k3::weights_smem_bytes<T, false>();
+  if (dual && apply) return launch(k3::weights_kernel<T, true, true>, with_apply);
+  if (dual) return launch(k3::weights_kernel<T, true, false>, without);
+  if (apply) return launch(k3::weights_kernel<T, false, true>, with_apply);
+  return launch(k3::weights_kernel<T, false, false>, without);
 }
 
 template <typename T>

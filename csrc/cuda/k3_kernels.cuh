@@ -40,7 +40,6 @@ constexpr int TP = TH * TW;                        // 384 output pixels
 constexpr int RPR = 3;                             // matrix rows per copy round
 constexpr int VW = TW + 4, VH = TH + 4;            // value tile with its 2-pixel ring
 constexpr int CC = 8;                              // channels per value chunk
-constexpr int VSTAGES = 3;                         // value chunk buffers: two in flight, one applied
 constexpr int QR = 3;                              // output rows per thread in phase 2
 constexpr int NQ = (TH + QR - 1) / QR;             // row groups: 4
 constexpr int CSPLIT = NT / (NQ * TW);             // channel groups: 2
@@ -61,20 +60,31 @@ constexpr int raw_row_words() {
   return sizeof(T) == 4 ? VW : (VW * 2 + 2 + 3) / 4;  // 36 or 19
 }
 
+// Value chunk buffers of phase 2. fp32 chunks are applied where they land: three buffers (two
+// chunks in flight while one is applied) fit in the phase-1 copy buffers they replace. 2-byte
+// chunks are converted into one fp32 tile first; a third buffer beside it would take the block
+// over 80 KB and an A100 (164 KB per SM) from two blocks per SM to one, so they keep two.
+template <typename T>
+constexpr int value_stages() {
+  return sizeof(T) == 4 ? 3 : 2;
+}
+
 // 4-byte words of one staged value chunk (CC channels x VH rows).
 template <typename T>
 constexpr int value_chunk_words() {
   return CC * VH * raw_row_words<T>();
 }
 
-template <typename T>
+// Shared memory of weights_kernel: Wt of the tile, the centre table, then the phase-1 copy
+// buffers, which phase 2 (APPLY only) reuses for value.
+template <typename T, bool APPLY>
 constexpr int weights_smem_bytes() {
   constexpr int wt = D * TP * 4;
   constexpr int table = PASSES * NT * 4;
   constexpr int rounds = 2 * NT * slot_words<T>() * 4;
-  // fp32 chunks are applied where they land; 2-byte ones are converted into one fp32 tile first.
-  constexpr int values = VSTAGES * value_chunk_words<T>() * 4 + (sizeof(T) == 4 ? 0 : CC * VH * VW * 4);
-  return wt + table + (rounds > values ? rounds : values);
+  constexpr int values =
+      value_stages<T>() * value_chunk_words<T>() * 4 + (sizeof(T) == 4 ? 0 : CC * VH * VW * 4);
+  return wt + table + (APPLY && values > rounds ? values : rounds);
 }
 
 // Element offset of a chunk inside its first word (0 for 4-byte types, 0 or 1 for 2-byte ones).
@@ -97,8 +107,8 @@ __device__ __forceinline__ void issue_round(uint32_t* buf, const T* base, const 
   const int sub = lane / WPS, w = lane - sub * WPS;
   if (sub >= SPI) return;
   // Byte offsets make a copy's address one 64-bit add (element offsets cost two more, the scaling).
-  // Offsets are read in batches before their copies: the compiler pads every shared load that
-  // directly precedes a cp.async with three no-op instructions.
+  // Offsets are read in batches before their copies: the compiler puts three no-op instructions
+  // before a cp.async that directly follows a shared-memory access (tools/kernel_stats.py).
   constexpr int BATCH = 4, STEP = NWARPS * SPI;
   static_assert(NT % (BATCH * STEP) == 0, "batches must cover the slots exactly");
   if constexpr (sizeof(T) == 4) {
@@ -316,14 +326,16 @@ __global__ void __launch_bounds__(NT, 2)
   }
 
   // ---- phase 2: out = sum_d Wt[d] V[. + d] ----------------------------------------------------
-  // Value is staged CC channels at a time by cp.async into VSTAGES buffers: two chunks are in
-  // flight while one is applied, because applying a chunk takes less time than fetching one from
-  // DRAM. fp32 chunks are applied where they land (positions outside the image are zeroed by plain
+  // Value is staged CC channels at a time by cp.async into VSTAGES rotating buffers, VSTAGES - 1
+  // chunks in flight while one is applied, so that more bytes are in flight to cover DRAM latency.
+  // fp32 chunks are applied where they land (positions outside the image are zeroed by plain
   // stores); 2-byte chunks arrive as raw words and are converted into a zero-padded fp32 tile.
   // Loops over staging items stay rolled so that their index arithmetic is not kept live across
   // chunks (registers).
   constexpr bool DIRECT = sizeof(T) == 4;
+  constexpr int VSTAGES = value_stages<T>();
   constexpr int RAWW = raw_row_words<T>(), VROWS = CC * VH, VTILE = VH * VW, CHUNK = value_chunk_words<T>();
+  static_assert(!DIRECT || RAWW == VW, "fp32 chunks must be laid out as the tile they are applied from");
   uint32_t* raw = reinterpret_cast<uint32_t*>(stage);                       // [VSTAGES][VROWS][RAWW]
   float* converted = reinterpret_cast<float*>(stage + VSTAGES * CHUNK * 4);  // [CC][VH][VW], 2-byte T
   const T* vplane = value + ((long long)b * C + (long long)g * Cg) * HW;    // channel 0 of the head
