@@ -1,0 +1,60 @@
+"""benchmarks/ncu_forward.sh, run against a stand-in ncu (no GPU here): what it asks Nsight Compute
+for, and which files it leaves in $OUT. The real run needs the GPU machine."""
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "ncu_forward.sh"
+
+# Records every call; a profiling call (-o REPORT) writes REPORT.ncu-rep, an --import call prints
+# a line for the page it was asked for.
+STUB = """#!/bin/sh
+echo "$*" >> "{log}"
+prev=""
+for arg in "$@"; do
+  if [ "$prev" = "-o" ]; then echo report > "$arg.ncu-rep"; fi
+  if [ "$prev" = "--page" ]; then echo "Duration page $arg"; fi
+  prev="$arg"
+done
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bash script")
+def test_profiles_the_forward_per_dtype_and_keeps_the_reports(tmp_path):
+    log = tmp_path / "ncu_calls.txt"
+    ncu = tmp_path / "ncu"
+    ncu.write_text(STUB.format(log=log))
+    ncu.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, NCU=str(ncu), OUT=str(out), SKIP_BUILD="1")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    profiles = [c for c in calls if "-o" in c]
+    assert [c[c.index("--dtypes") + 1] for c in profiles] == ["float32", "bfloat16"]
+    for c in profiles:
+        assert {"--set", "full", "--import-source", "yes", "--kernel-name", "regex:weights_kernel"} <= set(c)
+        assert c[c.index("--launch-count") + 1] == "1"
+        assert "benchmarks/op_calls.py" in c and c[c.index("--backends") + 1] == "cuda"
+    pages = [c[c.index("--page") + 1] for c in calls if "--import" in c]
+    assert pages == ["details", "source"] * 2
+    for dtype in ("float32", "bfloat16"):
+        assert (out / f"forward_{dtype}.ncu-rep").is_file()
+        assert (out / f"forward_{dtype}_details.txt").read_text().strip() == "Duration page details"
+        assert (out / f"forward_{dtype}_source.csv").read_text().strip() == "Duration page source"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bash script")
+@pytest.mark.skipif(Path("/usr/local/cuda/bin/ncu").exists(), reason="this machine has ncu")
+def test_without_ncu_it_says_how_to_point_at_one(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "SKIP_BUILD": "1",
+           "CUDA_HOME": str(tmp_path / "no_cuda")}
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "ncu (Nsight Compute) not found: set NCU=" in proc.stderr
