@@ -12,10 +12,11 @@
 // staged through shared memory with cp.async in rounds of 3 matrix rows (double-buffered), and
 // scatters the rows of M into Wt of the tile in shared memory (one slot p at a time, so the writes
 // of a round never collide: deterministic, no atomics). Phase 2 stages value with a 2-pixel ring, 8
-// channels at a time (cp.async, two chunks in flight while one is applied), and each thread applies
-// Wt to a column of 3 output pixels (value loads shared by the 3 rows) for half of the channels.
-// Only the logits, value and the output cross global memory. weights_kernel<APPLY=false> writes Wt (fp32, layout
-// (B, heads, 25, H, W)) instead: the first step of the backward.
+// channels at a time (cp.async; while one chunk is applied, two more are in flight for fp32, one
+// for 2-byte types), and each thread applies Wt to a column of 3 output pixels (value loads shared
+// by the 3 rows) for half of the channels. Only the logits, value and the output cross global
+// memory. weights_kernel<APPLY=false> writes Wt (fp32, layout (B, heads, 25, H, W)) instead: the
+// first step of the backward.
 //
 // Backward: value_grad_kernel computes grad_value[c, t] = sum_d Wt_{t-d}[d] G[c, t-d] and
 // gWt_r[d] = sum_{c in head} G[c, r] V[c, r + d] (both gathers); logit_grad_kernel turns gWt into
@@ -63,7 +64,7 @@ constexpr int raw_row_words() {
 // Value chunk buffers of phase 2. fp32 chunks are applied where they land: three buffers (two
 // chunks in flight while one is applied) fit in the phase-1 copy buffers they replace. 2-byte
 // chunks are converted into one fp32 tile first; a third buffer beside it would take the block
-// over 80 KB and an A100 (164 KB per SM) from two blocks per SM to one, so they keep two.
+// to 88 KB and an A100 (164 KB per SM) from two blocks per SM to one, so they keep two.
 template <typename T>
 constexpr int value_stages() {
   return sizeof(T) == 4 ? 3 : 2;
