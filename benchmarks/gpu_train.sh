@@ -13,26 +13,16 @@
 # when training ends), log.csv, train.log and curves.png of the run. Checkpoints (hundreds of MB)
 # stay in /tmp/kvasir-gpu.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
+# shellcheck source=benchmarks/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 DATA="${1:-.data/kvasir-seg}"
 RUN="${RUN_DIR:-/tmp/kvasir-gpu}"
-PY=python3
 
 if [[ ! -d "$DATA" ]]; then
   echo "no dataset at $DATA: copy ../shared/data/kvasir-seg to .data/ and carry \".data\"" >&2
   exit 2
 fi
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-  if ! $PY -m pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"
-    exit 1
-  fi
-fi
+install_package "$OUT/build.log" || exit 1
 
 rm -rf "$RUN"
 # shellcheck disable=SC2086  # TRAIN_ARGS is a list of arguments

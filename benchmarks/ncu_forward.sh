@@ -12,13 +12,8 @@
 # section, stall reasons included), forward_<dtype>_source.csv (counters per SASS line, warp stall
 # samples included), ncu_build.log.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-PY=python3
+# shellcheck source=benchmarks/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 
 NCU="${NCU:-$(command -v ncu || true)}"
 for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" /usr/local/cuda/bin/ncu; do
@@ -28,12 +23,7 @@ if [[ -z "$NCU" ]]; then
   echo "ncu (Nsight Compute) not found: set NCU=/path/to/ncu" >&2
   exit 2
 fi
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-  if ! $PY -m pip install --no-build-isolation --no-deps . >"$OUT/ncu_build.log" 2>&1; then
-    tail -40 "$OUT/ncu_build.log"
-    exit 1
-  fi
-fi
+install_package "$OUT/ncu_build.log" || exit 1
 
 rc=0
 for dtype in float32 bfloat16; do

@@ -1,0 +1,20 @@
+# Shared by the one-call GPU scripts (gpu_train.sh, ncu_forward.sh); source it, do not run it.
+# Sets the build environment for the GPU machine (its chip only, 16 jobs), moves to the repository
+# root, makes $OUT (default ./gpu_out) absolute and defines install_package LOG.
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY=python3
+
+# install_package LOG: builds and installs condseg against the installed torch (no network), unless
+# SKIP_BUILD=1; on failure prints the log's tail and returns 1.
+install_package() {
+  [[ "${SKIP_BUILD:-0}" == 1 ]] && return 0
+  if ! $PY -m pip install --no-build-isolation --no-deps . >"$1" 2>&1; then
+    tail -40 "$1"
+    return 1
+  fi
+}
