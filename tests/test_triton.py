@@ -7,7 +7,8 @@
 (c) GPU only: dtypes against a tolerance table, gradcheck, determinism, torch.compile, opcheck.
 
 Run as a script (``python tests/test_triton.py aot 90 [--full]``) it is the AOT driver: it prints
-one JSON record per compiled kernel, with registers and spill stack from cuobjdump.
+one JSON record per compiled kernel, with registers, spill stack and static SASS counts from
+cuobjdump.
 """
 import functools
 import importlib.util
@@ -376,6 +377,14 @@ def ast_source_triton_3_2(fn, signature, consts, attrs):
                                      attrs=AttrsDescriptor.from_hints(hints))
 
 
+def kernel_stats():
+    """tools/kernel_stats.py, loaded by path (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("kernel_stats", HERE.parents[1] / "tools" / "kernel_stats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def aot_compile(arch, full=False):
     """Compiles every spec for sm_<arch>; returns one record per kernel (with ptxas resource usage
     when cuobjdump is available). Robust to the ASTSource differences of triton 3.2 .. 3.9."""
@@ -420,6 +429,9 @@ def aot_compile(arch, full=False):
             path = Path(os.environ.get("TMPDIR", "/tmp")) / f"condseg_aot_{os.getpid()}.cubin"
             path.write_bytes(cubin)
             usage = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
+            # static SASS counts (instructions, FFMA, shuffles, ...), as tools/kernel_stats.py prints them
+            (counts,) = kernel_stats().sass_counts(str(cuobjdump), path).values()
+            record["sass"] = counts
             path.unlink()
             for field in usage.split():
                 if ":" in field and field.split(":")[0] in ("REG", "STACK"):

@@ -2,9 +2,10 @@
 
 Compiles one csrc/cuda source for one architecture (the flags of setup.py), then prints per kernel:
 registers, spill bytes and stack (ptxas -v), and counts in its SASS: all instructions, the no-ops
-the compiler pads cp.async copies with (`@!PT LDS`), cp.async copies (LDGSTS), barriers and shared
-loads. Counts are static (each instruction once, loops not multiplied out): compare two versions
-of a kernel, not two kernels.
+the compiler pads cp.async copies with (`@!PT LDS`), cp.async copies (LDGSTS), barriers, shared
+loads, FFMA and warp shuffles. Counts are static (each instruction once, loops not multiplied out):
+compare two versions of a kernel, not two kernels. The Triton kernels get the same counts from
+`python tests/test_triton.py aot 90 [--full]` (one JSON record per compiled kernel).
 
     python tools/kernel_stats.py                      # csrc/cuda/fused_k3.cu, sm_90
     python tools/kernel_stats.py --filter weights_kernel --arch 89 csrc/cuda/fused_k3.cu
@@ -85,7 +86,7 @@ def sass_counts(cuobjdump, cubin):
     for line in text.splitlines():
         if m := re.search(r"Function : (\w+)", line):
             name = m.group(1)
-            counts[name] = dict.fromkeys(("instr", "pad", "ldgsts", "bar", "lds"), 0)
+            counts[name] = dict.fromkeys(("instr", "pad", "ldgsts", "bar", "lds", "ffma", "shfl"), 0)
             continue
         m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(.*?);", line)
         if not m or name is None or " NOP" in f" {m.group(1)}":
@@ -97,6 +98,8 @@ def sass_counts(cuobjdump, cubin):
         c["ldgsts"] += "LDGSTS" in ins
         c["bar"] += "BAR.SYNC" in ins
         c["lds"] += bool(re.search(r"\bLDS(\.|\s)", ins)) and not ins.startswith("@!PT")
+        c["ffma"] += bool(re.search(r"\bFFMA\b", ins))
+        c["shfl"] += bool(re.search(r"\bSHFL\b", ins))
     return counts
 
 
@@ -124,12 +127,12 @@ def collect(source, arch, nvcc, cuobjdump):
 
 def print_table(rows, name_filter=""):
     print(f"{'kernel':44} {'regs':>4} {'spill st/ld':>11} {'instr':>6} {'pad':>4} {'cp.async':>8} "
-          f"{'bar':>4} {'lds':>5}")
+          f"{'bar':>4} {'lds':>5} {'ffma':>5} {'shfl':>5}")
     for r in rows:
         if name_filter in r["name"]:
             spills = f"{r['spill_stores']}/{r['spill_loads']}"
             print(f"{r['name']:44} {r['regs']:4d} {spills:>11} {r['instr']:6d} {r['pad']:4d} {r['ldgsts']:8d} "
-                  f"{r['bar']:4d} {r['lds']:5d}")
+                  f"{r['bar']:4d} {r['lds']:5d} {r['ffma']:5d} {r['shfl']:5d}")
 
 
 def main(argv=None):
