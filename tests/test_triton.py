@@ -377,6 +377,7 @@ def ast_source_triton_3_2(fn, signature, consts, attrs):
                                      attrs=AttrsDescriptor.from_hints(hints))
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_stats():
     """tools/kernel_stats.py, loaded by path (tools/ is not a package)."""
     spec = importlib.util.spec_from_file_location("kernel_stats", HERE.parents[1] / "tools" / "kernel_stats.py")
