@@ -51,10 +51,18 @@ def include_flags(workdir):
     return [f"-I{d}" for d in dirs + [str(workdir)]]
 
 
+def cxx_standard():
+    """C++17, or C++20 for torch >= 2.14, whose headers require it."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 14) else "c++17"
+
+
 def compile_cubin(nvcc, source, arch, workdir):
     """(cubin path, ptxas -v text)."""
     cubin = Path(workdir) / "kernels.cubin"
-    cmd = [nvcc, "-cubin", "-o", str(cubin), str(source), "-std=c++17", "-O3", "--use_fast_math",
+    cmd = [nvcc, "-cubin", "-o", str(cubin), str(source), f"-std={cxx_standard()}", "-O3", "--use_fast_math",
            "--expt-relaxed-constexpr", "-DCONDSEG_WITH_CUDA", "-D__CUDA_NO_HALF_OPERATORS__",
            "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
            "-D__CUDA_NO_HALF2_OPERATORS__", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
