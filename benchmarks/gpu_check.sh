@@ -27,7 +27,8 @@ FAILED=0
 STAGES=()
 
 # run_stage NAME LIMIT_S RESERVE_S CMD...: runs CMD with at most LIMIT_S seconds, and never past
-# the deadline minus RESERVE_S (time kept for the later stages); records its status.
+# the deadline minus RESERVE_S (time kept for the later stages); records its status. CMD finds the
+# limit it really gets in STAGE_LIMIT_S.
 run_stage() {
   local name=$1 limit=$2 reserve=$3
   shift 3
@@ -41,6 +42,7 @@ run_stage() {
   fi
   echo "=== [$name] (limit ${limit}s) $*"
   local start rc
+  export STAGE_LIMIT_S=$limit
   start=$(date +%s)
   set +e
   timeout -s INT -k 20 "$limit" "$@"
@@ -110,19 +112,16 @@ run_stage op-bench 150 30 bash -c bench
 # 4. End-to-end benchmark: only when benchmarks/fps.py exists (its arguments: FPS_ARGS).
 if [[ -f benchmarks/fps.py ]]; then
   # >>> end-to-end benchmark (benchmarks/fps.py) <<<
-  FPS_LIMIT_S=${FPS_LIMIT_S:-90}
   # fps.py's --budget follows the limit the stage really gets (earlier stages may have cut it).
-  fps_left=$((DEADLINE - $(date +%s) - 25))
-  FPS_LIMIT=$((FPS_LIMIT_S < fps_left ? FPS_LIMIT_S : fps_left))
   fps() {
     # shellcheck disable=SC2086  # FPS_ARGS is a list of arguments
-    $PY -P benchmarks/fps.py --device cuda --quick --budget $((FPS_LIMIT - 20)) ${FPS_ARGS:-} \
+    $PY -P benchmarks/fps.py --device cuda --quick --budget $((STAGE_LIMIT_S - 20)) ${FPS_ARGS:-} \
       --json "$OUT/fps.jsonl" 2>&1 | (trap '' INT; exec tee "$OUT/fps.log")
     return "${PIPESTATUS[0]}"
   }
   export -f fps
-  export FPS_LIMIT FPS_ARGS
-  run_stage fps "$FPS_LIMIT" 25 bash -c fps
+  export FPS_ARGS
+  run_stage fps "${FPS_LIMIT_S:-90}" 25 bash -c fps
   # Where the batch-1 GPU time goes (the fps bars' bottleneck), slowest kernels first.
   # Its report goes to the file only: the run tool returns just the tail of the console.
   profile() {

@@ -21,6 +21,7 @@ issue's bars (CUDA: main shape) are printed last. Exit status 1 if any row faile
 """
 import argparse
 import datetime
+import itertools
 import json
 import re
 import statistics
@@ -209,6 +210,63 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def measure_rows(base, shapes, dtypes, softmaxes, passes, backends, device, warmup, iters, bandwidth,
+                 max_ref_seconds):
+    """One row per (shape, dtype, softmax form, pass, backend), the reference first: each row's
+    speedup is against the reference measured just before it. ``base`` holds the run's fields."""
+    on_cuda = device == "cuda"
+    for (B, C, H, W, heads), dtype_name, softmax in itertools.product(shapes, dtypes, softmaxes):
+        dual, dtype = softmax == "dual", DTYPES[dtype_name]
+        K, scale = 3, (C // heads) ** -0.5
+        try:
+            value, fg, bg, grad = make_inputs(B, C, H, W, heads, K, dual, dtype, device)
+        except torch.cuda.OutOfMemoryError:
+            print(f"# {B}x{C}x{H}x{W}: inputs do not fit, skipped")
+            continue
+        for pass_name in passes:
+            ref_ms = ref_peak = None
+            ref_note = ""
+            for backend in backends:
+                row = {**base, "backend": backend, "dtype": dtype_name, "pass": pass_name, "B": B, "C": C, "H": H,
+                       "W": W, "heads": heads, "K": K, "dual": dual, "ms": None, "ref_ms": None, "speedup": None,
+                       "gbps": None, "pct_of_copy": None, "peak_mem_mb": None, "ref_peak_mem_mb": None, "note": ""}
+                if backend == "reference":
+                    est_bytes, est_s = reference_estimate(B, C, H, W, heads, K, dual, dtype.itemsize, pass_name)
+                    if on_cuda and est_bytes > 0.9 * torch.cuda.mem_get_info()[0]:
+                        ref_note = f"reference skipped: needs ~{est_bytes / 2**30:.1f} GiB"
+                    elif not on_cuda and est_s > max_ref_seconds:
+                        ref_note = f"reference skipped: ~{est_s:.0f} s per iteration"
+                    if ref_note:
+                        yield dict(row, note=ref_note)
+                        continue
+                try:
+                    ms, peak = measure(op_for(backend, K, scale), (value, fg, bg), grad, pass_name, device, warmup,
+                                       iters)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    if backend == "reference":
+                        ref_note = "reference out of memory"
+                    yield dict(row, note="out of memory")
+                    continue
+                except Exception as error:  # noqa: BLE001 - record and go on
+                    row["note"] = f"error: {str(error).splitlines()[0][:300]}"
+                    print(f"# FAILED {backend} {dtype_name} {pass_name} {B}x{C}x{H}x{W}: {row['note']}")
+                    yield row
+                    continue
+                if backend == "reference":
+                    ref_ms, ref_peak = ms, peak
+                gbps = min_bytes(pass_name, B, C, H, W, heads, K, dual, dtype.itemsize) / (ms * 1e-3) / 1e9
+                yield dict(row, ms=round(ms, 4), ref_ms=None if ref_ms is None else round(ref_ms, 4),
+                           speedup=None if ref_ms is None else round(ref_ms / ms, 2),
+                           gbps=round(gbps, 1), pct_of_copy=round(gbps / bandwidth, 3),
+                           peak_mem_mb=None if peak is None else round(peak, 1),
+                           ref_peak_mem_mb=None if ref_peak is None else round(ref_peak, 1),
+                           note=ref_note if backend != "reference" else "")
+        del value, fg, bg, grad
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -250,83 +308,22 @@ def main(argv=None):
     bandwidth = copy_gbps(device, largest, iters)
     print(f"# device-to-device copy: {bandwidth:.0f} GB/s")
 
-    rows, failures, interrupted = [], 0, False
+    rows, interrupted = [], False
     if not args.no_save:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def keep(row):
-        rows.append(row)
-        if not args.no_save:  # row by row: a run cut short keeps what it measured
-            with out_path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-
+    base = {"device": dev_name, "date": date, "torch": torch.__version__, "command": command, "bench": "op",
+            "iters": iters, "copy_gbps": round(bandwidth, 1)}
     try:
-        for (B, C, H, W, heads) in shapes:
-            for dtype_name in dtypes:
-                dtype = DTYPES[dtype_name]
-                for softmax in softmaxes:
-                    dual = softmax == "dual"
-                    K, scale = 3, (C // heads) ** -0.5
-                    try:
-                        value, fg, bg, grad = make_inputs(B, C, H, W, heads, K, dual, dtype, device)
-                    except torch.cuda.OutOfMemoryError:
-                        print(f"# {B}x{C}x{H}x{W}: inputs do not fit, skipped")
-                        continue
-                    for pass_name in passes:
-                        ref_ms = ref_peak = None
-                        ref_note = ""
-                        for backend in backends:
-                            row = {"device": dev_name, "date": date, "torch": torch.__version__, "command": command,
-                                   "bench": "op", "backend": backend, "dtype": dtype_name, "pass": pass_name,
-                                   "B": B, "C": C, "H": H, "W": W, "heads": heads, "K": K, "dual": dual,
-                                   "iters": iters, "ms": None, "ref_ms": None, "speedup": None, "gbps": None,
-                                   "copy_gbps": round(bandwidth, 1), "pct_of_copy": None, "peak_mem_mb": None,
-                                   "ref_peak_mem_mb": None, "note": ""}
-                            if backend == "reference":
-                                est_bytes, est_s = reference_estimate(B, C, H, W, heads, K, dual, dtype.itemsize,
-                                                                      pass_name)
-                                free = torch.cuda.mem_get_info()[0] if on_cuda else None
-                                if on_cuda and est_bytes > 0.9 * free:
-                                    ref_note = f"reference skipped: needs ~{est_bytes / 2**30:.1f} GiB"
-                                elif not on_cuda and est_s > args.max_ref_seconds:
-                                    ref_note = f"reference skipped: ~{est_s:.0f} s per iteration"
-                                if ref_note:
-                                    row["note"] = ref_note
-                                    keep(row)
-                                    continue
-                            fn = op_for(backend, K, scale)
-                            try:
-                                ms, peak = measure(fn, (value, fg, bg), grad, pass_name, device, warmup, iters)
-                            except torch.cuda.OutOfMemoryError:
-                                torch.cuda.empty_cache()
-                                row["note"] = "out of memory"
-                                if backend == "reference":
-                                    ref_note = "reference out of memory"
-                                keep(row)
-                                continue
-                            except Exception as error:  # noqa: BLE001 - record and go on
-                                failures += 1
-                                row["note"] = f"error: {str(error).splitlines()[0][:300]}"
-                                print(f"# FAILED {backend} {dtype_name} {pass_name} {B}x{C}x{H}x{W}: {row['note']}")
-                                keep(row)
-                                continue
-                            if backend == "reference":
-                                ref_ms, ref_peak = ms, peak
-                            gbps = min_bytes(pass_name, B, C, H, W, heads, K, dual, dtype.itemsize) / (ms * 1e-3) / 1e9
-                            row.update(ms=round(ms, 4), ref_ms=None if ref_ms is None else round(ref_ms, 4),
-                                       speedup=None if ref_ms is None else round(ref_ms / ms, 2),
-                                       gbps=round(gbps, 1), pct_of_copy=round(gbps / bandwidth, 3),
-                                       peak_mem_mb=None if peak is None else round(peak, 1),
-                                       ref_peak_mem_mb=None if ref_peak is None else round(ref_peak, 1),
-                                       note=ref_note if backend != "reference" else "")
-                            keep(row)
-                    del value, fg, bg, grad
-                    if on_cuda:
-                        torch.cuda.empty_cache()
-
+        for row in measure_rows(base, shapes, dtypes, softmaxes, passes, backends, device, warmup, iters,
+                                bandwidth, args.max_ref_seconds):
+            rows.append(row)
+            if not args.no_save:  # row by row: a run cut short keeps what it measured
+                with out_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
     except KeyboardInterrupt:  # a time limit: report what was measured
         interrupted = True
         print(f"# interrupted after {len(rows)} rows")
+    failures = sum(row["note"].startswith("error:") for row in rows)
     print_table(rows)
     print_bars(rows, on_cuda)
     if not args.no_save:

@@ -114,11 +114,16 @@ def available_backends(device_type=None):
     return [name for name in BACKENDS if any(unavailable_reason(name, t) is None for t in types)]
 
 
+def check_name(where, name):
+    """Raises a ValueError naming ``where`` unless ``name`` is a backend or None (automatic)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; choose one of {BACKENDS} or None")
+
+
 @contextlib.contextmanager
 def use_backend(name):
     """Forces ``name`` for every call inside the block (``None`` restores automatic choice)."""
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"use_backend: unknown backend {name!r}; choose one of {BACKENDS}")
+    check_name("use_backend", name)
     token = _forced.set(name)
     try:
         yield

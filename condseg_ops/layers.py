@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ._ops import as_int, contrast_aggregate
-from .backends import BACKENDS
+from .backends import check_name
 
 VARIANTS = ("paper", "official")
 
@@ -25,9 +25,8 @@ class ContrastAggregation(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"ContrastAggregation: variant must be one of {VARIANTS}, got {variant!r}")
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"ContrastAggregation: backend must be one of {BACKENDS} or None, got {backend!r}")
         where = "ContrastAggregation"
+        check_name(where, backend)
         dim, num_heads = as_int(where, "dim", dim), as_int(where, "num_heads", num_heads)
         kernel_size = as_int(where, "kernel_size", kernel_size, odd=True)
         dilation = as_int(where, "dilation", dilation)

@@ -25,9 +25,18 @@ def kvasir_root():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def load_benchmark(name):
-    """A script of benchmarks/ as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+def _load_script(path, module_name):
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    return _load_script(REPO / "benchmarks" / f"{name}.py", f"{name}_bench")
+
+
+def load_tool(name):
+    """A script of tools/ as a module (the folder is not a package)."""
+    return _load_script(REPO / "tools" / f"{name}.py", name)

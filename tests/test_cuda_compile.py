@@ -9,56 +9,33 @@ tests/test_cuda_emulated.py.
 """
 import concurrent.futures
 import os
-import shutil
 import subprocess
-import sysconfig
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
+
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted((REPO / "csrc" / "cuda").glob("*.cu"))
 ARCHS = ("89", "90")
 TIMEOUT_S = 1200
-
-
-def find_nvcc():
-    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if base and (Path(base) / "bin" / "nvcc").is_file():
-            return str(Path(base) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-NVCC = find_nvcc()
+kernel_stats = load_tool("kernel_stats")  # the nvcc flags, include folders and nvcc lookup, shared
+NVCC = kernel_stats.find_tool("nvcc")
 pytestmark = pytest.mark.slow
 requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 
 
-def include_dirs(workdir):
-    """torch's include paths, Python's, and a stand-in for the one generated header that CPU wheels
-    of torch leave out (c10/cuda/impl/cuda_cmake_macros.h; a real one, when present, comes first)."""
-    dirs = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
-    if not any((Path(d) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for d in dirs):
-        stub = Path(workdir) / "stub_include" / "c10/cuda/impl/cuda_cmake_macros.h"
-        stub.parent.mkdir(parents=True, exist_ok=True)
-        stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        dirs.append(str(Path(workdir) / "stub_include"))
-    return dirs
-
-
 def nvcc_command(source, std, output):
     """The flags torch's CUDAExtension uses (setup.py), for both architectures at once."""
-    cmd = [NVCC, "-c", str(source), "-o", str(output), f"-std={std}", "-O3", "--use_fast_math",
-           "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-DCONDSEG_WITH_CUDA",
-           '-DCONDSEG_CUDA_ARCH_LIST="8.9;9.0"', "-D__CUDA_NO_HALF_OPERATORS__",
-           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "-D__CUDA_NO_HALF2_OPERATORS__", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+    cmd = [NVCC, "-c", str(source), "-o", str(output), f"-std={std}", *kernel_stats.NVCC_FLAGS, "-Xcompiler",
+           "-fPIC", '-DCONDSEG_CUDA_ARCH_LIST="8.9;9.0"', "-DTORCH_API_INCLUDE_EXTENSION_H",
+           "-DTORCH_EXTENSION_NAME=_C"]
     for arch in ARCHS:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    for include in include_dirs(Path(output).parent):
+    for include in kernel_stats.include_dirs(Path(output).parent):
         cmd += ["-I", include]
     return cmd
 

@@ -4,16 +4,13 @@ The compiler pads a cp.async that directly follows a shared load with three no-o
 (`@!PT LDS`). The fused forward reads its copy offsets in batches so that a whole batch shares one
 padding; the slow test keeps it that way (before, every copy of the logits had its own).
 """
-import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("kernel_stats", REPO / "tools" / "kernel_stats.py")
-kernel_stats = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(kernel_stats)
+from conftest import REPO, load_tool
+
+kernel_stats = load_tool("kernel_stats")
 
 PTXAS = """\
 ptxas info    : Compiling entry function '_Z1aPf' for 'sm_90'

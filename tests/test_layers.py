@@ -72,7 +72,7 @@ def test_layer_parameters_and_gradients():
     (dict(dim=8, kernel_size=2), "kernel_size"),
     (dict(dim=8, variant="fast"), "variant"),
     (dict(dim=8, dilation=0), "dilation must be an integer >= 1"),
-    (dict(dim=8, backend="gpu"), "backend must be one of"),
+    (dict(dim=8, backend="gpu"), "unknown backend 'gpu'"),
     (dict(dim=8, num_heads=2.0), "num_heads must be an integer"),
     (dict(dim=8, kernel_size=3.0), "kernel_size must be an odd integer"),
 ])

@@ -379,7 +379,8 @@ def ast_source_triton_3_2(fn, signature, consts, attrs):
 
 @functools.lru_cache(maxsize=None)
 def kernel_stats():
-    """tools/kernel_stats.py, loaded by path (tools/ is not a package)."""
+    """tools/kernel_stats.py, loaded by path (tools/ is not a package). Not through conftest's
+    load_tool: importing conftest sets TRITON_INTERPRET, which this AOT driver must not have."""
     spec = importlib.util.spec_from_file_location("kernel_stats", HERE.parents[1] / "tools" / "kernel_stats.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -11,7 +11,8 @@ compare two versions of a kernel, not two kernels. The Triton kernels get the sa
     python tools/kernel_stats.py --filter weights_kernel --arch 89 csrc/cuda/fused_k3.cu
 
 Needs nvcc (CUDA_HOME or /usr/local/cuda) and cuobjdump (the toolkit's, or the copy the triton
-wheel ships). The torch headers come from the installed torch, as in tests/test_cuda_compile.py.
+wheel ships). The torch headers come from the installed torch. tests/test_cuda_compile.py uses the
+same flags, include folders and tool lookup.
 """
 import argparse
 import os
@@ -26,8 +27,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The nvcc flags of setup.py's CUDAExtension that change the code (torch adds the -D ones).
+NVCC_FLAGS = ("-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-DCONDSEG_WITH_CUDA",
+              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-D__CUDA_NO_HALF2_OPERATORS__")
+
+
 def find_tool(name):
-    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+    """A CUDA toolkit program (nvcc, cuobjdump): CUDA_HOME, CUDA_PATH, /usr/local/cuda, PATH, then the
+    copy the triton wheel ships; None when there is none."""
+    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if base and (Path(base) / "bin" / name).is_file():
             return str(Path(base) / "bin" / name)
     if shutil.which(name):
@@ -40,15 +49,18 @@ def find_tool(name):
     return str(bundled) if bundled.is_file() else None
 
 
-def include_flags(workdir):
+def include_dirs(workdir):
+    """torch's include paths, Python's, and a stand-in for the one generated header that CPU wheels
+    of torch leave out (c10/cuda/impl/cuda_cmake_macros.h; a real one, when present, comes first)."""
     from torch.utils import cpp_extension
 
     dirs = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
-    # CPU wheels of torch lack this one generated header (see tests/test_cuda_compile.py).
-    stub = Path(workdir) / "c10/cuda/impl/cuda_cmake_macros.h"
-    stub.parent.mkdir(parents=True, exist_ok=True)
-    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    return [f"-I{d}" for d in dirs + [str(workdir)]]
+    if not any((Path(d) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for d in dirs):
+        stub = Path(workdir) / "stub_include" / "c10/cuda/impl/cuda_cmake_macros.h"
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        dirs.append(str(Path(workdir) / "stub_include"))
+    return dirs
 
 
 def cxx_standard():
@@ -62,11 +74,9 @@ def cxx_standard():
 def compile_cubin(nvcc, source, arch, workdir):
     """(cubin path, ptxas -v text)."""
     cubin = Path(workdir) / "kernels.cubin"
-    cmd = [nvcc, "-cubin", "-o", str(cubin), str(source), f"-std={cxx_standard()}", "-O3", "--use_fast_math",
-           "--expt-relaxed-constexpr", "-DCONDSEG_WITH_CUDA", "-D__CUDA_NO_HALF_OPERATORS__",
-           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "-D__CUDA_NO_HALF2_OPERATORS__", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-           *include_flags(workdir)]
+    cmd = [nvcc, "-cubin", "-o", str(cubin), str(source), f"-std={cxx_standard()}", *NVCC_FLAGS,
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+           *(f"-I{d}" for d in include_dirs(workdir))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"nvcc failed on {source}:\n{proc.stderr[-4000:]}")

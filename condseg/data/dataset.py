@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from .errors import DatasetError
 from .io import read_image, read_mask
-from .layouts import _format_ids, find_samples
+from .layouts import format_ids, find_samples
 
 
 def as_size(size):
@@ -73,7 +73,7 @@ class SegmentationDataset(Dataset):
             by_id = {s.id: s for s in self.samples}
             unknown = [i for i in ids if i not in by_id]
             if unknown:
-                raise DatasetError(f"ids not in split {split!r} of {root}: {_format_ids(unknown)}", root)
+                raise DatasetError(f"ids not in split {split!r} of {root}: {format_ids(unknown)}", root)
             self.samples = [by_id[i] for i in ids]
         self._cache = None
         if preload:

@@ -169,7 +169,8 @@ def _index_layout(layout, duplicates=None):
     return images, masks
 
 
-def _format_ids(ids, limit=20):
+def format_ids(ids, limit=20):
+    """Up to ``limit`` ids, comma-separated, and how many more there are."""
     shown = ", ".join(ids[:limit])
     return shown + (f" (and {len(ids) - limit} more)" if len(ids) > limit else "")
 
@@ -200,7 +201,7 @@ def find_samples(root, split=None, skip_missing=False, warn=None):
     if no_mask:
         missing[str(layout.mask_dir)] = no_mask
     if missing:
-        what = "; ".join(f"{len(v)} id(s) with no file in {k}: {_format_ids(v)}" for k, v in missing.items())
+        what = "; ".join(f"{len(v)} id(s) with no file in {k}: {format_ids(v)}" for k, v in missing.items())
         where = f"{layout.split_file} lists" if layout.split_file else "found"
         if not skip_missing:
             raise MissingFilesError(f"{where} {what}. Pass skip_missing=True (CLI: --skip-missing) "
