@@ -9,8 +9,12 @@ r = q + off(p) and d = off(s) - off(p), the op is a gather over the (2K-1)^2 off
 
 Kernels (deterministic, no atomics; fp32 accumulation, fp64 for fp64 inputs), each program one
 block of pixels of one (batch, head):
-  _mix_kernel          M = P_fg @ P_bg (batched tl.dot on [pixels, K2P, K2P] tiles), stored planar as
-                       scratch Mt[b, g, p*K2 + s, q]
+  _mix_rows_kernel     M = P_fg @ P_bg with one pixel per thread: each row a tuple of K2 per-pixel
+                       vectors, so softmaxes and the product stay inside the thread (no padding, no
+                       shuffles). K <= 3 (P_bg's K2^2 entries live in registers) on Triton >= 3.3
+                       (tuples). Stored planar as scratch Mt[b, g, p*K2 + s, q]
+  _mix_kernel          the same M for any K and Triton version (batched tl.dot on padded
+                       [pixels, K2P, K2P] tiles: for K = 3 about ten times the issued instructions)
   _weight_kernel       Wt[b, g, d, r] from the K2 neighbours' rows of Mt (all slots p at once)
   _apply_kernel        out[c, t] = sum_d Wt_t[d] V[c, t + d]; TRANSPOSED gives
                        grad_value[c, t] = sum_d Wt_{t-d}[d] G[c, t - d] (a gather too)
@@ -73,6 +77,11 @@ if TRITON_AVAILABLE:
     # GPU config of each list (no autotuning: fewer compiles, e.g. for a quick GPU test run).
     # ------------------------------------------------------------------------------------------
     GPU_CONFIGS = {
+        "mix_rows": [  # one pixel per thread: BLOCK_Q = 32 * num_warps
+            triton.Config({"BLOCK_Q": 128}, num_warps=4),
+            triton.Config({"BLOCK_Q": 64}, num_warps=2),
+            triton.Config({"BLOCK_Q": 256}, num_warps=8),
+        ],
         "mix": [
             triton.Config({"QS": 2048}, num_warps=4),
             triton.Config({"QS": 4096}, num_warps=4),
@@ -97,6 +106,7 @@ if TRITON_AVAILABLE:
     }
     if INTERPRET:
         _CONFIGS = {
+            "mix_rows": [triton.Config({"BLOCK_Q": 1024}, num_warps=4)],
             "mix": [triton.Config({"QS": 8192}, num_warps=4)],
             "softmax_bwd": [triton.Config({"QS": 8192}, num_warps=4)],
             "apply": [triton.Config({"BLOCK_C": 64, "BLOCK_P": 128}, num_warps=4)],
@@ -179,6 +189,72 @@ if TRITON_AVAILABLE:
         n_pb = tl.cdiv(HW, BLOCK_P)
         r = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
         return pid // n_pb, r, r < HW, r // W, r % W
+
+    # Tuples (of per-pixel vectors, indexed by constexpr) arrived in Triton 3.3.
+    ROWS_MAX_K = 3 if TRITON_VERSION >= (3, 3) else 0
+
+    @triton.jit
+    def _load_row(A, base, row, qmask, K2: tl.constexpr, FP64: tl.constexpr):
+        """Row `row` of each pixel's K2 x K2 logits: a tuple of K2 vectors (one per column)."""
+        out = ()
+        for s in tl.static_range(K2):
+            out = out + (_acc(tl.load(A + (base + (row * K2 + s)), mask=qmask, other=0.0), FP64),)
+        return out
+
+    @triton.jit
+    def _softmax_row(logits, scale, K2: tl.constexpr, FP64: tl.constexpr):
+        """softmax(scale * row) of a row held as a tuple; the sums stay inside each thread."""
+        if FP64:
+            c = scale
+        else:
+            c = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e)): one multiply per entry
+        x = ()
+        for s in tl.static_range(K2):
+            x = x + (_acc(logits[s] * c, FP64),)  # back to the accumulator type (fp64 scale)
+        top = x[0]
+        for s in tl.static_range(1, K2):
+            top = tl.maximum(top, x[s])
+        e = ()
+        total = tl.zeros_like(top)
+        for s in tl.static_range(K2):
+            if FP64:
+                v = tl.exp(x[s] - top)
+            else:
+                v = tl.exp2(x[s] - top)
+            total += v
+            e = e + (v,)
+        inv = 1.0 / total
+        out = ()
+        for s in tl.static_range(K2):
+            out = out + (e[s] * inv,)
+        return out
+
+    @_tuned("mix_rows", key=["HW", "K", "DUAL"])
+    @triton.jit
+    def _mix_rows_kernel(
+        A_fg, A_bg, Mt, HW, heads, scale,
+        K: tl.constexpr, DUAL: tl.constexpr, FP64: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ):
+        K2: tl.constexpr = K * K
+        bg, q, qmask, base = _tile_pixels(HW, heads, K2, BLOCK_Q)
+        hw = bg.to(tl.int64) * 0 + HW  # int64 plane stride (HW may arrive as a constexpr 1)
+        out = Mt + (bg.to(tl.int64) * (K2 * K2) * HW + q)
+        if DUAL:
+            p_bg = ()  # all K2 x K2 entries, row-major
+            for k in tl.static_range(K2):
+                p_bg = p_bg + _softmax_row(_load_row(A_bg, base, k, qmask, K2, FP64), scale, K2, FP64)
+        # A runtime loop over the rows of P_fg: unrolled, Triton's coalescing pass takes about
+        # 30 s on the kernel's 243 memory operations.
+        for p in range(K2):
+            p_fg = _softmax_row(_load_row(A_fg, base, p, qmask, K2, FP64), scale, K2, FP64)
+            for s in tl.static_range(K2):
+                if DUAL:
+                    m = p_fg[0] * p_bg[s]
+                    for k in tl.static_range(1, K2):
+                        m += p_fg[k] * p_bg[k * K2 + s]
+                else:
+                    m = p_fg[s]
+                tl.store(out + (p * K2 + s) * hw, m, mask=qmask)
 
     @_tuned("mix", key=["HW", "K", "DUAL"])
     @triton.jit
@@ -367,10 +443,13 @@ if TRITON_AVAILABLE:
         K2P = _k2p(kernel_size)
         dtype = _acc_dtype(attn_fg.dtype)
         mt = torch.empty((B, heads, k2 * k2, HW), dtype=dtype, device=attn_fg.device)
-        _launch(_mix_kernel)[_tile_grid(B * heads, HW, K2P)](
-            attn_fg, attn_fg if attn_bg is None else attn_bg, mt, HW, heads, scale,
-            K=kernel_size, K2P=K2P, DUAL=attn_bg is not None, FP64=dtype == torch.float64,
-        )
+        logits = (attn_fg, attn_fg if attn_bg is None else attn_bg, mt, HW, heads, scale)
+        flags = dict(K=kernel_size, DUAL=attn_bg is not None, FP64=dtype == torch.float64)
+        if kernel_size <= ROWS_MAX_K:
+            grid = lambda meta: (B * heads * triton.cdiv(HW, meta["BLOCK_Q"]),)  # noqa: E731
+            _launch(_mix_rows_kernel)[grid](*logits, **flags)
+        else:
+            _launch(_mix_kernel)[_tile_grid(B * heads, HW, K2P)](*logits, K2P=K2P, **flags)
         wt = mt.new_empty((B, heads, (2 * kernel_size - 1) ** 2, HW))
         _launch(_weight_kernel)[_pixel_grid(B * heads, HW)](
             mt, wt, H, W, HW, dilation, K=kernel_size, K2P=triton.next_power_of_2(k2)

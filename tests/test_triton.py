@@ -122,6 +122,15 @@ def test_matches_reference_fp32(case):
 
 
 @runnable
+@pytest.mark.parametrize("case", [MAIN, SINGLE], ids=["dual", "single"])
+def test_tile_mix_kernel_matches_reference(case, monkeypatch):
+    """K <= 3 takes the per-thread-row mix kernel where Triton has tuples (>= 3.3). The tile mix
+    kernel serves larger K and Triton 3.2, so it must stay right at K = 3 too."""
+    monkeypatch.setattr(tk, "ROWS_MAX_K", 0)
+    check_against_reference(*inputs_for(case), 3, 1, 0.7)
+
+
+@runnable
 @pytest.mark.parametrize("dual", [True, False], ids=["dual", "single"])
 def test_matches_reference_fp64(dual):
     check_against_reference(*fp64_inputs(dual), 3, 2, 0.9, api=False)
@@ -304,7 +313,7 @@ def test_gpu_opcheck(case):
 # (b) ahead-of-time compilation
 # ------------------------------------------------------------------------------------------------
 AOT_ARCHS = (89, 90)
-KERNEL_CONFIGS = {"_mix_kernel": "mix", "_weight_kernel": "pixel", "_apply_kernel": "apply",
+KERNEL_CONFIGS = {"_mix_rows_kernel": "mix_rows", "_mix_kernel": "mix", "_weight_kernel": "pixel", "_apply_kernel": "apply",
                   "_grad_weight_kernel": "pixel", "_softmax_bwd_kernel": "softmax_bwd"}
 TL_DTYPES = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "fp64": "fp64"}  # input -> accumulator
 
@@ -331,8 +340,10 @@ def aot_specs(full=False):
             variants = (True, False) if full or dt == "fp32" else (True,)
             for dual in variants:
                 flags = dict(K=K, K2P=max(16, k2p), DUAL=dual, FP64=acc == "fp64")
-                specs.append(("_mix_kernel", dict(A_fg="*" + dt, A_bg="*" + dt, Mt="*" + acc,
-                                                  **pick("HW", "heads"), scale="fp32"), flags))
+                mix_args = dict(A_fg="*" + dt, A_bg="*" + dt, Mt="*" + acc, **pick("HW", "heads"), scale="fp32")
+                if K <= tk.ROWS_MAX_K:
+                    specs.append(("_mix_rows_kernel", mix_args, dict(K=K, DUAL=dual, FP64=acc == "fp64")))
+                specs.append(("_mix_kernel", mix_args, flags))
                 specs.append(("_softmax_bwd_kernel",
                               dict(A_fg="*" + dt, A_bg="*" + dt, GW="*" + acc, GA_fg="*" + dt, GA_bg="*" + dt,
                                    **pick("H", "W", "HW", "heads", "dil"), scale="fp32"), flags))
@@ -482,7 +493,7 @@ def check_records(records, arch):
     assert records and all(r["arch"] == arch for r in records)
     kernels = {r["kernel"] for r in records}
     assert kernels == {"_mix_kernel", "_weight_kernel", "_apply_kernel", "_grad_weight_kernel",
-                       "_softmax_bwd_kernel"}
+                       "_softmax_bwd_kernel"} | ({"_mix_rows_kernel"} if tk.ROWS_MAX_K else set())
     # No real register spills at K = 3 in the configurations the GPU autotuner picks from (fp64
     # excepted). A few bytes of stack frame come and go with the ptxas version (triton 3.6 on sm_89
     # gives _weight_kernel 8 bytes): only frames past MAX_STACK_BYTES count.
