@@ -3,7 +3,7 @@
 bars' shape (B=12, C=128, 128x128, 4 heads, K=3, dual softmax): a small, fixed workload for
 Nsight Compute, e.g. on the GPU machine
 
-    CONDSEG_TRITON_AUTOTUNE=0 ncu --clock-control none --kernel-name regex:'weights_kernel|_mix_kernel' \\
+    CONDSEG_TRITON_AUTOTUNE=0 ncu --clock-control none --kernel-name regex:'weights_kernel|_mix' \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         python benchmarks/op_calls.py --backends cuda,triton
 

@@ -425,6 +425,9 @@ if TRITON_AVAILABLE:
     def _pixel_grid(n_bg, HW):
         return lambda meta: (n_bg * triton.cdiv(HW, meta["BLOCK_P"]),)
 
+    def _rows_grid(n_bg, HW):
+        return lambda meta: (n_bg * triton.cdiv(HW, meta["BLOCK_Q"]),)
+
     def _tile_grid(n_bg, HW, K2P):
         return lambda meta: (n_bg * triton.cdiv(HW, triton.cdiv(meta["QS"], K2P * K2P)),)
 
@@ -443,13 +446,12 @@ if TRITON_AVAILABLE:
         K2P = _k2p(kernel_size)
         dtype = _acc_dtype(attn_fg.dtype)
         mt = torch.empty((B, heads, k2 * k2, HW), dtype=dtype, device=attn_fg.device)
-        logits = (attn_fg, attn_fg if attn_bg is None else attn_bg, mt, HW, heads, scale)
+        args = (attn_fg, attn_fg if attn_bg is None else attn_bg, mt, HW, heads, scale)
         flags = dict(K=kernel_size, DUAL=attn_bg is not None, FP64=dtype == torch.float64)
         if kernel_size <= ROWS_MAX_K:
-            grid = lambda meta: (B * heads * triton.cdiv(HW, meta["BLOCK_Q"]),)  # noqa: E731
-            _launch(_mix_rows_kernel)[grid](*logits, **flags)
+            _launch(_mix_rows_kernel)[_rows_grid(B * heads, HW)](*args, **flags)
         else:
-            _launch(_mix_kernel)[_tile_grid(B * heads, HW, K2P)](*logits, K2P=K2P, **flags)
+            _launch(_mix_kernel)[_tile_grid(B * heads, HW, K2P)](*args, K2P=K2P, **flags)
         wt = mt.new_empty((B, heads, (2 * kernel_size - 1) ** 2, HW))
         _launch(_weight_kernel)[_pixel_grid(B * heads, HW)](
             mt, wt, H, W, HW, dilation, K=kernel_size, K2P=triton.next_power_of_2(k2)

@@ -37,17 +37,19 @@ def test_profiles_the_forward_per_dtype_and_keeps_the_reports(tmp_path):
 
     calls = [shlex.split(line) for line in log.read_text().splitlines()]
     profiles = [c for c in calls if "-o" in c]
-    assert [c[c.index("--dtypes") + 1] for c in profiles] == ["float32", "bfloat16"]
+    asked = [(c[c.index("--backends") + 1], c[c.index("--kernel-name") + 1], c[c.index("--dtypes") + 1])
+             for c in profiles]
+    assert asked == [("cuda", "regex:weights_kernel", "float32"), ("cuda", "regex:weights_kernel", "bfloat16"),
+                     ("triton", "regex:_mix_rows_kernel", "float32")]
     for c in profiles:
-        assert {"--set", "full", "--import-source", "yes", "--kernel-name", "regex:weights_kernel"} <= set(c)
-        assert c[c.index("--launch-count") + 1] == "1"
-        assert "benchmarks/op_calls.py" in c and c[c.index("--backends") + 1] == "cuda"
+        assert {"--set", "full", "--import-source", "yes"} <= set(c)
+        assert c[c.index("--launch-count") + 1] == "1" and "benchmarks/op_calls.py" in c
     pages = [c[c.index("--page") + 1] for c in calls if "--import" in c]
-    assert pages == ["details", "source"] * 2
-    for dtype in ("float32", "bfloat16"):
-        assert (out / f"forward_{dtype}.ncu-rep").is_file()
-        assert (out / f"forward_{dtype}_details.txt").read_text().strip() == "Duration page details"
-        assert (out / f"forward_{dtype}_source.csv").read_text().strip() == "Duration page source"
+    assert pages == ["details", "source"] * 3
+    for name in ("forward_float32", "forward_bfloat16", "triton_mix_float32"):
+        assert (out / f"{name}.ncu-rep").is_file()
+        assert (out / f"{name}_details.txt").read_text().strip() == "Duration page details"
+        assert (out / f"{name}_source.csv").read_text().strip() == "Duration page source"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bash script")
