@@ -202,15 +202,21 @@ if TRITON_AVAILABLE:
         return out
 
     @triton.jit
-    def _softmax_row(logits, scale, K2: tl.constexpr, FP64: tl.constexpr):
-        """softmax(scale * row) of a row held as a tuple; the sums stay inside each thread."""
+    def _exp_scale(scale, FP64: tl.constexpr):
+        """What the logits are multiplied by before the exponential: fp64 uses exp, the others
+        exp2, since exp(x) = exp2(x * log2(e)) saves a multiply per entry. In the accumulator
+        type: torch.compile may pass scale as an fp64 scalar."""
         if FP64:
-            c = scale
+            return tl.cast(scale, tl.float64)
         else:
-            c = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e)): one multiply per entry
+            return tl.cast(scale * 1.4426950408889634, tl.float32)
+
+    @triton.jit
+    def _softmax_row(logits, exp_scale, K2: tl.constexpr, FP64: tl.constexpr):
+        """softmax(scale * row) of a row held as a tuple; the sums stay inside each thread."""
         x = ()
         for s in tl.static_range(K2):
-            x = x + (_acc(logits[s] * c, FP64),)  # back to the accumulator type (fp64 scale)
+            x = x + (logits[s] * exp_scale,)
         top = x[0]
         for s in tl.static_range(1, K2):
             top = tl.maximum(top, x[s])
@@ -239,14 +245,15 @@ if TRITON_AVAILABLE:
         bg, q, qmask, base = _tile_pixels(HW, heads, K2, BLOCK_Q)
         hw = bg.to(tl.int64) * 0 + HW  # int64 plane stride (HW may arrive as a constexpr 1)
         out = Mt + (bg.to(tl.int64) * (K2 * K2) * HW + q)
+        c = _exp_scale(scale, FP64)
         if DUAL:
             p_bg = ()  # all K2 x K2 entries, row-major
             for k in tl.static_range(K2):
-                p_bg = p_bg + _softmax_row(_load_row(A_bg, base, k, qmask, K2, FP64), scale, K2, FP64)
+                p_bg = p_bg + _softmax_row(_load_row(A_bg, base, k, qmask, K2, FP64), c, K2, FP64)
         # A runtime loop over the rows of P_fg: unrolled, Triton's coalescing pass takes about
         # 30 s on the kernel's 243 memory operations.
         for p in range(K2):
-            p_fg = _softmax_row(_load_row(A_fg, base, p, qmask, K2, FP64), scale, K2, FP64)
+            p_fg = _softmax_row(_load_row(A_fg, base, p, qmask, K2, FP64), c, K2, FP64)
             for s in tl.static_range(K2):
                 if DUAL:
                     m = p_fg[0] * p_bg[s]

@@ -342,7 +342,10 @@ def aot_specs(full=False):
                 flags = dict(K=K, K2P=max(16, k2p), DUAL=dual, FP64=acc == "fp64")
                 mix_args = dict(A_fg="*" + dt, A_bg="*" + dt, Mt="*" + acc, **pick("HW", "heads"), scale="fp32")
                 if K <= tk.ROWS_MAX_K:
-                    specs.append(("_mix_rows_kernel", mix_args, dict(K=K, DUAL=dual, FP64=acc == "fp64")))
+                    rows_flags = dict(K=K, DUAL=dual, FP64=acc == "fp64")
+                    specs.append(("_mix_rows_kernel", mix_args, rows_flags))
+                    if dt == "fp32" and dual:  # torch.compile may pass the scale as an fp64 scalar
+                        specs.append(("_mix_rows_kernel", dict(mix_args, scale="fp64"), rows_flags))
                 specs.append(("_mix_kernel", mix_args, flags))
                 specs.append(("_softmax_bwd_kernel",
                               dict(A_fg="*" + dt, A_bg="*" + dt, GW="*" + acc, GA_fg="*" + dt, GA_bg="*" + dt,
