@@ -15,7 +15,7 @@ block of pixels of one (batch, head):
                        (tuples). Stored planar as scratch Mt[b, g, p*K2 + s, q]
   _mix_kernel          the same M for any K and Triton version (batched tl.dot on padded
                        [pixels, K2P, K2P] tiles: for K = 3 about ten times the issued instructions)
-  _weight_kernel       Wt[b, g, d, r] from the K2 neighbours' rows of Mt (all slots p at once)
+  _weight_kernel       Wt[b, g, d, r] from the K2 neighbours' rows of Mt (one pixel per thread)
   _apply_kernel        out[c, t] = sum_d Wt_t[d] V[c, t + d]; TRANSPOSED gives
                        grad_value[c, t] = sum_d Wt_{t-d}[d] G[c, t - d] (a gather too)
   _grad_weight_kernel  gWt[b, g, d, r] = sum_{c in head g} G[c, r] V[c, r + d]
@@ -98,7 +98,12 @@ if TRITON_AVAILABLE:
             triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=8),
             triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=8),
         ],
-        "pixel": [  # _weight_kernel and _grad_weight_kernel
+        "weight": [  # one pixel per thread: BLOCK_P = 32 * num_warps
+            triton.Config({"BLOCK_P": 128}, num_warps=4),
+            triton.Config({"BLOCK_P": 64}, num_warps=2),
+            triton.Config({"BLOCK_P": 256}, num_warps=8),
+        ],
+        "grad_weight": [
             triton.Config({"BLOCK_P": 64}, num_warps=4),
             triton.Config({"BLOCK_P": 128}, num_warps=4),
             triton.Config({"BLOCK_P": 256}, num_warps=8),
@@ -110,7 +115,8 @@ if TRITON_AVAILABLE:
             "mix": [triton.Config({"QS": 8192}, num_warps=4)],
             "softmax_bwd": [triton.Config({"QS": 8192}, num_warps=4)],
             "apply": [triton.Config({"BLOCK_C": 64, "BLOCK_P": 128}, num_warps=4)],
-            "pixel": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
+            "weight": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
+            "grad_weight": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
         }
     elif os.environ.get("CONDSEG_TRITON_AUTOTUNE", "1") == "0":
         _CONFIGS = {name: configs[:1] for name, configs in GPU_CONFIGS.items()}
@@ -280,34 +286,39 @@ if TRITON_AVAILABLE:
         offs = (bg.to(tl.int64) * (K2 * K2) + (p * K2 + s)) * HW + q[:, None, None]
         tl.store(Mt + offs, prob, mask=qmask[:, None, None] & (p < K2) & (s < K2))
 
-    @_tuned("pixel", key=["HW", "K"])
+    @_tuned("weight", key=["HW", "K"])
     @triton.jit
-    def _weight_kernel(Mt, Wt, H, W, HW, dil, K: tl.constexpr, K2P: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Wt[b, g, d, r] = sum_p M_{r - off(p)}[p, p + d], all K2 slots p at once (axis 0)."""
+    def _weight_kernel(Mt, Wt, H, W, HW, dil, K: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Wt[b, g, d, r] = sum_p M_{r - off(p)}[p, p + d], one pixel r per thread: the sum over
+        slots p stays inside the thread (a [slots, pixels] tile summed over slots needed shared
+        memory and barriers), and only the slots p for which p + d is a slot are loaded."""
         R: tl.constexpr = K // 2
         K2: tl.constexpr = K * K
         D: tl.constexpr = (2 * K - 1) * (2 * K - 1)
         bg, r, rmask, y, x = _pixel_block(HW, W, BLOCK_P)
         hw = bg.to(tl.int64) * 0 + HW  # int64 plane stride (HW may arrive as a constexpr 1)
-        p = tl.arange(0, K2P)[:, None]
-        py = p // K
-        px = p % K
-        qy = y[None, :] - dil * (py - R)  # window centre q = r - off(p)
-        qx = x[None, :] - dil * (px - R)
-        q_ok = rmask[None, :] & (p < K2) & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
-        # Mt plane of (p, s) is p * K2 + s, and s = p + (d_y * K + d_x)
-        m_ptr = Mt + (bg.to(tl.int64) * (K2 * K2) * HW + p * (K2 + 1) * hw + (qy * W + qx))
+        m_ptr = Mt + bg.to(tl.int64) * (K2 * K2) * HW
         w_ptr = Wt + bg.to(tl.int64) * D * HW + r
         # d = (dyi - (K-1), dxi - (K-1)) * dil: a runtime loop over its rows (unrolled, K = 7 would
         # be (2K-1)^2 copies: slow to compile), unrolled along each row. Constexpr expressions
         # stay inline: a plain assignment would make them runtime values, an annotated one cannot
         # repeat in static_range.
         for dyi in range(2 * K - 1):
-            py_ok = q_ok & (py + dyi >= K - 1) & (py + dyi < 2 * K - 1)  # s = p + d is a slot
             for dxi in tl.static_range(2 * K - 1):
-                ok = py_ok & (px + dxi >= K - 1) & (px + dxi < 2 * K - 1)
-                m = tl.load(m_ptr + ((dyi - (K - 1)) * K + (dxi - (K - 1))) * hw, mask=ok, other=0.0)
-                tl.store(w_ptr + (dyi * (2 * K - 1) + dxi) * hw, tl.sum(m, axis=0), mask=rmask)
+                total = tl.zeros([BLOCK_P], dtype=Wt.dtype.element_ty)
+                for py in tl.static_range(K):
+                    if (py + dyi >= K - 1) & (py + dyi < 2 * K - 1):  # s = p + d is a slot along y
+                        qy = y - dil * (py - R)  # window centre q = r - off(p)
+                        row_ok = rmask & (qy >= 0) & (qy < H)
+                        for px in tl.static_range(K):
+                            if px + dxi >= K - 1:  # and along x (known at compile time)
+                                if px + dxi < 2 * K - 1:
+                                    qx = x - dil * (px - R)
+                                    # Mt plane of (p, s) is p * K2 + s, and s = p + (d_y * K + d_x)
+                                    plane = (py * K + px) * (K2 + 1) + (dyi - (K - 1)) * K + (dxi - (K - 1))
+                                    total += tl.load(m_ptr + (plane * hw + (qy * W + qx)),
+                                                     mask=row_ok & (qx >= 0) & (qx < W), other=0.0)
+                tl.store(w_ptr + (dyi * (2 * K - 1) + dxi) * hw, total, mask=rmask)
 
     @_tuned("apply", key=["HW", "Cg", "K", "TRANSPOSED"])
     @triton.jit
@@ -351,7 +362,7 @@ if TRITON_AVAILABLE:
                 acc += w[None, :] * v.to(acc.dtype)  # no jit helper call in the loop: slow when interpreted
         tl.store(Out + (rows + t[None, :]), acc.to(Out.dtype.element_ty), mask=cmask & tmask[None, :])
 
-    @_tuned("pixel", key=["HW", "Cg", "K"])
+    @_tuned("grad_weight", key=["HW", "Cg", "K"])
     @triton.jit
     def _grad_weight_kernel(
         G, V, GW, C, H, W, HW, heads, Cg, dil,
@@ -460,9 +471,7 @@ if TRITON_AVAILABLE:
         else:
             _launch(_mix_kernel)[_tile_grid(B * heads, HW, K2P)](*args, K2P=K2P, **flags)
         wt = mt.new_empty((B, heads, (2 * kernel_size - 1) ** 2, HW))
-        _launch(_weight_kernel)[_pixel_grid(B * heads, HW)](
-            mt, wt, H, W, HW, dilation, K=kernel_size, K2P=triton.next_power_of_2(k2)
-        )
+        _launch(_weight_kernel)[_pixel_grid(B * heads, HW)](mt, wt, H, W, HW, dilation, K=kernel_size)
         return wt
 
     def _apply(x, wt, kernel_size, dilation, transposed):

@@ -313,8 +313,8 @@ def test_gpu_opcheck(case):
 # (b) ahead-of-time compilation
 # ------------------------------------------------------------------------------------------------
 AOT_ARCHS = (89, 90)
-KERNEL_CONFIGS = {"_mix_rows_kernel": "mix_rows", "_mix_kernel": "mix", "_weight_kernel": "pixel", "_apply_kernel": "apply",
-                  "_grad_weight_kernel": "pixel", "_softmax_bwd_kernel": "softmax_bwd"}
+KERNEL_CONFIGS = {"_mix_rows_kernel": "mix_rows", "_mix_kernel": "mix", "_weight_kernel": "weight", "_apply_kernel": "apply",
+                  "_grad_weight_kernel": "grad_weight", "_softmax_bwd_kernel": "softmax_bwd"}
 TL_DTYPES = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "fp64": "fp64"}  # input -> accumulator
 
 
@@ -352,7 +352,7 @@ def aot_specs(full=False):
                                    **pick("H", "W", "HW", "heads", "dil"), scale="fp32"), flags))
             if dt in ("fp32", "fp64"):  # works on the accumulator dtype only
                 specs.append(("_weight_kernel", dict(Mt="*" + acc, Wt="*" + acc, **pick("H", "W", "HW", "dil")),
-                              dict(K=K, K2P=k2p)))
+                              dict(K=K)))
             for transposed in [not v for v in variants]:  # forward first
                 specs.append(("_apply_kernel", dict(X="*" + dt, Wt="*" + acc, Out="*" + dt, **args),
                               dict(K=K, TRANSPOSED=transposed)))
