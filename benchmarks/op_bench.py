@@ -52,6 +52,10 @@ BARS_CUDA = {  # issue 3, measured at the main shape, dual softmax, fp32 (bf16 f
     "forward+backward peak memory <= 1/5 of reference": 0.2,
     "bf16 forward >= 1.6x faster than fp32": 1.6,
 }
+BARS_TRITON = {  # issue 4, same shape, fp32
+    "triton forward+backward speedup >= 4x": 4.0,
+    "triton forward time <= 2x the cuda forward's": 2.0,
+}
 BARS_CPU = {"forward speedup >= 5x": 5.0, "forward+backward speedup >= 4x": 4.0}  # issue 2
 
 
@@ -366,7 +370,11 @@ def print_bars(rows, on_cuda):
         mem = None if both is None or not both["ref_peak_mem_mb"] else both["peak_mem_mb"] / both["ref_peak_mem_mb"]
         values = [fwd and fwd["speedup"], both and both["speedup"], fwd and fwd["pct_of_copy"], mem,
                   None if fwd is None or bf16 is None else fwd["ms"] / bf16["ms"]]
-        for (name, bar), value in zip(BARS_CUDA.items(), values):
+        tri_fwd = find(rows, backend="triton", dtype="float32", **{"pass": "forward"}, **main)
+        tri_both = find(rows, backend="triton", dtype="float32", **{"pass": "forward+backward"}, **main)
+        values += [tri_both and tri_both["speedup"],
+                   None if fwd is None or tri_fwd is None else tri_fwd["ms"] / fwd["ms"]]
+        for (name, bar), value in zip({**BARS_CUDA, **BARS_TRITON}.items(), values):
             ok = None if value is None else (value <= bar if "<=" in name else value >= bar)
             checks.append((name, value, ok))
     else:

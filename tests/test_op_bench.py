@@ -45,3 +45,37 @@ def test_an_interrupted_run_keeps_its_rows(op_bench, tmp_path, monkeypatch):
     monkeypatch.setattr(op_bench, "measure", measure_then_interrupt)
     assert op_bench.main([*SMALL, "--out", str(out)]) == 130
     assert len(out.read_text().splitlines()) == 4
+
+
+def test_bars_on_cuda_judge_the_rows(op_bench, capsys):
+    """The GPU check's verdicts, from hand-made rows at the main shape: issue 3's bars on the cuda
+    rows, issue 4's on the triton rows (forward time against the cuda forward's)."""
+    shape = dict(B=12, C=128, H=128, W=128, heads=4, dual=True)
+
+    def row(backend, dtype, pass_, ms, speedup, pct=None, peak=None, ref_peak=None):
+        return dict(shape, backend=backend, dtype=dtype, ms=ms, speedup=speedup, pct_of_copy=pct,
+                    peak_mem_mb=peak, ref_peak_mem_mb=ref_peak, **{"pass": pass_})
+
+    rows = [row("cuda", "float32", "forward", 0.5, 20.0, pct=0.4),
+            row("cuda", "float32", "forward+backward", 1.7, 19.0, peak=100.0, ref_peak=1000.0),
+            row("cuda", "bfloat16", "forward", 0.25, 40.0),
+            row("triton", "float32", "forward", 1.1, 9.0),  # 2.2x the cuda forward's time
+            row("triton", "float32", "forward+backward", 5.0, 6.5)]
+    def verdicts():  # "#   NAME (50 wide) VALUE (8 wide)  VERDICT" per bar
+        return {line[4:54].strip(): line[65:].strip() for line in capsys.readouterr().out.splitlines()
+                if line.startswith("#   ")}
+
+    op_bench.print_bars(rows, on_cuda=True)
+    assert verdicts() == {
+        "forward speedup >= 10x": "PASS",
+        "forward+backward speedup >= 6x": "PASS",
+        "forward >= 50% of copy bandwidth": "FAIL",
+        "forward+backward peak memory <= 1/5 of reference": "PASS",
+        "bf16 forward >= 1.6x faster than fp32": "PASS",
+        "triton forward+backward speedup >= 4x": "PASS",
+        "triton forward time <= 2x the cuda forward's": "FAIL",
+    }
+    op_bench.print_bars(rows[:3], on_cuda=True)  # no triton rows: said so, not failed
+    judged = verdicts()
+    assert [judged[name] for name in op_bench.BARS_TRITON] == ["not measured"] * 2
+    assert judged["forward speedup >= 10x"] == "PASS"

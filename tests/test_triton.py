@@ -313,8 +313,8 @@ def test_gpu_opcheck(case):
 # (b) ahead-of-time compilation
 # ------------------------------------------------------------------------------------------------
 AOT_ARCHS = (89, 90)
-KERNEL_CONFIGS = {"_mix_rows_kernel": "mix_rows", "_mix_kernel": "mix", "_weight_kernel": "weight", "_apply_kernel": "apply",
-                  "_grad_weight_kernel": "grad_weight", "_softmax_bwd_kernel": "softmax_bwd"}
+KERNEL_CONFIGS = {"_mix_rows_kernel": "mix_rows", "_mix_kernel": "mix", "_weight_kernel": "weight",
+                  "_apply_kernel": "apply", "_grad_weight_kernel": "grad_weight", "_softmax_bwd_kernel": "softmax_bwd"}
 TL_DTYPES = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "fp64": "fp64"}  # input -> accumulator
 
 
