@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 
-from condseg_ops import BACKENDS, ContrastAggregation
+from condseg_ops import ContrastAggregation
+from condseg_ops.backends import check_name
 
 __all__ = ["fold_batchnorm", "prepare_for_inference", "set_cdfa_backend"]
 
@@ -149,8 +150,7 @@ def set_cdfa_backend(model, backend):
 
     Unlike the ``condseg_ops.use_backend`` context, this is a module attribute, so it holds inside
     ``torch.compile`` graphs and CUDA graphs captured from the model."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"set_cdfa_backend: unknown backend {backend!r}; choose one of {BACKENDS} or None")
+    check_name("set_cdfa_backend", backend)
     for module in model.modules():
         if isinstance(module, ContrastAggregation):
             module.backend = backend

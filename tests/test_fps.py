@@ -136,7 +136,7 @@ def test_set_cdfa_backend():
         layers = [m for m in forced.modules() if isinstance(m, condseg_ops_layer())]
         assert layers and all(m.backend == "reference" for m in layers)
         torch.testing.assert_close(forced(x), auto, rtol=1e-4, atol=1e-4 * auto.abs().max().item())
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="set_cdfa_backend: unknown backend 'nope'"):
         set_cdfa_backend(model, "nope")
 
 

@@ -408,7 +408,7 @@ def aot_compile(arch, full=False):
     from triton.backends.compiler import GPUTarget
 
     assert tk.TRITON_AVAILABLE and not tk.INTERPRET, "run without TRITON_INTERPRET"
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    cuobjdump = kernel_stats().find_tool("cuobjdump")  # the toolkit's, else the copy triton ships
     target = GPUTarget("cuda", arch, 32)
     records = []
     for name, args, constexprs, config in aot_specs(full):
@@ -441,12 +441,12 @@ def aot_compile(arch, full=False):
         record = dict(kernel=name, arch=arch, constexprs={k: str(v) for k, v in constexprs.items()},
                       config=str(config.kwargs), num_warps=config.num_warps, dtype=args[arg_names[0]])
         cubin = compiled.asm.get("cubin")
-        if cubin and cuobjdump.exists():
+        if cubin and cuobjdump:
             path = Path(os.environ.get("TMPDIR", "/tmp")) / f"condseg_aot_{os.getpid()}.cubin"
             path.write_bytes(cubin)
-            usage = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
+            usage = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True).stdout
             # static SASS counts (instructions, FFMA, shuffles, ...), as tools/kernel_stats.py prints them
-            (counts,) = kernel_stats().sass_counts(str(cuobjdump), path).values()
+            (counts,) = kernel_stats().sass_counts(cuobjdump, path).values()
             record["sass"] = counts
             path.unlink()
             for field in usage.split():
