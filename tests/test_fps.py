@@ -253,15 +253,17 @@ def test_summary_ratios_and_bars():
 
 @pytest.mark.slow
 def test_compiled_runner_matches_eager_on_cpu():
+    """Inductor on the automatic backend: the condseg_ops op inside a frozen, BN-folded,
+    channels-last graph. The reference backend's graph is plain PyTorch ops; compiling it as well
+    would double the minute of cold C++ code generation (it runs in the CUDA smoke test)."""
     base = fps.build_model(**SMALL)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = base(x)
-    for backend in fps.BACKENDS:
-        run, info = fps.make_runner(base, fps.MODES["compile"], backend, x, "cpu")
-        check = fps.check_output(run(), ref)
-        assert check["finite"] and check["max_rel_diff"] < 1e-3, (backend, check)
-        assert info["compile_s"] > 0
+    run, info = fps.make_runner(base, fps.MODES["compile"], "auto", x, "cpu")
+    check = fps.check_output(run(), ref)
+    assert check["finite"] and check["max_rel_diff"] < 1e-3, check
+    assert info["compile_s"] > 0
 
 
 @requires_cuda
