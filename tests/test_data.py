@@ -299,3 +299,92 @@ def test_synthetic_dataset(tmp_path):
     again = make_synthetic_dataset(tmp_path / "syn2", train=4, val=2, size=32, seed=3)
     assert (again / "images" / "blob_0000.png").read_bytes() == (root / "images" / "blob_0000.png").read_bytes()
     assert check_dataset(root).ok
+
+
+def test_check_dataset_lists_missing_split_ids_beside_duplicate_ids(folder):
+    # A duplicate id once hid every split's missing ids and pair counts.
+    _write_pair(folder, "a0", image_ext="bmp")
+    (folder / "train.txt").write_text("a0\na1\nghost\n")
+    (folder / "val.txt").write_text("a3\nphantom\n")
+    report = check_dataset(folder)
+    assert [str(p).split(":")[0] for p in report.problems] == [
+        str(folder / "images" / "a0.png"), str(folder / "train.txt"), str(folder / "val.txt")], str(report)
+    assert "ghost" in str(report.problems[1]) and "phantom" in str(report.problems[2])
+    assert report.splits == {"train": 2, "val": 1}
+
+
+def test_check_dataset_reads_split_sub_folders(tmp_path):
+    # ROOT/train/images, ROOT/val/images...: the layout training reads, with no ROOT/images.
+    root = tmp_path / "ds"
+    for split, n in (("train", 2), ("val", 1)):
+        for i in range(n):
+            _write_pair(root / split, f"{split}{i}")
+    report = check_dataset(root)
+    assert report.ok and report.pairs == 3 and report.splits == {"train": 2, "val": 1}, str(report)
+    (root / "val" / "images" / "val0.png").write_bytes(b"garbage")
+    report = check_dataset(root)
+    assert [p.path for p in report.problems] == [str(root / "val" / "images" / "val0.png")], str(report)
+
+
+def test_palette_masks(tmp_path):
+    labels = np.zeros((6, 8), np.uint8)
+    labels[1:3, 1:4], labels[4:6, 5:8] = 1, 2
+    voc = Image.fromarray(labels, "P")  # VOC style: the indices are the classes, the colours are for viewers
+    voc.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0])
+    voc.save(tmp_path / "voc.png")
+    assert np.array_equal(read_mask(tmp_path / "voc.png", classes=3), labels)
+    binary = Image.fromarray((labels == 1).astype(np.uint8), "P")  # binary: index 1 shown white
+    binary.putpalette([0, 0, 0, 255, 255, 255])
+    binary.save(tmp_path / "binary.png")
+    assert np.array_equal(read_mask(tmp_path / "binary.png"), labels == 1)
+
+
+@pytest.mark.parametrize("data, truth, other, other_file", [
+    ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth", "ISIC-2017_Training_Part2_GroundTruth",
+     "{}_features.json"),
+    ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth",
+     "ISIC2018_Task2_Training_GroundTruth_v3", "{}_attribute_globules.png")], ids=["2017", "2018"])
+def test_isic_layout_beside_other_ground_truth(tmp_path, data, truth, other, other_file):
+    root = tmp_path / "isic"
+    for folder in (data, truth, other):
+        (root / folder).mkdir(parents=True)
+    for sid in ("ISIC_0000000", "ISIC_0000001"):
+        Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(root / data / f"{sid}.jpg")
+        Image.fromarray(np.full((6, 7), 255, np.uint8)).save(root / truth / f"{sid}_segmentation.png")
+        extra = root / other / other_file.format(sid)
+        if extra.suffix == ".png":
+            Image.fromarray(np.zeros((6, 7), np.uint8)).save(extra)
+        else:
+            extra.write_text("{}")
+    samples, _ = find_samples(root, "train")
+    assert [s.mask for s in samples] == [root / truth / f"{i}_segmentation.png" for i in ("ISIC_0000000",
+                                                                                        "ISIC_0000001")]
+    report = check_dataset(root)
+    assert report.ok and report.pairs == 2, str(report)
+
+
+def test_an_empty_id_list_is_a_clear_error(folder):
+    # One pair and no val split: holding one out for validation leaves an empty training list.
+    for i in (1, 2, 3):
+        (folder / "images" / f"a{i}.{'jpg' if i % 2 else 'png'}").unlink()
+    with pytest.raises(DatasetError, match=f"no pairs selected from {folder} .*val split"):
+        SegmentationDataset(folder, None, image_size=16, ids=[], preload=True)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored 12 wide and 6 high with Orientation=6, viewers (and OpenCV) show it turned clockwise.
+    raw = np.zeros((6, 12), np.uint8)
+    raw[:3, :4] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.stack([raw] * 3, -1)).save(tmp_path / "photo.png", exif=exif)
+    assert np.array_equal(read_image(tmp_path / "photo.png")[:, :, 0], np.rot90(raw, -1))
+    Image.fromarray(raw).save(tmp_path / "mask.png", exif=exif)
+    assert np.array_equal(read_mask(tmp_path / "mask.png"), np.rot90(raw, -1) // 255)
+    # a camera JPEG whose mask was drawn on the image as shown: the pair is of one size
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.fromarray(np.stack([raw] * 3, -1)).save(root / "images" / "p.jpg", exif=exif, quality=100)
+    Image.fromarray(np.rot90(raw, -1)).save(root / "masks" / "p.png")
+    assert check_dataset(root).ok, str(check_dataset(root))

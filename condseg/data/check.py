@@ -66,17 +66,22 @@ def check_dataset(root, classes=1, workers=4):
     images and masks of different sizes, mask values outside the classes."""
     root = Path(root)
     report = DatasetReport(str(root))
-    layouts = {}
+    layouts, unfound = {}, None
     for split in (None,) + SPLITS:
         try:
             layouts[split] = resolve_layout(root, split)
         except DatasetError as e:
             if split is None:
-                report.problems.append(Problem(str(root), str(e)))
-                return report
-            if (root / f"{split}.txt").is_file():
+                unfound = e  # no pairs at the top: split sub-folders (ROOT/train/images) may hold them
+            elif (root / f"{split}.txt").is_file():
                 report.problems.append(Problem(str(root / f"{split}.txt"), str(e)))
-    report.layout = layouts[None].name
+            elif (root / split / "images").is_dir():
+                report.problems.append(Problem(str(root / split), str(e)))
+    subfolders = any((root / split / "images").is_dir() for split in SPLITS)
+    if unfound is not None and (not subfolders or not layouts):
+        report.problems.append(Problem(str(root), str(unfound)))
+        return report
+    report.layout = next(iter(layouts.values())).name
     # every file in every folder, whichever split names it
     seen = {}
     for layout in layouts.values():
@@ -102,8 +107,8 @@ def check_dataset(root, classes=1, workers=4):
     for split, layout in layouts.items():
         if split is None:
             continue
-        try:
-            samples, _ = find_samples(root, split)
+        try:  # duplicate ids were reported above; here the first file keeps the id
+            samples, _ = find_samples(root, split, duplicates=[])
             report.splits[split] = len(samples)
         except MissingFilesError as e:
             for folder, ids in e.missing.items():
@@ -111,11 +116,10 @@ def check_dataset(root, classes=1, workers=4):
                                                f"split {split!r}: {len(ids)} id(s) with no file in "
                                                f"{folder}: {', '.join(ids)}"))
             try:
-                report.splits[split] = len(find_samples(root, split, True, warn=lambda m: None)[0])
+                samples = find_samples(root, split, True, warn=lambda m: None, duplicates=[])[0]
+                report.splits[split] = len(samples)
             except DatasetError:
                 report.splits[split] = 0
         except DatasetError as e:
-            problem = Problem(e.path or str(layout.split_file or layout.image_dir), str(e))
-            if problem not in report.problems:  # duplicate ids are already reported, once
-                report.problems.append(problem)
+            report.problems.append(Problem(e.path or str(layout.split_file or layout.image_dir), str(e)))
     return report

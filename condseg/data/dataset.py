@@ -1,5 +1,6 @@
 """SegmentationDataset: image/mask pairs resized to the training size, as uint8 tensors."""
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,6 +76,12 @@ class SegmentationDataset(Dataset):
             if unknown:
                 raise DatasetError(f"ids not in split {split!r} of {root}: {format_ids(unknown)}", root)
             self.samples = [by_id[i] for i in ids]
+            if not self.samples:  # an empty list, as when too few pairs are left after a held-out share
+                where = f"split {split!r} of {root}" if split else str(root)
+                raise DatasetError(f"no pairs selected from {where} (an empty id list): "
+                                   f"without a val split, training holds pairs out for validation and its "
+                                   f"{len(by_id)} pair(s) leave none to train on; add more pairs, or a val "
+                                   f"split ({Path(root) / 'val.txt'}, one id per line)", root)
         self._cache = None
         if preload:
             with ThreadPoolExecutor(max_workers=4) as pool:

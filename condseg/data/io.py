@@ -3,12 +3,13 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _LOSSY = (".jpg", ".jpeg")
+_ORIENTATION = 0x0112  # the EXIF tag
 _READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -16,6 +17,8 @@ def _open(path, kind):
     try:
         img = Image.open(path)
         img.load()  # decode now, so truncated files fail here and not later
+        if img.getexif().get(_ORIENTATION, 1) != 1:  # camera photos: the pixels as viewers show them
+            img = ImageOps.exif_transpose(img)
         return img
     except FileNotFoundError:
         raise DatasetError(f"{kind} file not found: {path}", path) from None
@@ -27,16 +30,19 @@ _INTEGER_16 = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _AS_STORED = ("L", "LA", "RGB", "RGBA")  # 8-bit modes whose channels are grey or R, G, B (and alpha)
 
 
-def _to_array(img):
+def _to_array(img, indices=False):
     """Pixel array of any Pillow mode, and the maximum value of its range. 8-bit modes come back as
     L, LA, RGB or RGBA: palette, CMYK, YCbCr, LAB and HSV files are converted first (their raw
-    channels are not colours)."""
+    channels are not colours), except that with ``indices`` a palette file gives its raw indices."""
     if img.mode == "1":
         return np.array(img, dtype=np.uint8), 1
     if img.mode in _INTEGER_16:
         return np.array(img).astype(np.int64), 65535
     if img.mode == "F":
         return np.array(img, dtype=np.float32), 1.0
+    if indices and img.mode in ("P", "PA"):  # a label map (VOC style): each index is a class
+        arr = np.array(img)
+        return (arr[:, :, 0] if arr.ndim == 3 else arr), 255
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif img.mode not in _AS_STORED:
@@ -70,9 +76,10 @@ def read_mask(path, binarize="half", classes=1):
     pixel type (128 for 8-bit, 32768 for 16-bit), or any non-zero value with ``binarize="nonzero"``
     (instance-label masks such as GlaS). A lossless mask (not JPEG) whose largest value is 1 is a
     0/1 mask: 1 marks the foreground. Colour masks are reduced by their channel maximum (alpha ignored).
-    Multi-class (``classes > 1``): the stored values are class indices and must be < classes.
+    Multi-class (``classes > 1``): the stored values are class indices and must be < classes; a
+    palette file's indices are its values (not the palette's colours).
     """
-    arr, top = raw_mask(path)
+    arr, top = raw_mask(path, indices=classes > 1)
     if classes > 1:
         if arr.size and (arr.min() < 0 or arr.max() >= classes):
             raise DatasetError(f"mask {path} has values {sorted(np.unique(arr).tolist())[:10]} "
@@ -93,10 +100,10 @@ def half_range(top):
     return math.ceil(top / 2) if isinstance(top, int) else top / 2
 
 
-def raw_mask(path):
+def raw_mask(path, indices=False):
     """The stored values of a mask (H, W), colour channels reduced by their maximum, and the top of
-    the file's value range (255 for 8-bit, 65535 for 16-bit)."""
-    arr, top = _to_array(_open(path, "mask"))
+    the file's value range (255 for 8-bit, 65535 for 16-bit). ``indices``: see _to_array."""
+    arr, top = _to_array(_open(path, "mask"), indices)
     if arr.ndim == 3:
         arr = (arr[:, :, :1] if arr.shape[2] == 2 else arr[:, :, :3]).max(axis=2)  # LA: grey; RGB(A)
     return arr, top

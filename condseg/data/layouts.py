@@ -6,7 +6,9 @@ Folder layout (the default):   ROOT/images/<id>.<ext>, ROOT/masks/<id>[_mask|_se
 ISIC challenge layout:          ROOT/*Training_Data/ (2018: *Training_Input/) <id>.jpg and
                                ROOT/*Training*GroundTruth/<id>_Segmentation.png (Validation /
                                Test likewise);
-                               ``*_superpixels`` files are ignored.
+                               ``*_superpixels`` files are ignored, and so are other ground-truth
+                               folders of the split (ISIC 2017 Part 2, ISIC 2018 Task 2) when one
+                               holds ``<id>_segmentation`` masks.
 GlaS layout:                    ROOT/<id>.bmp and ROOT/<id>_anno.bmp in one folder (instance masks,
                                binarised as label > 0); splits from the id prefix: train_, testA_,
                                testB_ ("test" and "val" mean testA + testB).
@@ -95,6 +97,11 @@ def _isic_dirs(root):
     return data, truth
 
 
+def _holds_segmentations(folder):
+    """Whether a folder holds ISIC segmentation masks (``<id>_segmentation.png``)."""
+    return any(p.stem.lower().endswith("_segmentation") and is_image_file(p) for p in folder.iterdir())
+
+
 def _glas_root(root):
     for folder in [root] + sorted(d for d in root.iterdir() if d.is_dir()):
         if any(p.name.lower().endswith("_anno.bmp") for p in folder.iterdir()):
@@ -136,11 +143,14 @@ def resolve_layout(root, split=None):
     if data and truth:
         word = _ISIC_WORDS.get(split or "train", split or "train").lower()
         image_dirs = [d for d in data if word in d.name.lower()]
-        mask_dirs = [d for d in truth if word in d.name.lower()]
+        found = [d for d in truth if word in d.name.lower()]
+        # ISIC 2017 Part 2 and 2018 Task 2 ground truth (superpixel features, attribute masks) come
+        # beside the Part 1 / Task 1 segmentation masks: keep the folder of segmentation masks
+        mask_dirs = [d for d in found if _holds_segmentations(d)] if len(found) > 1 else found
         if len(image_dirs) != 1 or len(mask_dirs) != 1:
             raise DatasetError(f"ISIC layout in {root}: expected one '*{word}*_Data' (or _Input) and one "
-                               f"'*{word}*GroundTruth' folder for split {split!r}, found "
-                               f"{[d.name for d in image_dirs]} and {[d.name for d in mask_dirs]}")
+                               f"'*{word}*GroundTruth' folder with <id>_segmentation masks for split "
+                               f"{split!r}, found {[d.name for d in image_dirs]} and {[d.name for d in found]}")
         return Layout("isic", image_dirs[0], mask_dirs[0])
     glas = _glas_root(root)
     if glas is not None:
@@ -175,15 +185,16 @@ def format_ids(ids, limit=20):
     return shown + (f" (and {len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-def find_samples(root, split=None, skip_missing=False, warn=None):
+def find_samples(root, split=None, skip_missing=False, warn=None, duplicates=None):
     """The (id, image, mask) samples of a split, in split-file order (else sorted by id).
 
     Ids without an image or a mask raise MissingFilesError listing them and the folder, unless
     ``skip_missing`` is set; the skipped ids are then reported through ``warn`` (default: print).
+    Two files with one id raise DatasetError, or are appended to a ``duplicates`` list (see _index).
     Returns (samples, layout).
     """
     layout = resolve_layout(root, split)
-    images, masks = _index_layout(layout)
+    images, masks = _index_layout(layout, duplicates)
     if layout.ids is not None:
         ids = list(dict.fromkeys(layout.ids))
     else:
