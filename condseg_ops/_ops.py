@@ -42,6 +42,9 @@ def as_scale(scale):
     return float(scale)
 
 
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def check_inputs(value, attn_fg, attn_bg, kernel_size, dilation):
     """Raises ValueError (naming the argument and the expected shape) for any invalid input;
     returns kernel_size and dilation as Python ints."""
@@ -50,8 +53,9 @@ def check_inputs(value, attn_fg, attn_bg, kernel_size, dilation):
     if not isinstance(value, torch.Tensor) or value.dim() != 4:
         got = _shape(value) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"contrast_aggregate: value must have shape (B, C, H, W), got {got}")
-    if not value.is_floating_point():
-        raise ValueError(f"contrast_aggregate: value must be a floating-point tensor, got {value.dtype}")
+    if value.dtype not in DTYPES:
+        raise ValueError("contrast_aggregate: value must be a floating-point tensor of dtype float32, float64, "
+                         f"float16 or bfloat16, got {value.dtype}")
     B, C, H, W = value.shape
     k2 = kernel_size * kernel_size
     if not isinstance(attn_fg, torch.Tensor) or attn_fg.dim() != 6:
@@ -79,14 +83,16 @@ def check_inputs(value, attn_fg, attn_bg, kernel_size, dilation):
 
 def _autocast(value, attn_fg, attn_bg):
     """Autocast policy: the op counts as a low-precision op (like matmul). Under autocast its
-    inputs are cast to the autocast dtype; kernels still accumulate in float32."""
+    floating-point inputs other than float64 are cast to the autocast dtype (float64 stays, as
+    autocast leaves it for matmul); kernels still accumulate in float32."""
     if not isinstance(value, torch.Tensor):  # check_inputs names the bad argument
         return value, attn_fg, attn_bg
     device_type = value.device.type
     if device_type not in ("cpu", "cuda", "xpu") or not torch.is_autocast_enabled(device_type):
         return value, attn_fg, attn_bg
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (value, attn_fg, attn_bg)]
+    cast = [t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype)
+            for t in (value, attn_fg, attn_bg)]
     return tuple(cast)
 
 

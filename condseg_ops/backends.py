@@ -122,7 +122,8 @@ def check_name(where, name):
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Forces ``name`` for every call inside the block (``None`` restores automatic choice)."""
+    """Forces ``name`` for every call inside the block. ``None`` lifts an enclosing block's choice:
+    calls then choose as outside any block (``CONDSEG_OPS_BACKEND`` still applies when set)."""
     check_name("use_backend", name)
     token = _forced.set(name)
     try:
@@ -174,4 +175,5 @@ def _select(device_type, argument):
 
 def select_backend(device_type, argument=None):
     """The backend a call on ``device_type`` tensors uses; raises if a forced one cannot run."""
+    check_name("contrast_aggregate", argument)
     return _select(device_type, argument)

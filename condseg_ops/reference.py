@@ -13,7 +13,10 @@ def contrast_aggregate_reference(value, attn_fg, attn_bg=None, kernel_size=3, di
     heads = attn_fg.shape[3]
     k2 = kernel_size * kernel_size
     if B == 0 or C == 0 or H == 0 or W == 0:
-        return value.clone()
+        # Empty output, but tied to every input, so that autograd gives each its (empty or zero)
+        # gradient as the compiled backends do.
+        tie = attn_fg.sum() + (attn_bg.sum() if attn_bg is not None else 0)
+        return value.clone() + 0 * tie
     padding = dilation * (kernel_size // 2)
 
     # (B, C*K2, H*W) with channel-major, slot-minor rows -> (B, H*W, heads, K2, Cg)

@@ -183,7 +183,21 @@ def test_empty_batch(backend):
     out = contrast_aggregate(value, attn_fg, attn_bg, backend=backend)
     assert out.shape == (0, 4, 5, 5)
     out.sum().backward()
-    assert value.grad is not None and value.grad.shape == value.shape
+    for t in (value, attn_fg, attn_bg):  # every input gets its (empty) gradient
+        assert t.grad is not None and t.grad.shape == t.shape
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_channels_give_zero_logit_gradients(backend):
+    """No channels: the output is empty, but the logits exist and their gradient is zero."""
+    _, attn_fg, attn_bg = make_inputs(1, 4, 3, 3, 2, 3, requires_grad=True)
+    value = torch.zeros(1, 0, 3, 3, requires_grad=True)
+    attn_fg, attn_bg = (t.detach()[:, :, :, :1].requires_grad_() for t in (attn_fg, attn_bg))
+    grads = torch.autograd.grad(contrast_aggregate(value, attn_fg, attn_bg, backend=backend).sum(),
+                                (value, attn_fg, attn_bg))
+    assert grads[0].shape == (1, 0, 3, 3)
+    for grad, attn in zip(grads[1:], (attn_fg, attn_bg)):
+        assert torch.equal(grad, torch.zeros_like(attn))
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -208,6 +222,8 @@ def _bad_calls():
         ("attn_bg", dict(attn_bg=bg.half())),
         ("attn_bg", dict(attn_bg=bg.to("meta"))),
         ("floating-point", dict(value=v.long(), attn_fg=fg.long(), attn_bg=bg.long())),
+        ("value must be .*float32, float64, float16 or bfloat16",  # float8 is floating point, but no kernel has it
+         dict(value=v.to(torch.float8_e4m3fn), attn_fg=fg.to(torch.float8_e4m3fn), attn_bg=bg.to(torch.float8_e4m3fn))),
     ]
 
 

@@ -66,6 +66,8 @@ def test_forced_backend_that_cannot_run_says_why(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         with condseg_ops.use_backend("fast"):
             pass
+    with pytest.raises(ValueError, match="contrast_aggregate: unknown backend 'gpu'"):  # as use_backend's
+        contrast_aggregate(*make_inputs(1, 4, 3, 3, 1, 3), backend="gpu")
 
 
 def test_missing_backend_falls_back_and_logs(monkeypatch, caplog):
@@ -188,3 +190,12 @@ def test_autocast_runs_in_the_autocast_dtype():
     torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
     with pytest.raises(ValueError, match="attn_fg has dtype"):  # outside autocast: no silent casts
         contrast_aggregate(value, attn_fg.bfloat16(), attn_bg)
+
+
+def test_autocast_leaves_float64_as_matmul_does():
+    value, attn_fg, attn_bg = make_inputs(1, 8, 6, 6, 2, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (value @ value.transpose(-1, -2)).dtype == torch.float64
+        out = contrast_aggregate(value, attn_fg, attn_bg, backend="cpu")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, contrast_aggregate_reference(value, attn_fg, attn_bg), rtol=1e-12, atol=1e-12)
