@@ -130,7 +130,16 @@ def fold_batchnorm(model, example_input=None, inplace=False):
     example = _example_input(model) if example_input is None else example_input
     if example is None:
         return model
-    pairs = [(conv, bn) for conv, bn in _conv_bn_pairs(model, example) if _foldable(conv, bn)]
+    try:
+        pairs = [(conv, bn) for conv, bn in _conv_bn_pairs(model, example) if _foldable(conv, bn)]
+    except Exception as error:
+        if example_input is not None:
+            raise
+        # The guess takes its channels from the first registered Conv2d, which need not be the
+        # one that reads the input.
+        raise ValueError(f"fold_batchnorm: the model does not accept the example input it guessed "
+                         f"({tuple(example.shape)}, from its first Conv2d): {error}. Pass example_input, "
+                         f"an input the model accepts") from error
     folded = {}
     for conv, bn in pairs:
         weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
@@ -164,6 +173,7 @@ def prepare_for_inference(model, fold_bn=True, channels_last=False, dtype=None, 
     channels_last: store 4-D weights in ``torch.channels_last`` (feed channels-last inputs too).
     dtype: cast parameters and buffers (e.g. torch.float16 / torch.bfloat16 on CUDA); inputs must
         then have that dtype. Folding happens first, in the original precision.
+    example_input: the input :func:`fold_batchnorm` traces (default: a guessed 1 x C x 64 x 64).
     """
     model = fold_batchnorm(model, example_input) if fold_bn else copy.deepcopy(model).eval()
     model.requires_grad_(False)

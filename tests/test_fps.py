@@ -112,6 +112,30 @@ def test_fold_batchnorm_follows_the_data_flow():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+class _HeadFirst(nn.Module):
+    """Registers its 16-channel head before the 3-channel encoder that reads the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(16, 1, 1)
+        self.enc = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+def test_fold_batchnorm_asks_for_an_example_when_its_guess_fails():
+    torch.manual_seed(0)
+    model = _HeadFirst().eval()
+    with pytest.raises(ValueError, match="example_input"):
+        fold_batchnorm(model)
+    x = torch.randn(1, 3, 8, 8)
+    folded = fold_batchnorm(model, example_input=x)
+    assert isinstance(folded.enc[1], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_prepare_for_inference_channels_last_and_dtype():
     model = _small_model()
     x = torch.randn(1, 3, 32, 32)
@@ -249,6 +273,13 @@ def test_summary_ratios_and_bars():
     _, cpu = fps.summary(rows, "cpu")
     assert cpu["best_vs_reference_eager"] == pytest.approx(2.0)
     assert "bf16-graph" in fps.format_table(rows)
+    # --batch 4: the rows are called batch-4, and neither the paper's batch-1 fps nor the batch-1
+    # bar is applied to them.
+    batch4 = [_row("latency", "eager", "auto", 1200, batch=4), _row("latency", "eager", "reference", 600, batch=4)]
+    lines, result = fps.summary(batch4, "cuda")
+    text = "\n".join(lines)
+    assert "every batch-4 mode: eager 2.00x" in text and "batch-1" not in text
+    assert "RTX 4090" not in text and "500 fps" not in text and result["best_fps"] == 1200
 
 
 @pytest.mark.slow
