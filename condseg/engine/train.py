@@ -64,6 +64,11 @@ def saved_options(run_dir):
 # Options of the network (and its input size) that a stage-2 run takes from its stage-1 checkpoint.
 STAGE1_NETWORK_OPTIONS = ("encoder", "in_channels", "classes", "decoder_channels", "cdfa_variant", "image_size")
 
+# The training recipe, which a resumed run cannot change: its optimizer and scheduler states bring
+# back the run's own learning rates, weight decay and schedule, and the seed drew its data order,
+# random streams and held-out validation pairs.
+RECIPE_OPTIONS = ("stage1_lr", "lr", "encoder_lr", "weight_decay", "scheduler", "lr_patience", "lr_factor", "seed")
+
 
 def stage1_network_options(path):
     """The network options of the run that wrote the stage-1 checkpoint at ``path`` (a stage-2 run
@@ -78,8 +83,9 @@ def train(config=None, **options):
     """Train ConDSeg; ``config`` is a TrainConfig, or pass its fields as keyword arguments.
 
     With ``resume=True`` and keyword arguments, the run's own options come back from its last
-    checkpoint; the keyword arguments given override them (a model option that differs from the
-    checkpoint's network is an error).
+    checkpoint; the keyword arguments given override them, except that an option of the network
+    (image size included) or of the training recipe (RECIPE_OPTIONS) that differs from the run's
+    is an error.
     Returns a TrainResult with the best checkpoint (by validation mDSC) of the last stage trained.
     Works the same under ``torchrun`` (one process per GPU, or per CPU slot with gloo).
     """
@@ -119,6 +125,8 @@ class _Trainer:
                                   f"resume=True (--resume) to continue it or overwrite=True (--overwrite)")
         if cfg.resume and not existing:
             raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {self.run_dir}")
+        if cfg.resume:
+            self._check_resume_options(saved_options(self.run_dir))
         if cfg.encoder_weights and not cfg.resume:  # a bad file fails now, not after the data loads
             read_weights_file(cfg.encoder_weights)
         new_folder = not self.run_dir.exists()
@@ -204,8 +212,12 @@ class _Trainer:
         sampler = DistributedSampler(self.train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                      seed=cfg.seed)
         per_rank = len(sampler)
+        # Not persistent: every pass over a loader draws its worker seed from the global torch RNG,
+        # as a loader without workers does, so the augmentations (drawn from that RNG on the training
+        # device) are the same with any number of workers and after a resume. Persistent workers
+        # drew only in a stage's first epoch, and a resumed run drew once more.
         common = dict(collate_fn=collate, num_workers=workers, pin_memory=self.device.type == "cuda",
-                      persistent_workers=workers > 0)
+                      persistent_workers=False)
         train = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler,
                            drop_last=per_rank > cfg.batch_size, **common)
         val = DataLoader(self.val_ds, batch_size=cfg.batch_size * 2, shuffle=False, **common)
@@ -266,6 +278,31 @@ class _Trainer:
         self.log.info(f"stage 2: encoder initialised from {source} (epoch {state['epoch']})")
         return True
 
+    def _check_resume_options(self, saved):
+        """Stops a resume given another network, image size or recipe than the run's (``saved``),
+        before the data is read: the run could not honour them, yet its checkpoints would record them."""
+        now = self.cfg.to_dict()
+        size = lambda v: list(as_size(v))  # noqa: E731 - 32 and [32, 32] are the same size
+
+        def changed(names):
+            return [k for k in names if k in saved and
+                    (size(saved[k]) != size(now[k]) if k == "image_size" else saved[k] != now[k])]
+
+        def detail(names):
+            return ", ".join(f"{k}={now[k]!r} (the run has {saved[k]!r})" for k in names)
+
+        network, recipe = changed(STAGE1_NETWORK_OPTIONS), changed(RECIPE_OPTIONS)
+        if network:
+            raise ValueError(f"cannot resume the run in {self.run_dir} with a different network: {detail(network)}. "
+                             f"Leave these options out: --resume restores the run's own network")
+        if recipe:
+            in_stage2 = checkpoint_path(self.run_dir, 2, "last").is_file()  # stage 1 is done
+            new_run = "start a new run" + (f" (stage 2 alone, on this run's encoder: --stage 2 --stage1-checkpoint "
+                                           f"{checkpoint_path(self.run_dir, 1, 'best')})" if in_stage2 else "")
+            raise ValueError(f"cannot resume the run in {self.run_dir} with a different training recipe: "
+                             f"{detail(recipe)}. Leave these options out: --resume restores the run's own "
+                             f"optimizer, schedule and random state. To train with them, {new_run}")
+
     def _check_same_network(self, stage, saved, now):
         changed = [k for k in now if k != "arch" and saved.get(k) != now[k]]
         if changed:
@@ -287,6 +324,14 @@ class _Trainer:
                            checkpoint_path(self.run_dir, stage, "last"), resume.get("best_metrics", {}),
                            list(resume["history"]), len(self.train_ds))
 
+    def _diverged(self, reason, last, epochs_done):
+        """The TrainingDiverged to raise (and log) when training stops on a non-finite value."""
+        kept = (f"the last good checkpoint is {last} (epoch {epochs_done})" if last.is_file()
+                else "no checkpoint was written")
+        msg = f"training stopped: {reason}; {kept}. Lower the learning rate, or use --amp off if mixed precision is on"
+        self.log.info(msg)
+        return TrainingDiverged(msg)
+
     def _run_stage(self, stage, resume, history):
         cfg, ctx, device = self.cfg, self.ctx, self.device
         epochs = cfg.stage1_epoch_count if stage == 1 else cfg.epochs
@@ -295,6 +340,11 @@ class _Trainer:
             self._check_same_network(stage, resume["model_config"], mcfg)
             if resume.get("finished") or resume["epoch"] >= epochs:
                 return self._nothing_to_train(stage, resume)
+            planned = resume["scheduler"].get("T_max")  # a cosine schedule, laid out over the stage's epochs
+            if planned is not None and planned != max(1, epochs):
+                raise ValueError(f"cannot resume stage {stage} in {self.run_dir} with {epochs} epochs: its cosine "
+                                 f"schedule runs over the run's {planned}. Leave epochs and stage1_epochs "
+                                 f"(--epochs, --stage1-epochs) out, or start a new run")
         model = build_model(mcfg, encoder_weights=None if resume else cfg.encoder_weights)
         if cfg.encoder_weights and not resume and stage == 1:  # stage 2 says where its encoder came from
             self.log.info(f"stage 1: encoder weights loaded from {cfg.encoder_weights}")
@@ -336,18 +386,18 @@ class _Trainer:
         for epoch in range(start, epochs):
             sampler.set_epoch(epoch)
             t0 = time.perf_counter()
+            label = f"stage {stage} epoch {epoch + 1}/{epochs}"
             try:
                 stats = train_epoch(wrapped, train_loader, optimizer, scaler, stage, cfg, device, self.amp, ctx,
-                                    label=f"stage {stage} epoch {epoch + 1}/{epochs}")
+                                    label=label)
             except TrainingDiverged as e:
-                kept = (f"the last good checkpoint is {last} (epoch {epoch})" if last.is_file()
-                        else "no checkpoint was written")
-                msg = (f"training stopped: {e}; {kept}. Lower the learning rate, or use --amp off "
-                       f"if mixed precision is on")
-                self.log.info(msg)
-                raise TrainingDiverged(msg) from None
+                raise self._diverged(e, last, epoch) from None
             val = validate(model, val_loader, cfg, device, self.amp) if ctx.is_main else None
             val = broadcast(ctx, val)
+            broken = [k for k, v in val.items() if not math.isfinite(v)]
+            if broken:  # this epoch's weights are broken: no checkpoint of them, the last one stays good
+                values = ", ".join(f"{k} {val[k]}" for k in broken)
+                raise self._diverged(f"{label}: the validation gave {values}", last, epoch)
             if scheduler is not None:
                 scheduler.step(val["val_loss"]) if cfg.scheduler == "plateau" else scheduler.step()
             groups = {g.get("name", "all"): g["lr"] for g in optimizer.param_groups}
