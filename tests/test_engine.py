@@ -18,6 +18,7 @@ from condseg.data import make_synthetic_dataset
 from condseg.engine import (CheckpointError, TrainingDiverged, evaluate, load_checkpoint, load_model, predict,
                             save_checkpoint, train)
 from condseg.engine import checkpoints as ckpt_module
+from condseg.engine.evaluate import evaluation_files
 from condseg.engine import loops, runlog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,12 +227,44 @@ def test_predict_never_overwrites_its_inputs(trained, tmp_path):
     assert Path(records[0]["mask"]).name == "p0.png"  # no input is named like an output: allowed
 
 
+def test_evaluation_files_of_names_with_dots(tmp_path):
+    """Two runs named r18.val and r18.train keep their own files (with_suffix once gave both
+    r18.csv, the second run's table over the first's)."""
+    assert evaluation_files(tmp_path / "val.json") == (tmp_path / "val.json", tmp_path / "val.csv")
+    assert evaluation_files(tmp_path / "val.CSV") == (tmp_path / "val.json", tmp_path / "val.csv")
+    names = [evaluation_files(tmp_path / f"r18.{split}") for split in ("val", "train")]
+    assert names[0] == (tmp_path / "r18.val.json", tmp_path / "r18.val.csv")
+    assert len({path for pair in names for path in pair}) == 4
+
+
+def test_predict_outputs_never_share_a_name(trained, tmp_path):
+    """Inputs scan.png and scan_overlay.png with overlays: scan's overlay and the second input's
+    mask were both scan_overlay.png, and one was lost."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, size in (("scan.png", (30, 40)), ("scan_overlay.png", (20, 50))):
+        Image.fromarray(np.random.randint(0, 255, (*size, 3), np.uint8)).save(inputs / name)
+    records = predict(trained.best_checkpoint, inputs, tmp_path / "out", overlay=True, workers=0)
+    paths = [r[key] for r in records for key in ("mask", "overlay")]
+    assert len(set(paths)) == 4 and sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        Path(p).name for p in paths)
+    for r in records:  # each file holds what its record says, at its input's size
+        size = Image.open(r["input"]).size
+        assert Image.open(r["mask"]).mode == "L" and Image.open(r["mask"]).size == size
+        assert Image.open(r["overlay"]).mode == "RGB" and Image.open(r["overlay"]).size == size
+
+
 class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("stop_after", [1, 2], ids=["after-stage1", "mid-stage2"])
-def test_resume_equals_uninterrupted(synth, trained, tmp_path, monkeypatch, stop_after):
+@pytest.mark.parametrize("stop_after, workers", [(1, 0), (2, 0), (1, 2)],
+                         ids=["after-stage1", "mid-stage2", "after-stage1-workers"])
+def test_resume_equals_uninterrupted(synth, trained, tmp_path, monkeypatch, stop_after, workers):
+    # With data-loader workers too, and the same as without them (``trained``): persistent workers
+    # drew their seeds from the global RNG, which also draws the augmentations, in a stage's first
+    # epoch only (a loader without workers draws every epoch), so runs with workers, resumed or
+    # not, drifted apart.
     out = tmp_path / "run"
     calls = {"n": 0}
     original = runlog.RunLog.epoch
@@ -244,10 +277,10 @@ def test_resume_equals_uninterrupted(synth, trained, tmp_path, monkeypatch, stop
 
     monkeypatch.setattr(runlog.RunLog, "epoch", epoch_then_die)
     with pytest.raises(_Interrupt):
-        train(data_root=str(synth), out=str(out), **TINY)
+        train(data_root=str(synth), out=str(out), workers=workers, **TINY)
     monkeypatch.setattr(runlog.RunLog, "epoch", original)
     with pytest.raises(FileExistsError, match="--resume"):
-        train(data_root=str(synth), out=str(out), **TINY)
+        train(data_root=str(synth), out=str(out), workers=workers, **TINY)
     train(data_root=str(synth), out=str(out), resume=True)  # the run's own options come from its checkpoint
     for name in ("stage2_last.pt", "stage2_best.pt"):
         a = load_checkpoint(trained.run_dir / name)
@@ -259,6 +292,39 @@ def test_resume_equals_uninterrupted(synth, trained, tmp_path, monkeypatch, stop
         assert strip(a["history"]) == strip(b["history"])
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert len(rows) == 3
+
+
+def test_resume_refuses_options_it_cannot_honour(synth, tmp_path, monkeypatch):
+    # The optimizer and scheduler states restore the run's own learning rate and schedule: a new one
+    # was silently ignored, yet recorded in the checkpoints as used. A new image size changed the
+    # network's input mid-run. Each now stops, naming the option, and leaves the run as it was.
+    out = tmp_path / "run"
+    original = runlog.RunLog.epoch
+
+    def epoch_then_die(self, row, history):
+        original(self, row, history)
+        raise _Interrupt
+
+    monkeypatch.setattr(runlog.RunLog, "epoch", epoch_then_die)
+    with pytest.raises(_Interrupt):
+        train(data_root=str(synth), out=str(out),
+              **{**TINY, "stage": "1", "epochs": 2, "stage1_epochs": None, "scheduler": "cosine"})
+    monkeypatch.setattr(runlog.RunLog, "epoch", original)
+    before = (out / "stage1_last.pt").read_bytes()
+    for options, message in [({"stage1_lr": 1e-5}, r"training recipe: stage1_lr=1e-05 \(the run has 0.001\)"),
+                             ({"scheduler": "plateau"}, r"scheduler='plateau' \(the run has 'cosine'\)"),
+                             ({"seed": 1}, r"seed=1 \(the run has 0\)"),
+                             ({"image_size": 64}, r"different network: image_size=64 \(the run has 32\)"),
+                             ({"epochs": 3}, "with 3 epochs: its cosine schedule runs over the run's 2")]:
+        with pytest.raises(ValueError, match=message) as err:
+            train(data_root=str(synth), out=str(out), resume=True, **options)
+        assert str(out) in str(err.value)
+    assert (out / "stage1_last.pt").read_bytes() == before
+    # what it can honour still overrides the run's options; the same value is no change
+    train(data_root=str(synth), out=str(out), resume=True, workers=0, device="cpu", stage1_lr=1e-3)
+    state = load_checkpoint(out / "stage1_last.pt")
+    assert state["epoch"] == 2 and state["train_config"]["stage1_lr"] == 1e-3
+    assert state["train_config"]["workers"] == 0 and state["train_config"]["device"] == "cpu"
 
 
 def test_checkpoint_write_failure_keeps_old_file(tmp_path, monkeypatch):
@@ -339,6 +405,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypa
     state = load_checkpoint(out / "stage1_last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
                                        if v.is_floating_point())
+
+
+def test_nan_validation_stops_before_its_checkpoint(synth, tmp_path, monkeypatch):
+    # Weights can break in an epoch's last step, every training loss finite: a non-finite validation
+    # loss once went on training, and that epoch's checkpoint became the "last good" one.
+    train_module = importlib.import_module("condseg.engine.train")
+    real, calls = train_module.validate, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        val = real(*args, **kwargs)
+        return {**val, "val_loss": float("nan")} if calls["n"] == 2 else val
+
+    monkeypatch.setattr(train_module, "validate", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="stage 1 epoch 2/3: the validation gave val_loss nan") as err:
+        train(data_root=str(synth), out=str(out), **{**TINY, "stage1_epochs": 3})
+    assert f"the last good checkpoint is {out / 'stage1_last.pt'} (epoch 1)" in str(err.value)
+    for kind in ("last", "best"):
+        state = load_checkpoint(out / f"stage1_{kind}.pt")
+        assert state["epoch"] == 1 and np.isfinite(state["metrics"]["val_loss"])
+    assert [row["epoch"] for row in csv.DictReader(open(out / "log.csv"))] == ["1"]
 
 
 def test_held_out_validation_and_config_errors(tmp_path):

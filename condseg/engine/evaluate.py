@@ -23,11 +23,13 @@ def _foreground_mean(scores):
 
 
 def evaluation_files(out):
-    """(summary .json, per-image .csv) written for ``out``: the two never share a name, whether
-    ``out`` ends in .json, .csv or something else."""
+    """(summary .json, per-image .csv) written for ``out``: "val.json" or "val.csv" -> val.json +
+    val.csv; any other name gets the two extensions added ("r18.val" -> r18.val.json +
+    r18.val.csv), so two runs whose names differ after a dot never share a file."""
     out = Path(out)
-    summary = out.with_suffix(".json") if out.suffix.lower() in ("", ".csv") else out
-    return summary, summary.with_suffix(".csv")
+    if out.suffix.lower() in (".json", ".csv"):
+        out = out.with_suffix("")
+    return out.with_name(out.name + ".json"), out.with_name(out.name + ".csv")
 
 
 @torch.no_grad()

@@ -74,11 +74,14 @@ def draw_overlay(image, labels, alpha=0.4):
     return out.astype(np.uint8)
 
 
-def _unique_stem(path, used):
+def _unique_stem(path, suffixes, used):
+    """The input's stem, numbered when one of its output names (stem + each suffix) is taken:
+    inputs "scan.png" and "scan_overlay.png" must not both write scan_overlay.png. Names compare
+    case-blind, as on Windows and macOS file systems."""
     stem, k = path.stem, 1
-    while stem in used:
+    while any(f"{stem}{suffix}".lower() in used for suffix in suffixes):
         stem, k = f"{path.stem}_{k}", k + 1
-    used.add(stem)
+    used.update(f"{stem}{suffix}".lower() for suffix in suffixes)
     return stem
 
 
@@ -124,10 +127,10 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
         raise ValueError(f"uncertainty maps come from the stage-2 network; {checkpoint} is a stage-1 checkpoint")
     files = list_inputs(inputs)
     out_dir = Path(out_dir)
-    used = set()
-    stems = [_unique_stem(path, used) for path in files]
     suffixes = [".png", *["_overlay.png"] * overlay, *["_prob.png"] * probabilities,
                 *["_uncertainty.png"] * uncertainty]
+    used = set()
+    stems = [_unique_stem(path, suffixes, used) for path in files]
     _refuse_to_overwrite_inputs(files, [out_dir / f"{stem}{suffix}" for stem in stems for suffix in suffixes])
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(_Images(files, tuple(state["image_size"]), mcfg["in_channels"]), batch_size=batch_size,
