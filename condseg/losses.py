@@ -43,6 +43,7 @@ def mask_loss(logits, target, smooth=1.0, reduction="mean"):
             raise ValueError(f"multi-class target must be class indices (long) shaped "
                              f"{tuple(logits.shape[:1] + logits.shape[2:])}, got {target.dtype} "
                              f"{tuple(target.shape)}")
+        target = target.long()  # uint8 / int32 indices too: cross_entropy and one_hot take int64
         ce = _per_image(F.cross_entropy(logits, target, reduction="none"))
         onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
         dice = soft_dice_loss(torch.softmax(logits, dim=1), onehot, smooth).mean(1)
@@ -80,7 +81,7 @@ def area_weight(logits, max_weight=10.0):
     code clamps at 10 too).
     """
     with torch.no_grad():
-        area = _per_image(torch.sigmoid(logits.float()))
+        area = _per_image(torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32))))
         return (1 / torch.tanh(area).clamp(min=1 / max_weight)).to(logits.dtype)
 
 

@@ -30,6 +30,8 @@ def test_mask_loss_multiclass_by_hand():
     ce = math.log(4)
     dice = ((1 - 1.5 / 2.25) + (1 - 1 / 1.75)) / 2
     assert mask_loss(logits, target).item() == pytest.approx(ce + dice, abs=1e-12)
+    for dtype in (torch.uint8, torch.int32):  # class indices of any integer type
+        assert mask_loss(logits, target.to(dtype)).item() == pytest.approx(ce + dice, abs=1e-12)
     with pytest.raises(ValueError, match="class indices"):
         mask_loss(logits, target.double())
 
@@ -61,6 +63,9 @@ def test_area_weight_by_hand():
     torch.testing.assert_close(beta, torch.tensor([1 / math.tanh(0.5), 10.0, 1 / math.tanh(1.0)]))
     assert not beta.requires_grad
     assert area_weight(logits, max_weight=5.0)[1].item() == pytest.approx(5.0)
+    double = area_weight(logits.detach().double())  # float64 stays float64 (it once went through float32)
+    assert double.dtype == torch.float64
+    assert double[0].item() == pytest.approx(1 / math.tanh(0.5), rel=1e-14)
 
 
 def test_complementary_loss_by_hand():

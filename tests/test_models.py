@@ -99,6 +99,16 @@ def test_inference_skips_auxiliary_head():
     assert len(called) == 4   # the uc branch and the three aux branches
 
 
+@pytest.mark.parametrize("kwargs, name", [(dict(classes=0), "classes"), (dict(classes=2.5), "classes"),
+                                          (dict(in_channels=0), "in_channels"), (dict(in_channels=True), "in_channels")])
+def test_bad_counts_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+        condseg.ConDSeg("resnet18", decoder_channels=8, **kwargs)
+    if name == "in_channels":
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            condseg.ConDSegStage1("resnet18", **kwargs)
+
+
 def test_bad_input_size_says_how_to_pad():
     model = small_model()
     with pytest.raises(ValueError, match="multiples of 16, got 250x300: pad to 256x304"):

@@ -6,7 +6,7 @@ from torch import nn
 
 from .blocks import (AuxiliaryBranch, CDFABlock, DecoderBlock, DilatedConvEnhancement,
                      GuidancePreprocess, OutputHead, SemanticDecoupling, upsample)
-from .encoders import create_encoder, load_encoder_state
+from .encoders import check_count, create_encoder, load_encoder_state
 
 
 class ConDSegOutput(NamedTuple):
@@ -59,6 +59,7 @@ class ConDSeg(nn.Module):
         super().__init__()
         if decoder_channels < 8 or decoder_channels % 8:
             raise ValueError(f"decoder_channels must be a positive multiple of 8, got {decoder_channels}")
+        check_count("classes", classes)
         self.encoder = create_encoder(encoder_name, in_channels, encoder_weights)
         self.encoder_name, self.classes = encoder_name, classes
         c, enc = decoder_channels, self.encoder.out_channels
