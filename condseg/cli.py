@@ -125,9 +125,9 @@ def _commands(argv):
     q.add_argument("data_root", metavar="DATA_ROOT")
     q.add_argument("--classes", type=int, default=1, help="1: binary masks; >1: masks hold class indices")
 
-    p = sub.add_parser("demo", help="synthetic data, a 2-minute CPU training run, evaluation, overlays",
+    p = sub.add_parser("demo", help="synthetic data, a 1-minute CPU training run, evaluation, overlays",
                        description="The package's main job in one command: makes a small synthetic dataset of "
-                                   "low-contrast blobs, trains a small ConDSeg on it (about two minutes on a "
+                                   "low-contrast blobs, trains a small ConDSeg on it (about a minute on a "
                                    "CPU), evaluates it, writes overlays, and prints where everything is.",
                        formatter_class=_DefaultsHelp)
     p.add_argument("--out", default="condseg-demo", metavar="DIR",
@@ -178,7 +178,7 @@ def _demo(a):
     out = run_demo(a.out, epochs=a.epochs, stage1_epochs=a.stage1_epochs, device=a.device)
     s = out["summary"]
     print(f"\nvalidation: mDSC {s['mDSC']:.3f}, mIoU {s['mIoU']:.3f} on {s['images']} synthetic images")
-    for key in ("data", "run", "checkpoint", "curves", "evaluation", "predictions"):
+    for key in ("data", "run", "checkpoint", "curves", "evaluation", "per-image", "predictions"):
         print(f"{key:>12}: {out[key]}")
 
 

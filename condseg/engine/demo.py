@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from ..data.synthetic import make_synthetic_dataset
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluation_files
 from .predict import predict
 from .train import train
 
@@ -13,7 +13,7 @@ DEMO = dict(image_size=64, batch_size=8, encoder="resnet18", decoder_channels=16
 def run_demo(out="condseg-demo", train_images=96, val_images=32, epochs=8, stage1_epochs=2, device="cpu",
              seed=0, echo=print, **options):
     """Make synthetic data in ``out/data``, train both stages into ``out/run``, evaluate on the
-    validation split (``out/eval.json``) and write overlays of the validation images
+    validation split (``out/eval.json``, ``out/eval.csv``) and write overlays of the validation images
     (``out/predictions``). Returns a dict of those paths and the evaluation summary."""
     out = Path(out)
     data = make_synthetic_dataset(out / "data", train=train_images, val=val_images, size=DEMO["image_size"],
@@ -22,10 +22,12 @@ def run_demo(out="condseg-demo", train_images=96, val_images=32, epochs=8, stage
     config = {**DEMO, **options}
     result = train(data_root=str(data), out=str(out / "run"), epochs=epochs, stage1_epochs=stage1_epochs,
                    device=device, seed=seed, overwrite=True, **config)
-    summary = evaluate(result.best_checkpoint, data, split="val", out=out / "eval.json", device=device)
+    evaluation, per_image = evaluation_files(out / "eval.json")
+    summary = evaluate(result.best_checkpoint, data, split="val", out=evaluation, device=device)
     val_images_dir = [data / "images" / f"{i}.png" for i in (data / "val.txt").read_text().split()]
     predict(result.best_checkpoint, val_images_dir, out / "predictions", overlay=True, uncertainty=True,
             device=device, workers=0)
     return {"data": data, "run": result.run_dir, "checkpoint": result.best_checkpoint, "curves":
-            result.run_dir / "curves.png", "evaluation": out / "eval.json", "predictions": out / "predictions",
+            result.run_dir / "curves.png", "evaluation": evaluation, "per-image": per_image,
+            "predictions": out / "predictions",
             "summary": {k: v for k, v in summary.items() if k != "per_image"}}
