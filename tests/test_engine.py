@@ -18,8 +18,8 @@ from condseg.data import make_synthetic_dataset
 from condseg.engine import (CheckpointError, TrainingDiverged, evaluate, load_checkpoint, load_model, predict,
                             save_checkpoint, train)
 from condseg.engine import checkpoints as ckpt_module
-from condseg.engine.evaluate import evaluation_files
 from condseg.engine import loops, runlog
+from condseg.engine.evaluate import evaluation_files
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, batch_size=4, encoder="resnet18", decoder_channels=16, epochs=2, stage1_epochs=1,
