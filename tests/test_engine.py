@@ -4,6 +4,7 @@ import importlib
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from condseg.data import make_synthetic_dataset
+from condseg.data.errors import DatasetError
 from condseg.engine import (CheckpointError, TrainingDiverged, evaluate, load_checkpoint, load_model, predict,
                             save_checkpoint, train)
 from condseg.engine import checkpoints as ckpt_module
@@ -473,7 +475,12 @@ def test_bad_options_fail_before_the_data_is_read(tmp_path):
                              ({"early_stop": -1}, "early_stop must be at least 0"),
                              ({"val_fraction": 1.0}, "val_fraction must lie between 0 and 1"),
                              ({"encoder_lr": 0.0}, "encoder_lr must be positive"),
-                             ({"encoder": "pvt_v2_b2", "image_size": 48}, "multiple of 32 for the pvt_v2_b2")]:
+                             ({"encoder": "pvt_v2_b2", "image_size": 48}, "multiple of 32 for the pvt_v2_b2"),
+                             # once raised only when stage 2 built its network, after stage 1 had trained
+                             ({"decoder_channels": 12}, "decoder_channels must be a positive multiple of 8"),
+                             # once trained a stage 1 that stage 2 then ignored
+                             ({"stage1_checkpoint": "s1.pt"}, "stage1_checkpoint is for stage='2'"),
+                             ({"device": "mps"}, "'mps': condseg runs on cpu or cuda")]:
         with pytest.raises(ValueError, match=message):
             train(data_root=nowhere, out=str(tmp_path / "run"), **{**TINY, **options})
     junk = tmp_path / "weights.pt"
@@ -481,6 +488,28 @@ def test_bad_options_fail_before_the_data_is_read(tmp_path):
     with pytest.raises(ValueError, match=r"cannot load encoder weights .*weights\.pt: not a PyTorch weights file"):
         train(data_root=nowhere, out=str(tmp_path / "run"), encoder_weights=str(junk), **TINY)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_split_name_given_must_exist(synth, tmp_path):
+    """A misspelt --val-split once became a random hold-out of the training pairs."""
+    with pytest.raises(DatasetError, match=r"val_split 'vall': no such split in .* \(it has train, val\)"):
+        train(data_root=str(synth), out=str(tmp_path / "run"), val_split="vall", **TINY)
+    assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_clears_the_old_run_and_the_log_has_each_epochs_lr(synth, tmp_path):
+    root = tmp_path / "noval"
+    shutil.copytree(synth, root)
+    (root / "val.txt").unlink()  # the first run holds validation pairs out: splits/
+    out = tmp_path / "run"
+    one = {**TINY, "stage": "1", "stage1_epochs": None, "epochs": 2, "scheduler": "cosine", "stage1_lr": 1e-3}
+    train(data_root=str(root), out=str(out), **one)
+    assert (out / "splits").is_dir()
+    # cosine over 2 epochs: epoch 1 trains at the full rate, epoch 2 at half (the rows once showed
+    # the rate after the epoch's scheduler step: 5e-4, then 0)
+    assert [float(r["lr"]) for r in csv.DictReader(open(out / "log.csv"))] == pytest.approx([1e-3, 5e-4])
+    train(data_root=str(synth), out=str(out), overwrite=True, **one)
+    assert not (out / "splits").exists()  # the new run used val.txt: no stale hold-out ids
 
 
 def test_stage2_run_takes_its_network_from_the_stage1_checkpoint(synth, trained, tmp_path):

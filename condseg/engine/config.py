@@ -86,6 +86,11 @@ class TrainConfig:
         if any(int(s) % multiple for s in sides):
             raise ValueError(f"image_size must be a multiple of {multiple} for the {self.encoder} encoder, "
                              f"got {size!r}")
+        if self.decoder_channels < 8 or self.decoder_channels % 8:  # now, not when stage 2 builds its network
+            raise ValueError(f"decoder_channels must be a positive multiple of 8, got {self.decoder_channels}")
+        if self.stage1_checkpoint and self.stage != "2":
+            raise ValueError(f"stage1_checkpoint is for stage='2' (--stage 2): with stage={self.stage!r} the run "
+                             f"trains its own stage 1 and stage 2 starts from that")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: pass one of them")
 

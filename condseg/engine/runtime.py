@@ -17,6 +17,8 @@ def resolve_device(device="auto"):
         device = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"device {device!r} is not a device name (auto, cpu, cuda, cuda:N): {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: condseg runs on cpu or cuda (auto, cpu, cuda, cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available in this torch build "
                          f"({torch.__version__}); use --device cpu")

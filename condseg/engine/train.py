@@ -98,7 +98,7 @@ def train(config=None, **options):
                 raise FileNotFoundError(f"nothing to resume: no stage*_last.pt with a run's options in "
                                         f"{options['out']}")
             options = {**saved, **options}
-        elif options.get("stage1_checkpoint"):
+        elif options.get("stage1_checkpoint") and str(options.get("stage")) == "2":  # else TrainConfig refuses it
             options = {**stage1_network_options(options["stage1_checkpoint"]), **options}
         missing = [name for name in ("data_root", "out") if options.get(name) is None]
         if missing:
@@ -130,12 +130,14 @@ class _Trainer:
         if cfg.encoder_weights and not cfg.resume:  # a bad file fails now, not after the data loads
             read_weights_file(cfg.encoder_weights)
         new_folder = not self.run_dir.exists()
-        self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
-        if cfg.overwrite and ctx.is_main:
+        if cfg.overwrite and ctx.is_main:  # everything a run writes (a new run may write less)
             for p in self.run_dir.glob("stage*_*.pt"):
                 p.unlink()
-            for p in (self.run_dir / "log.csv", self.run_dir / "train.log"):
+            for p in (self.run_dir / "log.csv", self.run_dir / "train.log", self.run_dir / "curves.png"):
                 p.unlink(missing_ok=True)
+            for folder in ("splits", "tensorboard"):  # before RunLog opens its TensorBoard writer
+                shutil.rmtree(self.run_dir / folder, ignore_errors=True)
+        self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
         barrier(ctx)
         try:
             self.train_ds, self.val_ds = self._datasets()
@@ -151,8 +153,8 @@ class _Trainer:
         splits = available_splits(root)
         kw = dict(image_size=cfg.image_size, in_channels=cfg.in_channels, classes=cfg.classes,
                   skip_missing=cfg.skip_missing, warn=self.log.info if self.ctx.is_main else (lambda m: None))
-        train_split = cfg.train_split if (cfg.train_split in splits or str(cfg.train_split).endswith(".txt")) else None
-        val_split = cfg.val_split if (cfg.val_split in splits or str(cfg.val_split).endswith(".txt")) else None
+        train_split, val_split = (self._split_or_none(name, getattr(cfg, name), splits)
+                                  for name in ("train_split", "val_split"))
         train_ids = None
         if train_split is None:
             # No training split: train on every pair that no other split (val, test) lists.
@@ -185,6 +187,17 @@ class _Trainer:
             self.log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation pairs from {root} "
                           f"({train_ds.layout.name} layout) at {h}x{w}")
         return train_ds, val_ds
+
+    def _split_or_none(self, option, split, splits):
+        """``split`` when the data set has it (or it is a split file), None for a missing default
+        ("train", "val": the pairs are then divided here). A name given instead of the default
+        must exist: a typo would silently become a random hold-out."""
+        if split in splits or str(split).endswith(".txt"):
+            return split
+        if split != getattr(TrainConfig, option):
+            raise DatasetError(f"{option} {split!r}: no such split in {self.cfg.data_root} (it has "
+                               f"{', '.join(splits) or 'none'}), and not a .txt split file", self.cfg.data_root)
+        return None
 
     def _ids_outside(self, root, splits, split=None):
         """Ids of ``split``'s pairs (None: every pair) that none of ``splits`` lists."""
@@ -398,9 +411,9 @@ class _Trainer:
             if broken:  # this epoch's weights are broken: no checkpoint of them, the last one stays good
                 values = ", ".join(f"{k} {val[k]}" for k in broken)
                 raise self._diverged(f"{label}: the validation gave {values}", last, epoch)
+            groups = {g.get("name", "all"): g["lr"] for g in optimizer.param_groups}  # the epoch's, before the step
             if scheduler is not None:
                 scheduler.step(val["val_loss"]) if cfg.scheduler == "plateau" else scheduler.step()
-            groups = {g.get("name", "all"): g["lr"] for g in optimizer.param_groups}
             row = {"stage": stage, "epoch": epoch + 1, **stats, **val,
                    "lr": groups.get("rest", groups.get("all")), "lr_encoder": groups.get("encoder"),
                    "seconds": round(time.perf_counter() - t0, 2)}
