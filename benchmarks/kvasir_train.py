@@ -11,18 +11,25 @@ Presets (both from scratch, learning rates 1e-3, cosine schedule, no early stop)
   cpu: the light configuration of README.md (resnet18, decoder 32, 96x96), batch 8, bf16 autocast
        (pays on CPUs with AMX or AVX512-BF16 units), 1 + 20 epochs.
 Any TrainConfig field can be overridden: ``--set epochs=20 --set image_size=128``.
+A run stopped by SIGINT (Ctrl-C, gpu_train.sh's time limit) still writes its row, marked
+"interrupted", from the epochs it finished (its log.csv), and exits with status 130.
 """
 import argparse
+import csv
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, append_jsonl, row_header  # noqa: E402
 
 from condseg.engine import TrainConfig, train  # noqa: E402
-from condseg.engine.runtime import resolve_device  # noqa: E402
+from condseg.engine.runtime import amp_dtype, resolve_device  # noqa: E402
+from condseg_ops.backends import select_backend  # noqa: E402
 
 SCRATCH = dict(stage1_lr=1e-3, lr=1e-3, encoder_lr=1e-3, scheduler="cosine", early_stop=0)
 PRESETS = {
@@ -60,19 +67,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def figures(result, wall_seconds, train_images):
-    """The row's figures from a TrainResult: best validation metrics of the last stage, and
-    training throughput per stage (epoch time includes that epoch's validation)."""
+METRICS = ("val_mIoU", "val_mDSC", "val_recall", "val_precision")
+
+
+def figures(best_metrics, history, wall_seconds, train_images):
+    """The row's figures: best validation metrics of the last stage, and training throughput per
+    stage (epoch time includes that epoch's validation; none without a count of training images)."""
     row = {"wall_s": round(wall_seconds, 1)}
-    row.update({k.replace("val_", ""): round(v, 4) for k, v in result.best_metrics.items()
-                if k in ("val_mIoU", "val_mDSC", "val_recall", "val_precision")})
+    row.update({k.replace("val_", ""): round(v, 4) for k, v in best_metrics.items() if k in METRICS})
     for stage in (1, 2):
-        epochs = [h for h in result.history if h["stage"] == stage]
+        epochs = [h for h in history if h["stage"] == stage]
         if epochs:
             seconds = sum(h["seconds"] for h in epochs)
             row[f"stage{stage}_epochs"] = len(epochs)
-            row[f"stage{stage}_images_per_s"] = round(train_images * len(epochs) / seconds, 1)
+            if train_images is not None:
+                row[f"stage{stage}_images_per_s"] = round(train_images * len(epochs) / seconds, 1)
     return row
+
+
+def read_run(run_dir):
+    """(best metrics, history, training pairs) of a run cut short, whose TrainResult never came
+    back, from what the engine wrote: log.csv (a row per finished epoch) and train.log (the pairs)."""
+    run_dir, history = Path(run_dir), []
+    if (run_dir / "log.csv").is_file():
+        with open(run_dir / "log.csv", newline="") as f:
+            history = [{"stage": int(r["stage"]), "seconds": float(r["seconds"]), **{k: float(r[k]) for k in METRICS}}
+                       for r in csv.DictReader(f)]
+    last = [h for h in history if h["stage"] == history[-1]["stage"]] if history else []
+    best = max(last, key=lambda h: h["val_mDSC"], default={})  # the first best, as the engine keeps it
+    log = run_dir / "train.log"
+    pairs = re.search(r"^data: (\d+) training", log.read_text(), re.M) if log.is_file() else None
+    return {k: best[k] for k in METRICS if k in best}, history, pairs and int(pairs[1])
 
 
 def main(argv=None):
@@ -80,14 +105,22 @@ def main(argv=None):
     options = {**PRESETS[args.preset], **dict(args.overrides)}
     config = TrainConfig(data_root=args.data_root, out=args.out, skip_missing=True, progress=False, **options)
     device = resolve_device(config.device)
+    # What the engine will use, found before training: an interrupted run must write its row promptly.
+    backend, dtype = select_backend(device.type), str(amp_dtype(config.amp, device) or torch.float32)
     start = time.perf_counter()
-    result = train(config)
+    try:
+        result = train(config)
+        best, history, train_images, interrupted = result.best_metrics, result.history, result.train_pairs, False
+    except KeyboardInterrupt:  # gpu_train.sh's TRAIN_LIMIT_S (SIGINT): the finished epochs still count
+        best, history, train_images = read_run(args.out)
+        interrupted = True
+        print(f"interrupted after {len(history)} epochs: the row holds the figures of {args.out}/log.csv")
     wall = time.perf_counter() - start
-    train_images = result.train_pairs
     row = {**row_header("kvasir_train", device, script="benchmarks/kvasir_train.py",
                         argv=sys.argv[1:] if argv is None else argv),
-           "preset": args.preset, "config": {k: options[k] for k in sorted(options)},
-           "train_images": train_images, **figures(result, wall, train_images)}
+           "backend": backend, "dtype": dtype.removeprefix("torch."),
+           "preset": args.preset, "config": {k: options[k] for k in sorted(options)}, "interrupted": interrupted,
+           "train_images": train_images, **figures(best, history, wall, train_images)}
     path = args.json or RESULTS_DIR / f"{row['date'][:10]}-kvasir-train.jsonl"
     append_jsonl(path, [row])
     print(f"{args.preset}: best val mDSC {row.get('mDSC')}, mIoU {row.get('mIoU')} in {row['wall_s']:.0f} s "
@@ -96,4 +129,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(130 if main()["interrupted"] else 0)  # 130: cut short by SIGINT, as the shell reports it

@@ -20,7 +20,6 @@ Rows go to benchmarks/results/<date>-<device>.jsonl (or --out) as JSON lines; a 
 issue's bars (CUDA: main shape) are printed last. Exit status 1 if any row failed.
 """
 import argparse
-import datetime
 import itertools
 import json
 import re
@@ -40,7 +39,7 @@ from condseg_ops.backends import unavailable_reason
 from condseg_ops.reference import contrast_aggregate_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, synchronize as sync  # noqa: E402
+from _common import row_header, synchronize as sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -301,10 +300,10 @@ def main(argv=None):
             print(f"# backend {name} skipped: {why}")
     backends = [b for b in backends if not skipped_backends[b]]
 
-    dev_name = device_name(device)
-    date = datetime.datetime.now().strftime("%Y-%m-%d")
-    out_path = Path(args.out) if args.out else RESULTS / f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', dev_name).strip('-')}.jsonl"
-    command = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    header = row_header("op", device, script="benchmarks/op_bench.py", argv=argv)  # UTC date, cuda version
+    dev_name = header["device"]
+    out_path = Path(args.out) if args.out else \
+        RESULTS / f"{header['date'][:10]}-{re.sub(r'[^A-Za-z0-9]+', '-', dev_name).strip('-')}.jsonl"
     print(f"# {dev_name}, torch {torch.__version__}, condseg_ops backends {condseg_ops.available_backends(device)}")
     if condseg_ops.build_info():
         print(f"# build_info {condseg_ops.build_info()}")
@@ -315,8 +314,7 @@ def main(argv=None):
     rows, interrupted = [], False
     if not args.no_save:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-    base = {"device": dev_name, "date": date, "torch": torch.__version__, "command": command, "bench": "op",
-            "iters": iters, "copy_gbps": round(bandwidth, 1)}
+    base = {**header, "iters": iters, "copy_gbps": round(bandwidth, 1)}
     try:
         for row in measure_rows(base, shapes, dtypes, softmaxes, passes, backends, device, warmup, iters,
                                 bandwidth, args.max_ref_seconds):

@@ -1,4 +1,5 @@
 """benchmarks/op_bench.py on the CPU: the JSON rows the issue asks for, written as they are measured."""
+import datetime
 import json
 
 import pytest
@@ -25,6 +26,8 @@ def test_rows_hold_the_required_fields(op_bench, tmp_path):
     assert op_bench.main([*SMALL, "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and all(REQUIRED <= set(row) for row in rows)
+    # The header every results row shares (benchmarks/_common.py): the date in UTC, ISO 8601.
+    assert all(datetime.datetime.fromisoformat(row["date"]).utcoffset() == datetime.timedelta(0) for row in rows)
     compiled = [row for row in rows if row["backend"] == "cpu"]
     assert compiled and all(row["bench"] == "op" and row["ms"] > 0 for row in compiled)
     for row in compiled:  # the ratio is against the reference measured in the same run
