@@ -473,6 +473,7 @@ def test_bad_options_fail_before_the_data_is_read(tmp_path):
     nowhere = str(tmp_path / "no-data")  # never reached: each error comes first
     for options, message in [({"stage1_epochs": -2}, "stage1_epochs must be at least 1"),
                              ({"early_stop": -1}, "early_stop must be at least 0"),
+                             ({"workers": -1}, "workers must be at least 0"),  # once only after the data loaded
                              ({"val_fraction": 1.0}, "val_fraction must lie between 0 and 1"),
                              ({"encoder_lr": 0.0}, "encoder_lr must be positive"),
                              ({"encoder": "pvt_v2_b2", "image_size": 48}, "multiple of 32 for the pvt_v2_b2"),

@@ -64,8 +64,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "classes", "in_channels", "stage1_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("early_stop", "lr_patience"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:  # early_stop None: never
+        for name in ("early_stop", "lr_patience", "workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:  # early_stop None: never; workers None: auto
                 raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         for name in ("lr", "encoder_lr", "stage1_lr"):
             value = getattr(self, name)
