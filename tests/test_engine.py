@@ -525,6 +525,7 @@ def test_stage2_run_takes_its_network_from_the_stage1_checkpoint(synth, trained,
     with pytest.raises(ValueError, match="holds a resnet18 encoder .* this run builds resnet34"):
         train(data_root=str(synth), out=str(tmp_path / "s2b"), stage="2", stage1_checkpoint=str(stage1),
               encoder="resnet34", epochs=1, progress=False, tensorboard=False)
+    assert not (tmp_path / "s2b").exists()  # refused before the data loaded: no run folder left
 
 
 def test_encoder_weights_are_loaded_and_logged(synth, tmp_path):

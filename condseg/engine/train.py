@@ -129,6 +129,8 @@ class _Trainer:
             self._check_resume_options(saved_options(self.run_dir))
         if cfg.encoder_weights and not cfg.resume:  # a bad file fails now, not after the data loads
             read_weights_file(cfg.encoder_weights)
+        if cfg.stage1_checkpoint and not cfg.resume and Path(cfg.stage1_checkpoint).is_file():  # likewise
+            self._stage1_source(cfg.stage1_checkpoint)
         new_folder = not self.run_dir.exists()
         if cfg.overwrite and ctx.is_main:  # everything a run writes (a new run may write less)
             for p in self.run_dir.glob("stage*_*.pt"):
@@ -270,6 +272,19 @@ class _Trainer:
         rngs = state["rng"]
         set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
 
+    def _stage1_source(self, source):
+        """The stage-1 checkpoint at ``source``, refused unless its encoder is the one this run builds."""
+        cfg = self.cfg
+        state = load_checkpoint(source)
+        saved = state["model_config"]
+        if saved["arch"] != "stage1":
+            raise ValueError(f"{source} is not a stage-1 checkpoint (arch {saved['arch']!r})")
+        if (saved["encoder_name"], saved["in_channels"]) != (cfg.encoder, cfg.in_channels):
+            raise ValueError(f"{source} holds a {saved['encoder_name']} encoder for {saved['in_channels']} input "
+                             f"channels, but this run builds {cfg.encoder} for {cfg.in_channels}: leave the encoder "
+                             "option out (a stage-2 run takes it from its stage-1 checkpoint)")
+        return state
+
     def _init_stage2_encoder(self, model):
         cfg = self.cfg
         source = cfg.stage1_checkpoint or checkpoint_path(self.run_dir, 1, "best")
@@ -279,14 +294,7 @@ class _Trainer:
             self.log.info("stage 2 without a stage-1 checkpoint: the encoder starts from "
                           + ("encoder_weights" if cfg.encoder_weights else "scratch"))
             return bool(cfg.encoder_weights)
-        state = load_checkpoint(source)
-        saved = state["model_config"]
-        if saved["arch"] != "stage1":
-            raise ValueError(f"{source} is not a stage-1 checkpoint (arch {saved['arch']!r})")
-        if (saved["encoder_name"], saved["in_channels"]) != (cfg.encoder, cfg.in_channels):
-            raise ValueError(f"{source} holds a {saved['encoder_name']} encoder for {saved['in_channels']} input "
-                             f"channels, but this run builds {cfg.encoder} for {cfg.in_channels}: leave the encoder "
-                             "option out (a stage-2 run takes it from its stage-1 checkpoint)")
+        state = self._stage1_source(source)
         model.load_stage1_encoder(state["model"])
         self.log.info(f"stage 2: encoder initialised from {source} (epoch {state['epoch']})")
         return True
