@@ -51,13 +51,15 @@ class _ignore_missing:
         return kind is not None and issubclass(kind, FileNotFoundError)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint with ``weights_only=True``; errors name the file and say what is wrong."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """Read a checkpoint with ``weights_only=True``; errors name the file and say what is wrong.
+    ``mmap=True`` maps the file instead of reading it: for the plain values of a checkpoint whose
+    tensors (hundreds of MB) are not needed."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # not a torch file, truncated file, foreign pickle, ...
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot load checkpoint {path}: not a condseg checkpoint, or a damaged one "

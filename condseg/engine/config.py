@@ -78,6 +78,7 @@ class TrainConfig:
         import torch  # here, not at import: the config module stays light
 
         from ..models import create_encoder, list_encoders
+        from ..models.condseg import check_decoder_channels
 
         if self.encoder not in list_encoders():
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {list_encoders()}")
@@ -86,8 +87,7 @@ class TrainConfig:
         if any(int(s) % multiple for s in sides):
             raise ValueError(f"image_size must be a multiple of {multiple} for the {self.encoder} encoder, "
                              f"got {size!r}")
-        if self.decoder_channels < 8 or self.decoder_channels % 8:  # now, not when stage 2 builds its network
-            raise ValueError(f"decoder_channels must be a positive multiple of 8, got {self.decoder_channels}")
+        check_decoder_channels(self.decoder_channels)  # now, not when stage 2 builds its network
         if self.stage1_checkpoint and self.stage != "2":
             raise ValueError(f"stage1_checkpoint is for stage='2' (--stage 2): with stage={self.stage!r} the run "
                              f"trains its own stage 1 and stage 2 starts from that")

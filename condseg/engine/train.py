@@ -56,7 +56,7 @@ def saved_options(run_dir):
     for stage in (2, 1):
         path = checkpoint_path(run_dir, stage, "last")
         if path.is_file():
-            saved = load_checkpoint(path).get("train_config", {})
+            saved = load_checkpoint(path, mmap=True).get("train_config", {})  # read twice per resume: no weights
             return {k: v for k, v in saved.items() if k in known}
     return {}
 

@@ -4,9 +4,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from condseg_ops._ops import as_int
+
 from .blocks import (AuxiliaryBranch, CDFABlock, DecoderBlock, DilatedConvEnhancement,
                      GuidancePreprocess, OutputHead, SemanticDecoupling, upsample)
-from .encoders import check_count, create_encoder, load_encoder_state
+from .encoders import create_encoder, load_encoder_state
 
 
 class ConDSegOutput(NamedTuple):
@@ -29,6 +31,12 @@ def check_input_size(x, multiple, name):
         raise ValueError(
             f"{name} needs H and W to be multiples of {multiple}, got {H}x{W}: pad to {ph}x{pw} "
             f"(e.g. torch.nn.functional.pad(x, (0, {pw - W}, 0, {ph - H}))) or resize")
+
+
+def check_decoder_channels(value):
+    """A ValueError naming decoder_channels unless ``value`` is a positive multiple of 8."""
+    if as_int("ConDSeg", "decoder_channels", value, minimum=8) % 8:
+        raise ValueError(f"ConDSeg: decoder_channels must be a positive multiple of 8, got {value!r}")
 
 
 class ConDSeg(nn.Module):
@@ -57,9 +65,8 @@ class ConDSeg(nn.Module):
     def __init__(self, encoder_name="resnet50", encoder_weights=None, in_channels=3, classes=1,
                  cdfa_variant="paper", decoder_channels=128, cdfa_backend=None):
         super().__init__()
-        if decoder_channels < 8 or decoder_channels % 8:
-            raise ValueError(f"decoder_channels must be a positive multiple of 8, got {decoder_channels}")
-        check_count("classes", classes)
+        check_decoder_channels(decoder_channels)
+        as_int("ConDSeg", "classes", classes)
         self.encoder = create_encoder(encoder_name, in_channels, encoder_weights)
         self.encoder_name, self.classes = encoder_name, classes
         c, enc = decoder_channels, self.encoder.out_channels

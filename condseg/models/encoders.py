@@ -7,12 +7,13 @@ official PVT-v2 code), so standard ImageNet files (``resnet50-*.pth``, ``vgg19-*
 encoder does not use (ResNet layer4 and fc, VGG classifier, PVT head) are skipped; any other
 difference is an error that names the keys and shapes.
 """
-import numbers
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from condseg_ops._ops import as_int
 
 _REGISTRY = {}
 
@@ -32,17 +33,11 @@ def list_encoders():
     return sorted(_REGISTRY)
 
 
-def check_count(name, value):
-    """Raises a ValueError naming ``name`` unless ``value`` is an integer >= 1 (bool not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def create_encoder(name, in_channels=3, weights=None):
     """Builds encoder ``name``; ``weights`` is a local file path (a state_dict saved by torch)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown encoder {name!r}; choose one of {list_encoders()}")
-    check_count("in_channels", in_channels)
+    as_int(f"encoder {name!r}", "in_channels", in_channels)
     encoder = _REGISTRY[name](in_channels)
     if weights is not None:
         load_encoder_weights(encoder, weights)
