@@ -108,8 +108,11 @@ __device__ __forceinline__ void issue_round(uint32_t* buf, const T* base, const 
   const int sub = lane / WPS, w = lane - sub * WPS;
   if (sub >= SPI) return;
   // Byte offsets make a copy's address one 64-bit add (element offsets cost two more, the scaling).
-  // Offsets are read in batches before their copies: the compiler puts three no-op instructions
-  // before a cp.async that directly follows a shared-memory access (tools/kernel_stats.py).
+  // 4-byte types read their offsets in batches before the copies: the compiler puts three no-op
+  // instructions before a cp.async that directly follows a shared-memory access
+  // (tools/kernel_stats.py). 2-byte types read one per copy: in batches their forward spilled 16
+  // bytes, and the bf16 forward measured 13% slower on an H200 than before batching (0.509 ms
+  // against 0.449; 2026-11-28). Without the batches it does not spill; not yet timed on a GPU.
   constexpr int BATCH = 4, STEP = NWARPS * SPI;
   static_assert(NT % (BATCH * STEP) == 0, "batches must cover the slots exactly");
   if constexpr (sizeof(T) == 4) {
@@ -130,17 +133,12 @@ __device__ __forceinline__ void issue_round(uint32_t* buf, const T* base, const 
     const char* lane_src = reinterpret_cast<const char*>(base + row0 * K2);
     uint32_t* lane_dst = buf + w;
     if (!checked) {
-#pragma unroll 1
-      for (int slot0 = warp * SPI + sub; slot0 < NT; slot0 += BATCH * STEP) {
-        int off[BATCH];
-#pragma unroll
-        for (int u = 0; u < BATCH; ++u) off[u] = offsets[slot0 + u * STEP];
-#pragma unroll
-        for (int u = 0; u < BATCH; ++u) {
-          if (off[u] < 0) continue;
-          const uintptr_t chunk = reinterpret_cast<uintptr_t>(lane_src + static_cast<unsigned>(off[u]));
-          cp_async_4(lane_dst + (slot0 + u * STEP) * WPS, reinterpret_cast<const char*>(chunk & ~uintptr_t(3)) + 4 * w);
-        }
+#pragma unroll 4
+      for (int slot = warp * SPI + sub; slot < NT; slot += STEP) {
+        const int off = offsets[slot];
+        if (off < 0) continue;
+        const uintptr_t chunk = reinterpret_cast<uintptr_t>(lane_src + static_cast<unsigned>(off));
+        cp_async_4(lane_dst + slot * WPS, reinterpret_cast<const char*>(chunk & ~uintptr_t(3)) + 4 * w);
       }
     } else {
       for (int slot = warp * SPI + sub; slot < NT; slot += STEP) {
