@@ -7,20 +7,16 @@
 # Environment: OUT (default ./gpu_out), GPU_CHECK_BUDGET_S (default 450: stages are cut short so
 # the whole run fits), FPS_ARGS (extra arguments for benchmarks/fps.py), FPS_LIMIT_S (default 90:
 # the fps stage's limit, less where the deadline is nearer; fps.py's --budget is 20 s less).
-# Output: $OUT/build.log, tests.log, op_bench.log, op_bench.jsonl (JSON lines, one per row),
-# fps.log, fps.jsonl, profile.log and profile_bf16.txt (when benchmarks/fps.py exists), summary.txt
-# (which also rebuilds the fps table: the console's tail may be all a caller sees).
+# Output: $OUT/summary.txt (the op and fps tables and the stages: the console's tail may be all a
+# caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl and profile_bf16.txt
+# (when benchmarks/fps.py exists), and logs.tar.gz with build.log, op_bench.log, fps.log and
+# profile.log (the device tool returns 8 files).
 # Logs are written by a tee that ignores SIGINT, so a stage cut short by its limit keeps its output.
 # Every stage runs even when an earlier one failed (the benchmark still gives numbers for the
 # backends that work); the exit status is non-zero when any stage failed.
 set -euo pipefail
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
-
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-PY=python3
+# shellcheck source=benchmarks/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 T0=$(date +%s)
 DEADLINE=$((T0 + ${GPU_CHECK_BUDGET_S:-450}))
 FAILED=0
@@ -170,4 +166,5 @@ EOF
   done
   grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -12 || true
 } | tee "$OUT/summary.txt"
+pack_out logs summary.txt tests.log op_bench.jsonl fps.jsonl profile_bf16.txt
 exit $FAILED

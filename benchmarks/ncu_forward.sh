@@ -10,9 +10,10 @@
 # Environment: OUT (default ./gpu_out), SKIP_BUILD=1 (the package is installed already), NCU (the
 # ncu binary; default: on PATH, else under CUDA_HOME or /usr/local/cuda), NCU_LIMIT_S (default 150
 # per profile).
-# Output: $OUT/<name>.ncu-rep (open in Nsight Compute), <name>_details.txt (every section, stall
-# reasons included), <name>_source.csv (counters per SASS line, warp stall samples included), for
-# <name> in forward_float32, forward_bfloat16 (CUDA) and triton_mix_float32; ncu_build.log.
+# Output: $OUT/<name>_details.txt (every section, stall reasons included) and <name>_source.csv
+# (counters per SASS line, warp stall samples included), for <name> in forward_float32,
+# forward_bfloat16 (CUDA) and triton_mix_float32; ncu_reports.tar.gz holds the <name>.ncu-rep
+# reports (open them in Nsight Compute) and ncu_build.log (the device tool returns 8 files).
 set -uo pipefail
 # shellcheck source=benchmarks/gpu_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
@@ -48,4 +49,5 @@ for profile in "forward_float32 cuda weights_kernel float32" "forward_bfloat16 c
   grep -E "Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|Memory Throughput|Stall" \
     "${report}_details.txt" | head -20
 done
+pack_out ncu_reports '*_details.txt' '*_source.csv'
 exit "$rc"

@@ -4,6 +4,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,14 @@ def test_profiles_the_forward_per_dtype_and_keeps_the_reports(tmp_path):
         assert c[c.index("--launch-count") + 1] == "1" and "benchmarks/op_calls.py" in c
     pages = [c[c.index("--page") + 1] for c in calls if "--import" in c]
     assert pages == ["details", "source"] * 3
-    for name in ("forward_float32", "forward_bfloat16", "triton_mix_float32"):
-        assert (out / f"{name}.ncu-rep").is_file()
+    names = ("forward_float32", "forward_bfloat16", "triton_mix_float32")
+    for name in names:
         assert (out / f"{name}_details.txt").read_text().strip() == "Duration page details"
         assert (out / f"{name}_source.csv").read_text().strip() == "Duration page source"
+    # the device tool returns 8 files: the reports travel in one tarball
+    assert len(list(out.iterdir())) == 7
+    with tarfile.open(out / "ncu_reports.tar.gz") as tar:
+        assert sorted(tar.getnames()) == sorted(f"{name}.ncu-rep" for name in names)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bash script")
