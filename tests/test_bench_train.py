@@ -1,15 +1,19 @@
 """benchmarks/kvasir_train.py: one tiny two-stage run on synthetic data, its JSON row against the
-run's own log and checkpoint."""
+run's own log and checkpoint; README.md's commands for the recorded runs against the presets."""
 import csv
+import dataclasses
 import json
+import re
+import shlex
 
 import pytest
 import torch
 
+from condseg import cli
 from condseg.data import make_synthetic_dataset
-from condseg.engine import load_checkpoint, runlog
+from condseg.engine import TrainConfig, load_checkpoint, runlog
 from condseg_ops.backends import select_backend
-from conftest import load_benchmark
+from conftest import REPO, load_benchmark
 
 bench = load_benchmark("kvasir_train")
 
@@ -79,3 +83,20 @@ def test_override_errors_name_the_field(capsys):
     assert bench.parse_override("lr=0.5") == ("lr", 0.5)
     assert bench.parse_override("channels_last=false") == ("channels_last", False)
     assert bench.parse_override("encoder=resnet34") == ("encoder", "resnet34")
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_readme_commands_are_the_presets(preset):
+    """README.md gives each recorded Kvasir-SEG run as a `condseg train` command and says it is the
+    preset's run: the command must give the preset's configuration."""
+    commands = [" ".join(block.replace("\\\n", " ").split()) for block in
+                re.findall(r"```bash\n(condseg train [^`]*?--out runs/kvasir-" + preset + r"\b[^`]*?)```",
+                           (REPO / "README.md").read_text())]
+    assert len(commands) == 1, f"expected one README command with --out runs/kvasir-{preset}"
+    options = {k: v for k, v in vars(cli._commands(shlex.split(commands[0])[1:])).items() if k != "command"}
+    readme = TrainConfig(**options)
+    expected = TrainConfig(data_root=options["data_root"], out=options["out"], skip_missing=True,
+                           **bench.PRESETS[preset])
+    differs = {f.name: (getattr(readme, f.name), getattr(expected, f.name)) for f in dataclasses.fields(TrainConfig)
+               if getattr(readme, f.name) != getattr(expected, f.name) and f.name != "progress"}
+    assert not differs, f"README command vs --preset {preset}: {differs}"
