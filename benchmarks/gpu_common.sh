@@ -1,4 +1,4 @@
-# Shared by the one-call GPU scripts (gpu_train.sh, ncu_forward.sh); source it, do not run it.
+# Shared by the one-call GPU scripts (gpu_check.sh, gpu_train.sh, ncu_forward.sh); source it, do not run it.
 # Sets the build environment for the GPU machine (its chip only, 16 jobs), moves to the repository
 # root, makes $OUT (default ./gpu_out) absolute and defines install_package LOG and pack_out.
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
