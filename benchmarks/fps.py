@@ -234,6 +234,7 @@ def make_runner(base, mode, backend, x, device, compile_kwargs=None):
         forward(x)
         synchronize(device)
         info["compile_s"] = round(time.perf_counter() - start, 2)
+        info["compile_mode"] = (compile_kwargs or {}).get("mode", "default")
     call = cuda_graph(forward, x) if mode.graph else (lambda: forward(x))
 
     def run():
@@ -648,6 +649,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", nargs="?", const="both", choices=("both", "auto"),
                    help="add the torch.compile modes (slow to compile), for both backends or, with "
                         "'--compile auto', for the automatic backend only (half the compile time)")
+    p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+                   help="torch.compile's mode for the compile rows; max-autotune-no-cudagraphs times "
+                        "convolution and matmul kernels while compiling (minutes on a GPU)")
     p.add_argument("--throughput-batch", type=int, default=None,
                    help="batch of the throughput rows (default 16 on CUDA, 0 = none on CPU); halved on OOM")
     p.add_argument("--throughput-modes", help="comma-separated modes of the throughput rows")
@@ -800,13 +804,14 @@ def main(argv=None):
     rest = [m for m in modes if m not in core and m not in compiled]
 
     compile_backends = ("auto",) if args.compile == "auto" else BACKENDS
+    compile_kwargs = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
 
     def latency(names):
         print(f"latency: batch {args.batch}, {args.size}x{args.size}, warm-up {iters['latency'][0]}, "
               f"{iters['latency'][1]} timed calls per backend, modes {', '.join(names)}"
               + (" (interleaved)" if kind == "cpu" else ""), flush=True)
         inference_rows(base, names, args.batch, args.size, device, *iters["latency"], "latency", budget, emit,
-                       compile_backends=compile_backends)
+                       compile_kwargs=compile_kwargs, compile_backends=compile_backends)
 
     def train():
         if budget.left() <= 0:
@@ -827,7 +832,7 @@ def main(argv=None):
                 return
             print(f"throughput: batch {batch}, modes {', '.join(tp_modes)}", flush=True)
             new = inference_rows(base, tp_modes, batch, args.size, device, *iters["throughput"], "throughput",
-                                 budget, emit)
+                                 budget, emit, compile_kwargs=compile_kwargs)
             if not any(r.get("oom") for r in new) or batch == 1:
                 return
             batch //= 2

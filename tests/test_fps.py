@@ -297,6 +297,31 @@ def test_compiled_runner_matches_eager_on_cpu():
     assert info["compile_s"] > 0
 
 
+def test_compile_mode_reaches_torch_compile_and_the_rows(monkeypatch):
+    """--compile-mode goes to torch.compile for the compile rows (torch.compile stubbed: no inductor
+    run here) and each of those rows records it."""
+    calls = []
+
+    def fake_compile(model, **kwargs):
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr(fps.torch, "compile", fake_compile)
+    common = ["--device", "cpu", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "32",
+              "--threads", "1", "--warmup", "0", "--iters", "1", "--throughput-batch", "0",
+              "--modes", "eager,compile", "--compile", "auto"]
+    rows, _ = fps.main([*common, "--compile-mode", "max-autotune-no-cudagraphs"])
+    assert calls == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
+    compiled = [r for r in rows if r["mode"] == "compile"]
+    assert [r["compile_mode"] for r in compiled] == ["max-autotune-no-cudagraphs"]
+    assert all("compile_mode" not in r for r in rows if r["mode"] == "eager")
+
+    calls.clear()
+    rows, _ = fps.main(common)
+    assert calls == [{"dynamic": False}]
+    assert [r["compile_mode"] for r in rows if r["mode"] == "compile"] == ["default"]
+
+
 @requires_cuda
 def test_cuda_graph_runner_keeps_its_input_alive():
     """The graph reads its input tensor in place: the channels-last copy make_runner makes must
