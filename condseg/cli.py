@@ -110,7 +110,7 @@ def _commands(argv):
                        formatter_class=_DefaultsHelp)
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the masks (an input is never overwritten)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the masks (not a folder that holds inputs)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.png")
     p.add_argument("--uncertainty", action="store_true", help="also write <stem>_uncertainty.png (SID branch)")

@@ -215,18 +215,22 @@ def test_predict_keeps_each_input_size(trained, tmp_path):
         predict(trained.best_checkpoint, [single], tmp_path / "o3", threshold=2, workers=0)
 
 
-def test_predict_never_overwrites_its_inputs(trained, tmp_path):
-    # --out set to the input folder: p1.jpg's mask would be p1.png, an input (once overwritten).
+def test_predict_never_writes_into_a_folder_of_inputs(trained, tmp_path):
+    """p1.jpg's mask would be p1.png, an image of the folder, whether the folder or only p1.jpg is the
+    input (the single-file case once overwrote p1.png); a folder once written to would also hand
+    its masks to the next run as inputs."""
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("p0.jpg", "p1.jpg", "p1.png"):
         Image.fromarray(np.random.randint(0, 255, (40, 40, 3), np.uint8)).save(folder / name)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(ValueError, match="overwrite an input image"):
-        predict(trained.best_checkpoint, folder, folder, workers=0)
+    cases = [(folder, folder), (folder / "p1.jpg", folder), ([folder / "p0.jpg"], tmp_path / "in" / ".")]
+    for inputs, out in cases:
+        with pytest.raises(ValueError, match=r"output folder .* holds input images"):
+            predict(trained.best_checkpoint, inputs, out, workers=0)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    records = predict(trained.best_checkpoint, folder / "p0.jpg", folder, overlay=True, workers=0)
-    assert Path(records[0]["mask"]).name == "p0.png"  # no input is named like an output: allowed
+    records = predict(trained.best_checkpoint, folder / "p1.jpg", tmp_path / "masks", workers=0)
+    assert Path(records[0]["mask"]) == tmp_path / "masks" / "p1.png"
 
 
 def test_evaluation_files_of_names_with_dots(tmp_path):
@@ -386,8 +390,15 @@ def test_load_checkpoint_errors(tmp_path):
             return (os.system, ("echo pwned",))
 
     torch.save({"format": "condseg-checkpoint", "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="cannot load"):
+    with pytest.raises(CheckpointError, match="cannot load") as refused:
         load_checkpoint(tmp_path / "evil.pt")
+    assert "\x1b" not in str(refused.value)
+    # a Kvasir-SEG split file given as the checkpoint: its leading "c" reads as a pickle GLOBAL, and
+    # torch's refusal of that one marks words bold with terminal codes
+    (tmp_path / "val.txt").write_text("cju0s690hkp960855tjuaqvv0\ncju0sr5ghl0nd08789uzf1raf\n")
+    with pytest.raises(CheckpointError, match="cannot load") as refused:
+        load_checkpoint(tmp_path / "val.txt")
+    assert "\x1b" not in str(refused.value)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):

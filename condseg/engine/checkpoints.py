@@ -6,6 +6,7 @@ flushed to disk, then renamed over the old one: a process killed mid-write leave
 checkpoint intact.
 """
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # not a torch file, truncated file, foreign pickle, ...
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch marks words bold with terminal codes
+        first_line = (plain.strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot load checkpoint {path}: not a condseg checkpoint, or a damaged one "
                               f"({type(e).__name__}: {first_line})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -85,12 +85,14 @@ def _unique_stem(path, suffixes, used):
     return stem
 
 
-def _refuse_to_overwrite_inputs(files, outputs):
-    inputs = {path.resolve() for path in files}
-    clashes = [str(path) for path in outputs if path.resolve() in inputs]
-    if clashes:
-        raise ValueError(f"predict: the output folder holds the inputs, and writing {clashes[0]} would "
-                         f"overwrite an input image ({len(clashes)} such files); choose another --out folder")
+def _refuse_input_folders(files, out_dir):
+    """Masks never go into a folder that holds inputs: they could overwrite the user's images there
+    (x.jpg's mask is x.png), and a later run on that folder would read them as images."""
+    folders = {path.resolve().parent for path in files}
+    if out_dir.resolve() in folders:
+        raise ValueError(f"predict: the output folder {out_dir} holds input images; masks written there could "
+                         f"overwrite images, and a later run on it would read them as inputs. Choose another "
+                         f"--out folder")
 
 
 def _write(record, labels, prob, unc, classes, write_overlay):
@@ -129,9 +131,9 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     out_dir = Path(out_dir)
     suffixes = [".png", *["_overlay.png"] * overlay, *["_prob.png"] * probabilities,
                 *["_uncertainty.png"] * uncertainty]
+    _refuse_input_folders(files, out_dir)
     used = set()
     stems = [_unique_stem(path, suffixes, used) for path in files]
-    _refuse_to_overwrite_inputs(files, [out_dir / f"{stem}{suffix}" for stem in stems for suffix in suffixes])
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(_Images(files, tuple(state["image_size"]), mcfg["in_channels"]), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
