@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train ConDSeg on a dataset split (both stages) and record the figures of issue 6's bars: wall
+"""Train ConDSeg on a dataset split (both stages) and record the figures README.md quotes: wall
 time, training images/s, and the best validation mIoU, mDSC, recall and precision, as one JSON
 row with the device and the exact command.
 
@@ -55,8 +55,9 @@ def parse_override(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    first, _, rest = __doc__.partition("\n\n")  # the epilog holds what the description does not
+    p = argparse.ArgumentParser(description=first, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=rest)
     p.add_argument("data_root")
     p.add_argument("--out", required=True, help="run folder (must not hold a run)")
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)

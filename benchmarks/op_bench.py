@@ -17,7 +17,7 @@ Examples:
   python benchmarks/op_bench.py --device cpu         # CPU main row: cpu vs reference
   python benchmarks/op_bench.py --shapes grid --dtypes float32 --backends cuda,reference --quick
 Rows go to benchmarks/results/<date>-<device>.jsonl (or --out) as JSON lines; a table and the
-issue's bars (CUDA: main shape) are printed last. Exit status 1 if any row failed.
+speed targets (README.md, "Status"; CUDA: main shape) are printed last. Exit status 1 if any row failed.
 """
 import argparse
 import itertools
@@ -59,8 +59,9 @@ BARS_CPU = {"forward speedup >= 5x": 5.0, "forward+backward speedup >= 4x": 4.0}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    first, _, rest = __doc__.partition("\n\n")  # the epilog holds what the description does not
+    p = argparse.ArgumentParser(description=first, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=rest)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--shapes", default=None, help="main | levels | grid | all (default: levels on CUDA, main on CPU)")
     p.add_argument("--batch", default=None, help="comma list: keep only these batch sizes")

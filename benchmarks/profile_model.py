@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mode", default="bf16", choices=[m for m in fps.MODES if not fps.MODES[m].graph],
                    help="an fps.py mode (CUDA-graph modes replay as one opaque launch: use their eager form)")
-    p.add_argument("--backend", default="auto", choices=("auto",) + tuple(fps.BACKENDS))
+    p.add_argument("--backend", default="auto", choices=fps.BACKENDS)
     p.add_argument("--encoder", default="resnet50")
     p.add_argument("--decoder-channels", type=int, default=128)
     p.add_argument("--size", type=int, default=256)

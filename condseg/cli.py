@@ -3,6 +3,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# TrainConfig field -> its `condseg train` flag (filled by _train_parser): training errors name the
+# fields, as the Python API takes them; the command line's messages name the flags instead.
+TRAIN_FLAGS = {}
+
+
 def _train_parser(sub):
     # Options left out are left out of the call too (argparse.SUPPRESS): TrainConfig holds the
     # defaults, and with --resume the run's own options come back from its checkpoint.
@@ -30,6 +36,7 @@ def _train_parser(sub):
 
     def opt(flag, help_text, field=None, **kwargs):
         field = field or flag.lstrip("-").replace("-", "_")
+        TRAIN_FLAGS[field] = flag
         default = kwargs.pop("shown_default", defaults.get(field))
         if default is not None and kwargs.get("action") != "store_true":
             help_text = f"{help_text} (default: {default})"
@@ -87,7 +94,7 @@ def _commands(argv):
     parser = argparse.ArgumentParser(prog="condseg", description="ConDSeg medical image segmentation.",
                                      epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _train_parser(sub)
+    commands = {"train": _train_parser(sub)}  # command -> its parser, for errors in its own usage
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset split",
                        description="Metrics of CHECKPOINT on a split of DATA_ROOT: IoU, Dice, recall and "
@@ -102,6 +109,7 @@ def _commands(argv):
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--skip-missing", action="store_true", help="leave out split ids whose files are missing")
+    commands["evaluate"] = p
 
     p = sub.add_parser("predict", help="segment images of any size",
                        description="Masks (PNG: 0/255, or class indices) for image files and folders, each at its "
@@ -118,12 +126,14 @@ def _commands(argv):
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image-reading workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    commands["predict"] = p
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = data_sub.add_parser("check", help="report every problem of a dataset folder at once")
     q.add_argument("data_root", metavar="DATA_ROOT")
     q.add_argument("--classes", type=int, default=1, help="1: binary masks; >1: masks hold class indices")
+    commands["data"] = q
 
     p = sub.add_parser("demo", help="synthetic data, a 1-minute CPU training run, evaluation, overlays",
                        description="The package's main job in one command: makes a small synthetic dataset of "
@@ -135,7 +145,11 @@ def _commands(argv):
     p.add_argument("--epochs", type=int, default=8, help="stage-2 epochs")
     p.add_argument("--stage1-epochs", type=int, default=2, help="stage-1 epochs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    return parser.parse_args(argv)
+    commands["demo"] = p
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser and print its usage, not the command's
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _train(a):
@@ -182,13 +196,19 @@ def _demo(a):
         print(f"{key:>12}: {out[key]}")
 
 
-def _message(error):
+def _message(error, command):
     """What to print for ``error``. An error raised in a DataLoader worker comes back with the
-    worker's whole traceback as its message: print the original error's own line instead."""
+    worker's whole traceback as its message: print the original error's own line instead.
+    Training errors name the flags of the fields they name (image_size -> --image-size; only
+    names with an underscore, which plain words cannot be)."""
     text = str(error)
     if "Original Traceback" in text:
         last = text.strip().splitlines()[-1]  # "package.module.ErrorClass: the original message"
         text = last.split(": ", 1)[-1]
+    if command == "train":
+        for field, flag in TRAIN_FLAGS.items():
+            if "_" in field:
+                text = re.sub(rf"(?<![\w-]){field}(?!\w)", flag, text)
     return text
 
 
@@ -202,7 +222,7 @@ def main(argv=None):
     except (DatasetError, CheckpointError, TrainingDiverged, FileExistsError, FileNotFoundError, ValueError) as e:
         if os.environ.get("CONDSEG_DEBUG"):
             raise
-        print(f"condseg {args.command}: error: {_message(e)}", file=sys.stderr)
+        print(f"condseg {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if os.environ.get("CONDSEG_DEBUG"):

@@ -70,7 +70,7 @@ def test_train_evaluate_predict_round_trip(tmp_path, capsys):
     # an option that changes the network cannot resume it; nor can a new run start without --resume
     assert main(["train", str(root), "--out", str(run), "--resume", "--decoder-channels", "64"]) == 1
     err = capsys.readouterr().err
-    assert "decoder_channels=64 (the run has 16)" in err and "--resume restores" in err
+    assert "--decoder-channels=64 (the run has 16)" in err and "--resume restores" in err
     assert main(["train", str(root), "--out", str(run), *TINY]) == 1
     assert "--resume" in capsys.readouterr().err
 
@@ -89,6 +89,25 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "unknown encoder 'resnet5'" in capsys.readouterr().err and not (tmp_path / "r2").exists()
     assert main(["evaluate", str(tmp_path / "nope.pt"), str(root), "--device", "gpu"]) == 1
     assert "device 'gpu'" in capsys.readouterr().err
+    # training errors name the flags, not the Python fields behind them
+    assert main(["train", str(root), "--out", str(tmp_path / "r3"), "--image-size", "70"]) == 1
+    err = capsys.readouterr().err
+    assert "--image-size must be a multiple of 16" in err and "image_size" not in err
+    assert main(["train", str(root), "--out", str(tmp_path / "r3"), "--batch-size", "0"]) == 1
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["predict", "c.pt", "x.jpg", "--out", "o", "--overlays"], "usage: condseg predict"),
+    (["data", "check", "root", "--foo"], "usage: condseg data check"),
+    (["train", "root", "--out", "r", "--lrr", "1"], "usage: condseg train"),
+])
+def test_unknown_options_show_the_commands_usage(argv, usage, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and usage in err and "unrecognized arguments" in err
+    assert argv[-2 if argv[0] == "train" else -1] in err
 
 
 def test_ctrl_c_says_how_to_resume(monkeypatch, capsys, tmp_path):
