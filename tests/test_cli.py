@@ -10,6 +10,7 @@ from PIL import Image
 
 from condseg.cli import main
 from condseg.data import make_synthetic_dataset
+from condseg.engine import demo, runtime
 from condseg.engine.demo import run_demo
 
 TINY = ["--image-size", "32", "--batch-size", "4", "--encoder", "resnet18", "--decoder-channels", "16",
@@ -161,6 +162,52 @@ def test_demo_small(tmp_path):
     assert out["checkpoint"].is_file() and out["evaluation"].is_file() and out["curves"].is_file()
     assert len(list(out["predictions"].glob("*_overlay.png"))) == 4
     assert 0 <= out["summary"]["mDSC"] <= 1
+
+
+def test_demo_on_a_busy_cpu_takes_the_idle_cores_only(tmp_path, monkeypatch):
+    """Beside busy processes the demo's OpenMP threads wait for each other (543 s against 34 s on one
+    thread, 2 cores beside two busy processes): it trains on the idle cores' worth of threads, says
+    so, and gives the caller's thread count back."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(demo, "idle_cpus", lambda: 0.3)
+    seen, said, real_train = [], [], demo.train
+
+    def spy_train(**kwargs):
+        seen.append(torch.get_num_threads())
+        return real_train(**kwargs)
+
+    monkeypatch.setattr(demo, "train", spy_train)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        demo.run_demo(tmp_path / "demo", train_images=8, val_images=4, epochs=1, stage1_epochs=1, image_size=32,
+                      echo=said.append, progress=False, tensorboard=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+        assert any("runs on 1 thread(s) instead of 2" in line for line in said), said
+    finally:
+        torch.set_num_threads(before)
+
+    assert runtime.threads_for_idle_cpus(2, None) == 2  # unknown (not Linux): unchanged
+    assert runtime.threads_for_idle_cpus(2, 1.9) == 2 and runtime.threads_for_idle_cpus(2, 0.98) == 1
+    assert runtime.threads_for_idle_cpus(8, 5.6) == 6 and runtime.threads_for_idle_cpus(4, 0.0) == 1
+
+
+def test_idle_cpus_from_proc_stat(tmp_path, monkeypatch):
+    """/proc/stat's aggregate line, read twice: 3 of 4 jiffies busy over the sample = 75% of the
+    machine's CPUs busy (idle counts iowait too)."""
+    from condseg.engine import runtime
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7\n")
+
+    def later(seconds):  # between the two reads: 300 jiffies busy, 100 idle
+        stat.write_text("cpu  300 0 200 750 150 0 0 0 0 0\n")
+
+    monkeypatch.setattr(runtime.time, "sleep", later)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert runtime.idle_cpus(stat=stat) == pytest.approx(1.0)
+    assert runtime.idle_cpus(stat=tmp_path / "missing") is None
 
 
 @pytest.mark.slow
