@@ -6,7 +6,8 @@
 # Usage (from anywhere):  bash benchmarks/gpu_check.sh
 # Environment: OUT (default ./gpu_out), GPU_CHECK_BUDGET_S (default 450: stages are cut short so
 # the whole run fits), FPS_ARGS (extra arguments for benchmarks/fps.py), FPS_LIMIT_S (default 90:
-# the fps stage's limit, less where the deadline is nearer; fps.py's --budget is 20 s less).
+# the fps stage's limit, less where the deadline is nearer; fps.py's --budget is 20 s less),
+# SKIP_BUILD=1 (the package is installed already: the build stage only checks it).
 # Output: $OUT/summary.txt (the op and fps tables and the stages: the console's tail may be all a
 # caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl and profile_bf16.txt
 # (when benchmarks/fps.py exists), and logs.tar.gz with build.log, op_bench.log, fps.log and
@@ -65,10 +66,9 @@ EOF
 
 # 1. Build against the installed torch (no network: no build isolation, no dependencies).
 build() {
-  $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
+  install_package "$OUT/build.log"
   local rc=$?
-  grep -E "^\[[0-9]+/[0-9]+\]|error|Successfully installed" "$OUT/build.log" | cut -c1-200 | tail -20
-  if ((rc != 0)); then tail -60 "$OUT/build.log"; fi
+  [[ -f "$OUT/build.log" ]] && grep -E "^\[[0-9]+/[0-9]+\]|Successfully installed" "$OUT/build.log" | cut -c1-200 | tail -20
   # import from outside the source tree, so that the installed package is the one checked
   (cd "$OUT" && $PY -c "import condseg_ops, torch; info = condseg_ops.build_info(); \
 print('installed', condseg_ops.__file__, info); \
@@ -76,7 +76,7 @@ assert info and 'cuda' in info['backends'], 'CUDA kernels missing from the build
 assert 'cuda' in condseg_ops.available_backends('cuda')") || rc=1
   return $rc
 }
-export -f build
+export -f build install_package
 export PY OUT
 # Everything after needs the build: it keeps only 150 s of the budget for them.
 run_stage build 240 150 bash -c build

@@ -10,10 +10,10 @@ OUT="$(cd "$OUT" && pwd)"
 PY=python3
 
 # install_package LOG: builds and installs condseg against the installed torch (no network), unless
-# SKIP_BUILD=1; on failure prints the log's tail and returns 1.
+# SKIP_BUILD=1; the log is verbose (each compile step); on failure prints its tail and returns 1.
 install_package() {
   [[ "${SKIP_BUILD:-0}" == 1 ]] && return 0
-  if ! $PY -m pip install --no-build-isolation --no-deps . >"$1" 2>&1; then
+  if ! $PY -m pip install --no-build-isolation --no-deps -v . >"$1" 2>&1; then
     tail -40 "$1"
     return 1
   fi
