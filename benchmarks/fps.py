@@ -24,7 +24,12 @@ scale marks the row WRONG and keeps it out of the best-mode figures. Modes (``--
     graph, bf16-graph, fp16-graph       fold-cl replayed as one CUDA graph (CUDA only)
     bf16-compile-graph                  torch.compile'd bf16 fold-cl in a CUDA graph (CUDA only)
 
-On CUDA the order is: the batch-1 rows the bars need (eager, bf16-graph, fold-cl), training rows,
+Training rows (``--train``, ``--train-modes``): ``train`` is the trainer's stage-2 step in NCHW,
+``train-cl`` in channels_last (the trainer's default), ``train-compile`` channels_last through
+torch.compile (``condseg train --compile``), ``train-compile-graph`` the same in torch.compile's
+reduce-overhead mode (CUDA graphs); the compiles, minutes on a GPU, are timed apart.
+
+On CUDA the order is: the batch-1 rows the bars need (eager, bf16-graph, graph, fold-cl), training rows,
 torch.compile rows (optional, slow to compile; with ``--budget`` they start only while 45 s of it
 are left), the other batch-1 modes, throughput rows; each mode is built, timed and freed in turn.
 On CPU every batch-1 mode is built first and all are timed interleaved (a shared machine's load
@@ -100,7 +105,7 @@ COMPILE_MODES = {"cuda": ["bf16-compile-graph"], "cpu": ["compile"]}
 DEFAULT_THROUGHPUT_MODES = {"cuda": (["eager", "bf16", "bf16-graph"], ["eager", "bf16-graph"]),
                             "cpu": (["eager", "fold-cl"], ["eager", "fold-cl"])}
 # Run first (the bars need them); then training, the torch.compile rows, the other modes.
-CORE_MODES = ("eager", "bf16-graph", "fold-cl")
+CORE_MODES = ("eager", "bf16-graph", "graph", "fold-cl")
 COMPILE_RESERVE_S = 45  # with --budget, a compile row starts only with this much of it left
 
 # (warmup, iters) per phase; --quick uses the second set. Quick training rows keep 12 steps: with 6,
@@ -385,58 +390,102 @@ def inference_rows(base, modes, batch, size, device, warmup, iters, kind, budget
     return rows
 
 
-TRAIN_MODES = {"train": False, "train-cl": True}  # name -> channels_last
+# name -> (channels_last, torch.compile's mode or None); the compiled modes take minutes to set
+# up, so they run only on request. reduce-overhead replays the compiled forward and backward as
+# CUDA graphs (torch.compile's cudagraph trees; the Adam step stays outside them).
+TRAIN_MODES = {"train": (False, None), "train-cl": (True, None), "train-compile": (True, "default"),
+               "train-compile-graph": (True, "reduce-overhead")}
 DEFAULT_TRAIN_MODES = {"cuda": ["train", "train-cl"], "cpu": ["train"]}
 
 
-def train_rows(base, batch, size, device, warmup, iters, emit, log=print, mode="train"):
-    """images/s of one stage-2 training step (forward with the auxiliary head, stage-2 loss,
-    backward, Adam step with the engine's stage-2 learning rates) at ``batch``, AMP on CUDA
-    (bfloat16 where supported, else float16 with a gradient scaler), float32 on CPU. Mode
-    "train" is the engine's step (NCHW); "train-cl" the same in channels_last."""
-    channels_last = TRAIN_MODES[mode]
-    from condseg.engine.builders import make_optimizer
-    from condseg.engine.runtime import amp_dtype
-    from condseg.losses import stage2_loss
-
-    device = torch.device(device)
-    amp = amp_dtype("auto", device)
-    dtype = str(amp).replace("torch.", "") if amp else "float32"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+def train_batch(base, batch, size, device, channels_last):
+    """A fixed random batch (images, binary masks) for the training rows."""
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(batch, _in_channels(base), size, size, generator=gen).to(device)
     y = (torch.rand(batch, 1, size, size, generator=gen) > 0.5).float().to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    steps, losses = {}, {}
-    for backend in BACKENDS:
-        model = set_cdfa_backend(copy.deepcopy(base), forced(backend)).train().requires_grad_(True)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(model, lr=1e-4, encoder_lr=1e-5)
+    return x, y
 
-        def step(model=model, optimizer=optimizer, backend=backend):
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                out = model(x, return_aux=True)
-            out = condseg.ConDSegOutput(*(o.float() for o in out))
-            loss, _ = stage2_loss(out, y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses[backend] = loss.detach()
 
-        steps[backend] = step
-    rows = []
+def train_amp(device):
+    """The training rows' autocast dtype (None on CPU) and its name: the engine's choice, bfloat16
+    where the GPU supports it, else float16."""
+    from condseg.engine.runtime import amp_dtype
+    amp = amp_dtype("auto", torch.device(device))
+    return amp, str(amp).replace("torch.", "") if amp else "float32"
+
+
+def make_train_step(base, backend, x, y, channels_last, compile_mode=None):
+    """One stage-2 training step of a copy of ``base`` on ``backend`` as a callable: forward with
+    the auxiliary head, stage-2 loss, backward, Adam step with the engine's stage-2 learning rates;
+    autocast with :func:`train_amp`'s dtype (float16 with a gradient scaler); with a
+    ``compile_mode``, the network's forward and backward through torch.compile in that mode
+    ("default" is what ``condseg train --compile`` does).
+    ``step.loss`` holds the last loss (a tensor: reading it later keeps the step free of host
+    syncs)."""
+    from condseg.engine.builders import make_optimizer
+    from condseg.losses import stage2_loss
+
+    device = x.device
+    amp, _ = train_amp(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    model = set_cdfa_backend(copy.deepcopy(base), forced(backend)).train().requires_grad_(True)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, lr=1e-4, encoder_lr=1e-5)
+    forward = model
+    if compile_mode:
+        forward = torch.compile(model, dynamic=False, **({} if compile_mode == "default" else {"mode": compile_mode}))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            out = forward(x, return_aux=True)
+        out = condseg.ConDSegOutput(*(o.float() for o in out))
+        loss, _ = stage2_loss(out, y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        step.loss = loss.detach()
+
+    step.loss = None
+    return step
+
+
+def train_rows(base, batch, size, device, warmup, iters, emit, log=print, mode="train"):
+    """images/s of one stage-2 training step (:func:`make_train_step`) at ``batch`` for both
+    backends. Mode "train" is the engine's step in NCHW; "train-cl" the same in channels_last;
+    "train-compile" channels_last through torch.compile, "train-compile-graph" also replayed as
+    CUDA graphs (for those two the first step, which compiles, is timed apart as compile_s)."""
+    channels_last, compile_mode = TRAIN_MODES[mode]
+    compiled = compile_mode is not None
+    device = torch.device(device)
+    x, y = train_batch(base, batch, size, device, channels_last)
+    _, dtype = train_amp(device)
+    steps, compile_s, rows = {}, {}, []
     try:
-        times = time_calls(steps, iters, warmup, device)
+        for backend in BACKENDS:
+            steps[backend] = make_train_step(base, backend, x, y, channels_last, compile_mode)
+            if compiled:  # the first call compiles the forward and the backward
+                start = time.perf_counter()
+                steps[backend]()
+                synchronize(device)
+                compile_s[backend] = round(time.perf_counter() - start, 2)
+        launches = {}
+        times = time_calls(steps, iters, warmup, device, launches)
         for backend in BACKENDS:
             row = {"kind": "train", "mode": mode, "backend": resolved_backend(backend, device),
                    "backend_choice": backend, "dtype": dtype, "channels_last": channels_last,
-                   "amp": amp is not None, "batch": batch, "size": size, "warmup": warmup,
-                   "loss": round(float(losses[backend]), 5)}
+                   "compiled": compiled, "amp": dtype != "float32", "batch": batch, "size": size,
+                   "warmup": warmup, "loss": round(float(steps[backend].loss), 5)}
+            if compiled:
+                row["compile_s"], row["compile_mode"] = compile_s[backend], compile_mode
             row.update(summarize(times[backend], batch))
-            if device.type == "cuda":  # activation memory of one step (beyond weights and Adam state)
+            if device.type == "cuda":
+                # host time to queue a step; ~median_ms = bound by launches, not by the GPU
+                row["launch_ms"] = round(1000 * statistics.median(launches[backend]), 4)
+                # activation memory of one step (beyond weights and Adam state)
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
@@ -535,6 +584,15 @@ def summary(rows, device_type):
         a = eager["auto"]
         lines.append(f"float32 eager automatic: host {a['launch_ms']:.2f} ms to queue a forward of "
                      f"{a['median_ms']:.2f} ms (close = bound by kernel launches, which both backends share)")
+        graph = both.get(("latency", "graph", eager["auto"]["batch"]))
+        if graph:  # the same float32 network without launch costs: what eager could reach at best
+            lines.append(f"float32 without launch costs (graph: fold-cl replayed as one CUDA graph): automatic / "
+                         f"reference = {_ratio(graph):.2f}x; launch-bound float32 eager stays below this")
+    for (kind, mode, batch), pair in both.items():
+        a = pair["auto"]
+        if kind == "train" and "launch_ms" in a:
+            lines.append(f"training step {mode} automatic: host {a['launch_ms']:.1f} ms to queue a step of "
+                         f"{a['median_ms']:.1f} ms (close = bound by launches)")
     suspect = [f"{r['kind']} {r['mode']} {r['backend']} (rel diff {r.get('max_rel_diff', float('nan')):.3g} vs "
                f"float32 eager, {r.get('auto_vs_reference_rel_diff', float('nan')):.3g} vs the other backend)"
                for r in rows if r.get("suspect")]
@@ -658,7 +716,8 @@ def parse_args(argv=None):
     p.add_argument("--train", action="store_true", help="also time one stage-2 training step per backend")
     p.add_argument("--train-batch", type=int, default=12)
     p.add_argument("--train-modes", help=f"comma-separated from {', '.join(TRAIN_MODES)} "
-                                         "(default: both on CUDA, train on CPU)")
+                                         "(default: train and train-cl on CUDA, train on CPU; "
+                                         "the train-compile modes compile for minutes)")
     p.add_argument("--quick", action="store_true", help="fewer iterations (fits a short GPU check)")
     p.add_argument("--warmup", type=int, help="untimed calls per row (default by device and --quick)")
     p.add_argument("--iters", type=int, help="timed calls per latency row")
@@ -736,16 +795,18 @@ def main(argv=None):
                          ("train", args.train_iters)):
         if value is not None:
             iters[phase] = (iters[phase][0], value)
-    if args.train_modes:
-        unknown = [m for m in args.train_modes.split(",") if m.strip() and m.strip() not in TRAIN_MODES]
-        if unknown:
-            raise SystemExit(f"unknown train mode(s) {unknown}; choose from {list(TRAIN_MODES)}")
+    train_modes = [m.strip() for m in args.train_modes.split(",") if m.strip()] if args.train_modes \
+        else DEFAULT_TRAIN_MODES[kind]
+    unknown = [m for m in train_modes if m not in TRAIN_MODES]
+    if unknown:
+        raise SystemExit(f"unknown train mode(s) {unknown}; choose from {list(TRAIN_MODES)}")
     modes = _split(args.modes) if args.modes else \
         DEFAULT_MODES[kind][quick] + (COMPILE_MODES[kind] if args.compile else [])
     tp_batch = args.throughput_batch if args.throughput_batch is not None else (16 if kind == "cuda" else 0)
     tp_modes = _split(args.throughput_modes) if args.throughput_modes else DEFAULT_THROUGHPUT_MODES[kind][quick]
     budget = Budget(args.budget)
-    if any(MODES[m].compile for m in modes + (tp_modes if tp_batch else [])):
+    if any(MODES[m].compile for m in modes + (tp_modes if tp_batch else [])) or \
+            (args.train and any(TRAIN_MODES[m][1] for m in train_modes)):
         import torch._dynamo.config as dynamo_config
         for limit in ("cache_size_limit", "recompile_limit"):  # one entry per model copy and mode
             if hasattr(dynamo_config, limit):
@@ -817,11 +878,12 @@ def main(argv=None):
         if budget.left() <= 0:
             print("  skip train: --budget spent")
             return
-        names = [m.strip() for m in args.train_modes.split(",") if m.strip()] if args.train_modes \
-            else DEFAULT_TRAIN_MODES[kind]
         print(f"train: batch {args.train_batch}, {args.size}x{args.size}, warm-up {iters['train'][0]}, "
-              f"{iters['train'][1]} timed steps per backend, modes {', '.join(names)}", flush=True)
-        for name in names:
+              f"{iters['train'][1]} timed steps per backend, modes {', '.join(train_modes)}", flush=True)
+        for name in train_modes:
+            if TRAIN_MODES[name][1] and budget.left() < COMPILE_RESERVE_S:
+                print(f"  skip train {name}: --budget spent")
+                continue
             train_rows(base, args.train_batch, args.size, device, *iters["train"], emit, mode=name)
 
     def throughput():

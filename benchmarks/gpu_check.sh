@@ -9,8 +9,8 @@
 # the fps stage's limit, less where the deadline is nearer; fps.py's --budget is 20 s less),
 # SKIP_BUILD=1 (the package is installed already: the build stage only checks it).
 # Output: $OUT/summary.txt (the op and fps tables and the stages: the console's tail may be all a
-# caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl and profile_bf16.txt
-# (when benchmarks/fps.py exists), and logs.tar.gz with build.log, op_bench.log, fps.log and
+# caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl, profile_bf16.txt and
+# profile_train.txt (when benchmarks/fps.py exists), and logs.tar.gz with build.log, op_bench.log, fps.log and
 # profile.log (the device tool returns 8 files).
 # Logs are written by a tee that ignores SIGINT, so a stage cut short by its limit keeps its output.
 # Every stage runs even when an earlier one failed (the benchmark still gives numbers for the
@@ -120,12 +120,15 @@ if [[ -f benchmarks/fps.py ]]; then
   run_stage fps "${FPS_LIMIT_S:-90}" 25 bash -c fps
   # Where the batch-1 GPU time goes (the fps bars' bottleneck), slowest kernels first.
   # Its report goes to the file only: the run tool returns just the tail of the console.
+  # Then one training step (the training bar's): is it bound by launches, convolutions or the rest?
   profile() {
     $PY -P benchmarks/profile_model.py --device cuda --mode bf16 --shapes --out "$OUT/profile_bf16.txt" \
-      >"$OUT/profile.log" 2>&1
+      >"$OUT/profile.log" 2>&1 &&
+    $PY -P benchmarks/profile_model.py --device cuda --train --iters 3 --shapes \
+      --out "$OUT/profile_train.txt" >>"$OUT/profile.log" 2>&1
   }
   export -f profile
-  run_stage profile 40 0 bash -c profile
+  run_stage profile 70 0 bash -c profile
 fi
 
 # 5. Short table last: the bars' shape from the benchmark, then the stages.
@@ -166,5 +169,5 @@ EOF
   done
   grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -12 || true
 } | tee "$OUT/summary.txt"
-pack_out logs summary.txt tests.log op_bench.jsonl fps.jsonl profile_bf16.txt
+pack_out logs summary.txt tests.log op_bench.jsonl fps.jsonl profile_bf16.txt profile_train.txt
 exit $FAILED

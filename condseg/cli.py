@@ -77,6 +77,8 @@ def _train_parser(sub):
     opt("--device", "auto, cpu, cuda, cuda:N")
     opt("--channels-last", "train in the channels_last (NHWC) memory format: faster convolutions",
         action=argparse.BooleanOptionalAction)
+    opt("--compile", "torch.compile the training step's forward and backward (the first step of each stage "
+        "compiles: minutes; validation stays eager)", action=argparse.BooleanOptionalAction)
     opt("--workers", "data-loader workers", type=int, shown_default="0 when the data fits in memory, else 4")
     opt("--val-split", "split name or split file used for validation")
     opt("--skip-missing", "leave out split ids whose files are missing", action=argparse.BooleanOptionalAction)

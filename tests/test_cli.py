@@ -127,6 +127,22 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, capsys, tmp_path):
     assert f"interrupted; continue with: condseg train 'my data' --out {run} --resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, expected", [([], None), (["--compile"], True), (["--no-compile"], False)])
+def test_train_compile_flag_reaches_the_trainer(flags, expected, monkeypatch, capsys, tmp_path):
+    """--compile sets TrainConfig.compile; left out, the trainer's default (or, with --resume, the
+    run's own setting) decides."""
+    import condseg.engine
+    seen = []
+
+    def record(**options):
+        seen.append(options)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(condseg.engine, "train", record)
+    main(["train", "data", "--out", str(tmp_path / "run"), *flags])
+    assert seen[0].get("compile") is expected
+
+
 def test_python_dash_m_runs_the_command():
     done = subprocess.run([sys.executable, "-m", "condseg", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "usage: condseg" in done.stdout

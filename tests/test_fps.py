@@ -282,6 +282,26 @@ def test_summary_ratios_and_bars():
     assert "RTX 4090" not in text and "500 fps" not in text and result["best_fps"] == 1200
 
 
+def test_summary_names_what_bounds_float32_eager_and_training():
+    """The launch-bound diagnosis: host time against step time for training rows, and the
+    float32 graph ratio (no launch costs) as the ceiling of the float32 eager ratio."""
+    rows = [_row("latency", "eager", "auto", 60), _row("latency", "eager", "reference", 50),
+            _row("latency", "graph", "auto", 300), _row("latency", "graph", "reference", 240),
+            _row("train", "train-cl", "auto", 120, "bfloat16", 12),
+            _row("train", "train-cl", "reference", 80, "bfloat16", 12)]
+    rows[0]["launch_ms"], rows[4]["launch_ms"] = 15.9, 42.0
+    text = "\n".join(fps.summary(rows, "cuda")[0])
+    assert "host 15.90 ms to queue a forward of 16.67 ms" in text
+    assert "(graph: fold-cl replayed as one CUDA graph): automatic / reference = 1.25x" in text
+    assert "training step train-cl automatic: host 42.0 ms to queue a step of 100.0 ms" in text
+    # Without the graph pair or the host times, no such lines.
+    plain = [dict(r) for r in rows if r["mode"] != "graph"]
+    for r in plain:
+        r.pop("launch_ms", None)
+    text = "\n".join(fps.summary(plain, "cuda")[0])
+    assert "without launch costs" not in text and "to queue a step" not in text
+
+
 @pytest.mark.slow
 def test_compiled_runner_matches_eager_on_cpu():
     """Inductor on the automatic backend: the condseg_ops op inside a frozen, BN-folded,
@@ -320,6 +340,33 @@ def test_compile_mode_reaches_torch_compile_and_the_rows(monkeypatch):
     rows, _ = fps.main(common)
     assert calls == [{"dynamic": False}]
     assert [r["compile_mode"] for r in rows if r["mode"] == "compile"] == ["default"]
+
+
+def test_train_compile_mode_compiles_both_backends_and_times_the_compile_apart(monkeypatch):
+    calls = []
+
+    def fake_compile(model, **kwargs):
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr(fps.torch, "compile", fake_compile)
+    rows, _ = fps.main(["--device", "cpu", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "32",
+                        "--threads", "1", "--warmup", "0", "--iters", "1", "--throughput-batch", "0",
+                        "--modes", "eager", "--train", "--train-batch", "2", "--train-iters", "1",
+                        "--train-modes", "train,train-compile,train-compile-graph"])
+    # one model per backend and compiled mode; the plain train rows stay eager
+    assert calls == [{"dynamic": False}] * 2 + [{"dynamic": False, "mode": "reduce-overhead"}] * 2
+    train = {(r["mode"], r["backend_choice"]): r for r in rows if r["kind"] == "train"}
+    assert set(train) == {(m, b) for m in ("train", "train-compile", "train-compile-graph")
+                          for b in ("auto", "reference")}
+    for backend in ("auto", "reference"):
+        for mode, compile_mode in (("train-compile", "default"), ("train-compile-graph", "reduce-overhead")):
+            row = train[mode, backend]
+            assert row["compiled"] and row["channels_last"] and row["compile_mode"] == compile_mode
+            assert row["compile_s"] > 0
+        assert "compile_s" not in train["train", backend] and not train["train", backend]["compiled"]
+    with pytest.raises(SystemExit, match="unknown train mode"):
+        fps.main(["--device", "cpu", "--train", "--train-modes", "train-fast"])
 
 
 @requires_cuda
@@ -367,6 +414,35 @@ def test_profile_model_names_the_op_on_cpu(tmp_path):
     by_shape = text.split("layer ops by input shape")[1]
     # the stem convolution, named with its input and weight shapes
     assert "aten::convolution [[1, 3, 32, 32], [64, 3, 7, 7]" in by_shape
+
+
+def test_profile_model_profiles_a_training_step_on_cpu(tmp_path):
+    """--train profiles fps.py's training step: backward and optimiser ops appear, the step
+    really trains (its parameters move), and the title says what was profiled."""
+    profile_model = load_benchmark("profile_model")
+    text = profile_model.main(["--device", "cpu", "--train", "--batch", "2", "--encoder", "resnet18",
+                               "--decoder-channels", "16", "--size", "32", "--iters", "1", "--top", "300",
+                               "--shapes"])
+    assert "training step (float32, channels_last)" in text and "batch 2" in text
+    assert "contrast_aggregate_backward" in text and "aten::convolution_backward" in text
+    assert "ms per step" in text.split("layer ops by input shape")[1]
+
+
+def test_make_train_step_trains_the_chosen_backend():
+    base = fps.build_model(**SMALL)
+    x, y = fps.train_batch(base, 2, 32, torch.device("cpu"), channels_last=False)
+    losses = {}
+    for backend in ("auto", "reference"):
+        step = fps.make_train_step(base, backend, x, y, channels_last=False)
+        step()
+        first = float(step.loss)
+        for _ in range(3):
+            step()
+        losses[backend] = (first, float(step.loss))
+        assert losses[backend][1] < losses[backend][0], losses  # Adam steps lower the loss on one batch
+    # Both backends compute the same network from the same weights: the same first loss.
+    assert losses["auto"][0] == pytest.approx(losses["reference"][0], rel=1e-4)
+    assert all(p.grad is None for p in base.parameters())  # the base model is left untouched
 
 
 def test_op_calls_runs_every_pass_on_cpu(capsys):

@@ -39,6 +39,7 @@ class TrainConfig:
     consistency_threshold: float = 0.5
     amp: str = "auto"                    # "auto" (CUDA: bf16, else fp16; CPU: off), "bf16", "fp16" (CUDA), "off"
     channels_last: bool = True           # NHWC weights and activations: faster convolutions, CPU and CUDA
+    compile: bool = False                # torch.compile the training forward and backward (validation stays eager)
     device: str = "auto"
     workers: int = None                  # data-loader workers; None: 0 when preloaded, else 4
     preload: str = "auto"                # decode the dataset into memory: "auto", True, False

@@ -393,6 +393,8 @@ class _Trainer:
         wrapped = model
         if ctx.enabled:
             wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:  # the training step only: validation (eval-mode BatchNorm) runs the eager model
+            wrapped = torch.compile(wrapped, dynamic=False)
         train_loader, sampler, val_loader = self._loaders()
         last = checkpoint_path(self.run_dir, stage, "last")
         best_path = checkpoint_path(self.run_dir, stage, "best")
