@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Where one ConDSeg inference (or training step) spends its time: the torch.profiler table of the
-slowest kernels (device time on CUDA, CPU time on CPU) for one fps.py mode and backend, at batch 1.
+slowest kernels (device time on CUDA, CPU time on CPU) for one fps.py mode and backend, at batch 1
+(12 with ``--train``).
 
     python benchmarks/profile_model.py --device cuda --mode bf16 --top 25 --out profile.txt
     python benchmarks/profile_model.py --device cpu --size 128 --encoder resnet18
