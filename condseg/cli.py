@@ -125,6 +125,8 @@ def _commands(argv):
     p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.png")
     p.add_argument("--uncertainty", action="store_true", help="also write <stem>_uncertainty.png (SID branch)")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground probability of the binary masks")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the same names already in --out (without it, they stop the run)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image-reading workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -178,7 +180,7 @@ def _predict(a):
     from .engine import predict
     records = predict(a.checkpoint, a.inputs, a.out, overlay=a.overlay, probabilities=a.probabilities,
                       uncertainty=a.uncertainty, device=a.device, batch_size=a.batch_size, workers=a.workers,
-                      threshold=a.threshold)
+                      threshold=a.threshold, overwrite=a.overwrite)
     print(f"{len(records)} mask(s) written to {a.out}")
 
 

@@ -178,6 +178,10 @@ def test_demo_small(tmp_path):
     assert out["checkpoint"].is_file() and out["evaluation"].is_file() and out["curves"].is_file()
     assert len(list(out["predictions"].glob("*_overlay.png"))) == 4
     assert 0 <= out["summary"]["mDSC"] <= 1
+    # A second demo in the same folder replaces the first one's run and predictions.
+    again = run_demo(tmp_path / "demo", train_images=8, val_images=4, epochs=1, stage1_epochs=1, image_size=32,
+                     echo=lambda m: None, progress=False, tensorboard=False)
+    assert len(list(again["predictions"].glob("*_overlay.png"))) == 4
 
 
 def test_demo_on_a_busy_cpu_takes_the_idle_cores_only(tmp_path, monkeypatch):

@@ -259,6 +259,40 @@ def test_predict_never_writes_into_a_folder_of_inputs(trained, tmp_path):
     assert Path(records[0]["mask"]) == tmp_path / "masks" / "p1.png"
 
 
+def test_predict_never_replaces_files_it_did_not_ask_to(trained, synth, tmp_path):
+    """Predicting into a folder of ground-truth masks (not the inputs' folder) once replaced them with
+    predictions; files of the output names now stop the run unless overwrite=True."""
+    masks = tmp_path / "val_masks"
+    masks.mkdir()
+    images = synth / "images"
+    ids = (synth / "val.txt").read_text().split()
+    for i in ids:
+        (masks / f"{i}.png").write_bytes(b"ground truth " + i.encode())
+    (masks / "notes.txt").write_text("mine")
+    inputs = [next(images.glob(f"{i}.*")) for i in ids]
+    before = {p.name: p.read_bytes() for p in masks.iterdir()}
+    with pytest.raises(ValueError, match=rf"{len(ids)} output file\(s\) exist already in .*--overwrite"):
+        predict(trained.best_checkpoint, inputs, masks, workers=0)
+    assert {p.name: p.read_bytes() for p in masks.iterdir()} == before
+    # A second run into its own earlier output stops too; overwrite=True replaces the masks.
+    out = tmp_path / "pred"
+    predict(trained.best_checkpoint, inputs[:1], out, workers=0)
+    with pytest.raises(ValueError, match="1 output file"):
+        predict(trained.best_checkpoint, inputs[:1], out, overlay=True, workers=0)
+    assert sorted(p.name for p in out.iterdir()) == [f"{ids[0]}.png"]  # not even the overlay was written
+    records = predict(trained.best_checkpoint, inputs, masks, overwrite=True, workers=0)
+    assert len(records) == len(ids) and (masks / "notes.txt").read_text() == "mine"
+    assert all(Image.open(masks / f"{i}.png").size == (32, 32) for i in ids)
+
+
+def test_predict_that_fails_leaves_no_empty_folder(trained, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(Exception, match="broken.png"):
+        predict(trained.best_checkpoint, [bad], tmp_path / "new" / "out", workers=0)
+    assert not (tmp_path / "new" / "out").exists()
+
+
 def test_evaluation_files_of_names_with_dots(tmp_path):
     """Two runs named r18.val and r18.train keep their own files (with_suffix once gave both
     r18.csv, the second run's table over the first's)."""

@@ -55,7 +55,7 @@ def _run(out, train_images, val_images, epochs, stage1_epochs, device, seed, ech
     summary = evaluate(result.best_checkpoint, data, split="val", out=evaluation, device=device)
     val_images_dir = [data / "images" / f"{i}.png" for i in (data / "val.txt").read_text().split()]
     predict(result.best_checkpoint, val_images_dir, out / "predictions", overlay=True, uncertainty=True,
-            device=device, workers=0)
+            device=device, workers=0, overwrite=True)  # the demo's own folder: a second demo replaces it
     return {"data": data, "run": result.run_dir, "checkpoint": result.best_checkpoint, "curves":
             result.run_dir / "curves.png", "evaluation": evaluation, "per-image": per_image,
             "predictions": out / "predictions",

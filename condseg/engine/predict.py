@@ -95,6 +95,17 @@ def _refuse_input_folders(files, out_dir):
                          f"--out folder")
 
 
+def _refuse_existing(paths, out_dir):
+    """Files already in the output folder are never replaced unless asked (``overwrite``): they may be
+    the user's ground-truth masks or images, which a mask of the same name would destroy."""
+    existing = [path for path in paths if path.exists()]
+    if existing:
+        shown = ", ".join(path.name for path in existing[:3]) + (f" and {len(existing) - 3} more"
+                                                                 if len(existing) > 3 else "")
+        raise ValueError(f"predict: {len(existing)} output file(s) exist already in {out_dir} ({shown}); "
+                         f"pass --overwrite (overwrite=True) to replace them, or choose another --out folder")
+
+
 def _write(record, labels, prob, unc, classes, write_overlay):
     stem_path = record["stem_path"]
     mask = labels.astype(np.uint8) * (255 if classes == 1 else 1)
@@ -110,14 +121,15 @@ def _write(record, labels, prob, unc, classes, write_overlay):
 
 @torch.no_grad()
 def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, uncertainty=False,
-            device="auto", batch_size=8, workers=2, threshold=0.5):
+            device="auto", batch_size=8, workers=2, threshold=0.5, overwrite=False):
     """Segment image files (any size, any of jpg/png/bmp/tif) with a trained checkpoint.
 
     Each input is resized to the training size, segmented, and the logits are resized back to the
     input's size. Writes to ``out_dir``: ``<stem>.png`` (binary mask 0/255, or class indices),
     and optionally ``<stem>_overlay.png``, ``<stem>_prob.png`` (foreground probability x 255) and
     ``<stem>_uncertainty.png`` (the SID uncertainty branch's map, stage-2 checkpoints only).
-    Returns one dict per input with the paths written.
+    A file of those names already in ``out_dir`` is an error unless ``overwrite``; ``out_dir``
+    may not be a folder of the inputs. Returns one dict per input with the paths written.
     """
     if not 0 <= threshold <= 1:
         raise ValueError(f"predict: threshold is a foreground probability in [0, 1], got {threshold}")
@@ -134,7 +146,23 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     _refuse_input_folders(files, out_dir)
     used = set()
     stems = [_unique_stem(path, suffixes, used) for path in files]
+    if not overwrite:
+        _refuse_existing([out_dir / f"{stem}{suffix}" for stem in stems for suffix in suffixes], out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _predict_files(model, state, files, stems, out_dir, overlay, probabilities, uncertainty, device,
+                              batch_size, workers, threshold)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):  # a run that failed before its first mask leaves no folder
+            out_dir.rmdir()
+        raise
+
+
+def _predict_files(model, state, files, stems, out_dir, overlay, probabilities, uncertainty, device, batch_size,
+                   workers, threshold):
+    mcfg = state["model_config"]
+    classes = mcfg.get("classes", 1)
     loader = DataLoader(_Images(files, tuple(state["image_size"]), mcfg["in_channels"]), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
     records, pending = [], []
