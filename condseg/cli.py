@@ -210,6 +210,8 @@ def _message(error, command):
         last = text.strip().splitlines()[-1]  # "package.module.ErrorClass: the original message"
         text = last.split(": ", 1)[-1]
     if command == "train":
+        # "skip_missing=True (CLI: --skip-missing)" names both forms: the command line needs the flag
+        text = re.sub(r"\b\w+=\S+ \(CLI: (--[\w-]+)\)", r"\1", text)
         for field, flag in TRAIN_FLAGS.items():
             if "_" in field:
                 text = re.sub(rf"(?<![\w-]){field}(?!\w)", flag, text)

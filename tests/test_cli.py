@@ -81,7 +81,8 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     (root / "train.txt").write_text((root / "train.txt").read_text() + "lost_id\n")
     assert main(["train", str(root), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY]) == 1
     err = capsys.readouterr().err
-    assert "lost_id" in err and str(root / "images") in err and "--skip-missing" in err
+    assert "lost_id" in err and str(root / "images") in err and "Pass --skip-missing to leave" in err
+    assert "=True" not in err  # the Python form is not a flag the command line takes
     assert not (tmp_path / "r").exists()  # no empty run folder left behind
     assert main(["evaluate", str(tmp_path / "nope.pt"), str(root)]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
@@ -162,6 +163,23 @@ def test_predict_errors_are_messages(tmp_path, capsys):
     assert main(["predict", str(root / "train.txt"), str(fake), "--out", str(tmp_path / "p")]) == 1
     assert "not a condseg checkpoint" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nope.pt"), str(root / "images"), "--out", str(tmp_path / "p")]) == 1
+
+
+def test_each_message_is_said_once(tmp_path, capsys):
+    """The missing-pairs warning of a run that holds out its own validation pairs (both sets come
+    from the one split), and the error of a run that diverged (logged to train.log, printed once)."""
+    root = make_synthetic_dataset(tmp_path / "d", train=8, val=2, size=32)
+    (root / "val.txt").unlink()
+    (root / "train.txt").write_text((root / "train.txt").read_text() + "lost_id\n")
+    common = ["--epochs", "1", "--stage1-epochs", "1", *TINY]
+    assert main(["train", str(root), "--out", str(tmp_path / "r"), "--stage", "1", "--skip-missing", *common]) == 0
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("skipping missing pairs") == 1 and "holding out" in said.out
+    assert main(["train", str(root), "--out", str(tmp_path / "nan"), "--stage", "1", "--skip-missing",
+                 "--stage1-lr", "1e30", *common]) == 1
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("training stopped") == 1 and "training stopped" in said.err
+    assert "training stopped" in (tmp_path / "nan" / "train.log").read_text()
 
 
 def test_skip_missing_trains(tmp_path):

@@ -59,10 +59,13 @@ class RunLog:
                     raise RuntimeError(f"TensorBoard logging requested but unavailable: {e}; "
                                        f"pip install tensorboard") from None
 
-    def info(self, message):
+    def info(self, message, console=True):
+        """``message`` to train.log and, unless ``console`` is False (an error the caller reports
+        anyway), to the console."""
         if not self.enabled:
             return
-        self.echo(message)
+        if console:
+            self.echo(message)
         with open(self.run_dir / "train.log", "a") as f:
             f.write(message + "\n")
 

@@ -152,9 +152,10 @@ class _Trainer:
     # -- data ---------------------------------------------------------------------------------
     def _datasets(self):
         cfg, root = self.cfg, self.cfg.data_root
+        quiet = lambda message: None  # noqa: E731 - for datasets whose missing ids were reported already
         splits = available_splits(root)
         kw = dict(image_size=cfg.image_size, in_channels=cfg.in_channels, classes=cfg.classes,
-                  skip_missing=cfg.skip_missing, warn=self.log.info if self.ctx.is_main else (lambda m: None))
+                  skip_missing=cfg.skip_missing, warn=self.log.info if self.ctx.is_main else quiet)
         train_split, val_split = (self._split_or_none(name, getattr(cfg, name), splits)
                                   for name in ("train_split", "val_split"))
         train_ids = None
@@ -176,15 +177,17 @@ class _Trainer:
                 (self.run_dir / "splits" / "val.txt").write_text("\n".join(val_ids) + "\n")
                 self.log.info(f"no '{cfg.val_split}' split in {root}: holding out {n_val} of {len(ids)} "
                               f"pairs for validation (ids in {self.run_dir / 'splits'})")
-            train_kw, val_kw = dict(split=train_split, ids=train_ids), dict(split=train_split, ids=val_ids)
+            # the same split's pairs as the training set: its missing ids were reported already
+            train_kw, val_kw = dict(split=train_split, ids=train_ids), dict(split=train_split, ids=val_ids,
+                                                                          warn=quiet)
         else:
             train_kw, val_kw = dict(split=train_split, ids=train_ids), dict(split=val_split)
         h, w = as_size(cfg.image_size)
-        train_ds = SegmentationDataset(root, **train_kw, **kw)
-        val_ds = SegmentationDataset(root, **val_kw, **kw)
+        train_ds = SegmentationDataset(root, **{**kw, **train_kw})
+        val_ds = SegmentationDataset(root, **{**kw, **val_kw})
         if self._preload(len(train_ds) + len(val_ds), h * w * (cfg.in_channels + 1)):
-            train_ds = SegmentationDataset(root, **train_kw, preload=True, **{**kw, "warn": lambda m: None})
-            val_ds = SegmentationDataset(root, **val_kw, preload=True, **{**kw, "warn": lambda m: None})
+            train_ds = SegmentationDataset(root, **{**kw, **train_kw, "warn": quiet}, preload=True)
+            val_ds = SegmentationDataset(root, **{**kw, **val_kw, "warn": quiet}, preload=True)
         if self.ctx.is_main:
             self.log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation pairs from {root} "
                           f"({train_ds.layout.name} layout) at {h}x{w}")
@@ -350,7 +353,7 @@ class _Trainer:
         kept = (f"the last good checkpoint is {last} (epoch {epochs_done})" if last.is_file()
                 else "no checkpoint was written")
         msg = f"training stopped: {reason}; {kept}. Lower the learning rate, or use --amp off if mixed precision is on"
-        self.log.info(msg)
+        self.log.info(msg, console=False)  # the error raised says it on the console
         return TrainingDiverged(msg)
 
     def _run_stage(self, stage, resume, history):
