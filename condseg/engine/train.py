@@ -66,8 +66,10 @@ STAGE1_NETWORK_OPTIONS = ("encoder", "in_channels", "classes", "decoder_channels
 
 # The training recipe, which a resumed run cannot change: its optimizer and scheduler states bring
 # back the run's own learning rates, weight decay and schedule, and the seed drew its data order,
-# random streams and held-out validation pairs.
-RECIPE_OPTIONS = ("stage1_lr", "lr", "encoder_lr", "weight_decay", "scheduler", "lr_patience", "lr_factor", "seed")
+# random streams and held-out validation pairs. The batch size, the augmentation and the loss's
+# threshold shape every step, and the splits decide what "best" was measured on.
+RECIPE_OPTIONS = ("stage1_lr", "lr", "encoder_lr", "weight_decay", "scheduler", "lr_patience", "lr_factor", "seed",
+                  "batch_size", "rotation", "consistency_threshold", "train_split", "val_split", "val_fraction")
 
 
 def stage1_network_options(path):
@@ -125,8 +127,7 @@ class _Trainer:
                                   f"resume=True (--resume) to continue it or overwrite=True (--overwrite)")
         if cfg.resume and not existing:
             raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {self.run_dir}")
-        if cfg.resume:
-            self._check_resume_options(saved_options(self.run_dir))
+        overridden = self._check_resume_options(saved_options(self.run_dir)) if cfg.resume else ""
         if cfg.encoder_weights and not cfg.resume:  # a bad file fails now, not after the data loads
             read_weights_file(cfg.encoder_weights)
         if cfg.stage1_checkpoint and not cfg.resume and Path(cfg.stage1_checkpoint).is_file():  # likewise
@@ -140,6 +141,8 @@ class _Trainer:
             for folder in ("splits", "tensorboard"):  # before RunLog opens its TensorBoard writer
                 shutil.rmtree(self.run_dir / folder, ignore_errors=True)
         self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
+        if overridden:
+            self.log.info(f"resuming with options other than the run's: {overridden}")
         barrier(ctx)
         try:
             self.train_ds, self.val_ds = self._datasets()
@@ -304,7 +307,9 @@ class _Trainer:
 
     def _check_resume_options(self, saved):
         """Stops a resume given another network, image size or recipe than the run's (``saved``),
-        before the data is read: the run could not honour them, yet its checkpoints would record them."""
+        before the data is read: the run could not honour them, yet its checkpoints would record them.
+        Returns the other options that differ from the run's ("amp='off' (the run has 'auto')", ...;
+        "" for none), which the run then says it uses."""
         now = self.cfg.to_dict()
         size = lambda v: list(as_size(v))  # noqa: E731 - 32 and [32, 32] are the same size
 
@@ -326,6 +331,7 @@ class _Trainer:
             raise ValueError(f"cannot resume the run in {self.run_dir} with a different training recipe: "
                              f"{detail(recipe)}. Leave these options out: --resume restores the run's own "
                              f"optimizer, schedule and random state. To train with them, {new_run}")
+        return detail([k for k in changed(now) if k not in (*PER_CALL_OPTIONS, "progress", "tensorboard")])
 
     def _check_same_network(self, stage, saved, now):
         changed = [k for k in now if k != "arch" and saved.get(k) != now[k]]
