@@ -313,6 +313,19 @@ def test_check_dataset_lists_missing_split_ids_beside_duplicate_ids(folder):
     assert report.splits == {"train": 2, "val": 1}
 
 
+def test_check_dataset_reports_pairs_two_splits_share(folder, tmp_path):
+    """Validation pairs that training also uses inflate every score: a problem for the check, by
+    file (split sub-folders may reuse an id for another image, which is fine)."""
+    (folder / "val.txt").write_text("a3\na1\na0\n")
+    report = check_dataset(folder)
+    assert [p.path for p in report.problems] == [str(folder / "val.txt")], str(report)
+    assert "splits 'train' and 'val' share 2 pair(s): a0, a1" in str(report)
+    root = tmp_path / "sub"
+    _write_pair(root / "train", "x0")
+    _write_pair(root / "val", "x0")  # the same id, another file
+    assert check_dataset(root).ok
+
+
 def test_check_dataset_reads_split_sub_folders(tmp_path):
     # ROOT/train/images, ROOT/val/images...: the layout training reads, with no ROOT/images.
     root = tmp_path / "ds"

@@ -530,6 +530,16 @@ def test_held_out_validation_and_config_errors(tmp_path):
         train(data_root=str(root), out=str(tmp_path / "run"), resume=True, overwrite=True, **TINY)
 
 
+def test_validation_pairs_that_are_training_pairs_are_named(synth, tmp_path):
+    result = train(data_root=str(synth), out=str(tmp_path / "run"), val_split="train",
+                   **{**TINY, "stage": "1", "stage1_epochs": 1})
+    said = (result.run_dir / "train.log").read_text()
+    assert "warning: 8 validation pair(s) are training pairs too" in said
+    assert result.best_checkpoint.is_file()  # the run itself goes on
+    other = train(data_root=str(synth), out=str(tmp_path / "run2"), **{**TINY, "stage": "1", "stage1_epochs": 1})
+    assert "training pairs too" not in (other.run_dir / "train.log").read_text()
+
+
 def test_without_a_train_split_the_other_splits_stay_out_of_training(tmp_path):
     # Once, with val.txt and test.txt but no train.txt, training took every pair, val and test ones too.
     root = make_synthetic_dataset(tmp_path / "d", train=6, val=2, test=2, size=32)

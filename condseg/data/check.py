@@ -6,7 +6,7 @@ from pathlib import Path
 from .dataset import load_pair
 from .errors import DatasetError, MissingFilesError
 from .io import half_range, raw_mask
-from .layouts import SPLITS, Sample, _index_layout, find_samples, resolve_layout
+from .layouts import SPLITS, Sample, _index_layout, find_samples, format_ids, resolve_layout, shared_images
 
 
 @dataclass
@@ -63,7 +63,8 @@ def _check_pair(sample, binarize, classes):
 def check_dataset(root, classes=1, workers=4):
     """Scan a dataset folder and return a DatasetReport listing every problem found: missing ids
     in split files, empty splits, duplicate ids, unpaired files, unreadable or corrupt files,
-    images and masks of different sizes, mask values outside the classes."""
+    images and masks of different sizes, mask values outside the classes, pairs that two splits
+    share."""
     root = Path(root)
     report = DatasetReport(str(root))
     layouts, unfound = {}, None
@@ -104,12 +105,14 @@ def check_dataset(root, classes=1, workers=4):
     report.pairs = sum(len(v) for v in seen.values())
     if not report.pairs and seen:
         report.problems.append(Problem(str(root), "no image/mask pairs found"))
+    by_split = {}
     for split, layout in layouts.items():
         if split is None:
             continue
         try:  # duplicate ids were reported above; here the first file keeps the id
             samples, _ = find_samples(root, split, duplicates=[])
             report.splits[split] = len(samples)
+            by_split[split] = samples
         except MissingFilesError as e:
             for folder, ids in e.missing.items():
                 report.problems.append(Problem(str(layout.split_file or folder),
@@ -118,8 +121,19 @@ def check_dataset(root, classes=1, workers=4):
             try:
                 samples = find_samples(root, split, True, warn=lambda m: None, duplicates=[])[0]
                 report.splits[split] = len(samples)
+                by_split[split] = samples
             except DatasetError:
                 report.splits[split] = 0
         except DatasetError as e:
             report.problems.append(Problem(e.path or str(layout.split_file or layout.image_dir), str(e)))
+    names = list(by_split)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            shared = shared_images(by_split[first], by_split[second])
+            if shared:
+                layout = layouts[second]
+                report.problems.append(Problem(
+                    str(layout.split_file or layout.image_dir),
+                    f"splits {first!r} and {second!r} share {len(shared)} pair(s): {format_ids(shared)}; "
+                    f"scores on pairs the model trained on overstate it"))
     return report

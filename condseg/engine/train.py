@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.dataset import SegmentationDataset, as_size, collate
 from ..data.errors import DatasetError
-from ..data.layouts import available_splits, find_samples, resolve_layout
+from ..data.layouts import available_splits, find_samples, format_ids, resolve_layout, shared_images
 from ..models.encoders import read_weights_file
 from .builders import build_model, make_optimizer, make_scheduler, model_config
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -194,6 +194,10 @@ class _Trainer:
         if self.ctx.is_main:
             self.log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation pairs from {root} "
                           f"({train_ds.layout.name} layout) at {h}x{w}")
+            shared = shared_images(train_ds.samples, val_ds.samples)
+            if shared:  # allowed (--val-split train watches the fit), but never silently
+                self.log.info(f"warning: {len(shared)} validation pair(s) are training pairs too "
+                              f"({format_ids(shared)}): the validation scores overstate the model")
         return train_ds, val_ds
 
     def _split_or_none(self, option, split, splits):
