@@ -678,6 +678,12 @@ def test_multiclass_train_evaluate_predict(synth, tmp_path):
     result = train(data_root=str(root), out=str(tmp_path / "run"), classes=3, **{**TINY, "epochs": 1})
     summary = evaluate(result.best_checkpoint, root, split="val")
     assert summary["images"] == 4 and 0 <= summary["mDSC"] <= 1
+    # per class, background first; mDSC is the mean of the images' foreground-class means
+    assert len(summary["dice_per_class"]) == len(summary["iou_per_class"]) == 3
+    assert summary["decision"] == "argmax" and "threshold" not in summary
+    assert summary["mDSC"] == pytest.approx(np.mean(summary["dice_per_class"][1:]), abs=1e-6)
+    original = evaluate(result.best_checkpoint, root, split="val", original_size=True)
+    assert original["dice_per_class"] == pytest.approx(summary["dice_per_class"], abs=1e-6)  # masks are 32x32
     records = predict(result.best_checkpoint, [root / "images" / f"{ids[0]}.png"], tmp_path / "p", overlay=True,
                       workers=0)
     assert set(np.unique(np.array(Image.open(records[0]["mask"])))) <= {0, 1, 2}

@@ -38,10 +38,13 @@ def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, 
     """Metrics of ``checkpoint`` on a split of ``data_root``.
 
     Per image at ``threshold``: IoU, Dice, recall, precision, then the mean over images (mIoU, mDSC,
-    recall, precision). By default at the training size (as in the paper); ``original_size=True``
-    upsamples the logits to each mask's own size. With ``out``, writes the summary (JSON) and the
-    per-image table (CSV) to the two files of evaluation_files(out). Returns the summary dict, whose
-    "per_image" entry lists the per-image rows.
+    recall, precision). With K > 1 classes the prediction is the argmax (no threshold), an image's
+    score is the mean over the foreground classes 1..K-1, and the summary adds ``iou_per_class``
+    and ``dice_per_class`` (K values, background first: means over images). By default at the
+    training size (as in the paper); ``original_size=True`` upsamples the logits to each mask's own
+    size. With ``out``, writes the summary (JSON) and the per-image table (CSV) to the two files of
+    evaluation_files(out). Returns the summary dict, whose "per_image" entry lists the per-image
+    rows.
     """
     device = resolve_device(device)
     model, state = load_model(checkpoint, device)
@@ -50,7 +53,7 @@ def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, 
     ds = SegmentationDataset(data_root, split, state["image_size"], mcfg["in_channels"], classes,
                              skip_missing=skip_missing, keep_original=original_size)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
-    rows = []
+    rows, per_class = [], {"iou": [], "dice": []}
     for batch in loader:
         logits = model(normalize(batch["image"].to(device))).float()
         if original_size:
@@ -59,18 +62,25 @@ def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, 
                 up = F.interpolate(logits[i:i + 1], size=mask.shape[-2:], mode="bilinear", align_corners=False)
                 one = per_image_metrics(up, _target(mask[None].to(device), classes), threshold)
                 for k in METRICS:
-                    scores[k].append(_foreground_mean(one[k]))
+                    scores[k].append(one[k])
             scores = {k: torch.cat(v) for k, v in scores.items()}
         else:
             scores = per_image_metrics(logits, _target(batch["mask"].to(device), classes), threshold)
-            scores = {k: _foreground_mean(v) for k, v in scores.items()}
+        if classes > 1:
+            for k in per_class:
+                per_class[k].append(scores[k].cpu())
+        scores = {k: _foreground_mean(v) for k, v in scores.items()}
         for j, index in enumerate(batch["index"].tolist()):
             rows.append({"id": ds.samples[index].id, **{k: float(scores[k][j]) for k in METRICS}})
     n = len(rows)
     summary = {SUMMARY[k]: sum(r[k] for r in rows) / n for k in METRICS}
     summary.update({"images": n, "checkpoint": str(checkpoint), "data_root": str(data_root), "split": split,
-                    "resolution": "original" if original_size else "x".join(map(str, state["image_size"])),
-                    "threshold": threshold})
+                    "resolution": "original" if original_size else "x".join(map(str, state["image_size"]))})
+    if classes > 1:
+        summary.update({"classes": classes, "decision": "argmax",
+                        **{f"{k}_per_class": [float(v) for v in torch.cat(per_class[k]).mean(0)] for k in per_class}})
+    else:
+        summary["threshold"] = threshold
     if out is not None:
         summary_file, table_file = evaluation_files(out)
         summary_file.parent.mkdir(parents=True, exist_ok=True)
