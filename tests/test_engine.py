@@ -530,6 +530,17 @@ def test_held_out_validation_and_config_errors(tmp_path):
         train(data_root=str(root), out=str(tmp_path / "run"), resume=True, overwrite=True, **TINY)
 
 
+def test_an_empty_split_file_stops_training(synth, tmp_path):
+    """data check calls an empty val.txt a problem; training once passed over it and held out pairs
+    of its own instead."""
+    root = tmp_path / "d"
+    shutil.copytree(synth, root)
+    (root / "val.txt").write_text("\n")
+    with pytest.raises(DatasetError, match=r"val\.txt is empty"):
+        train(data_root=str(root), out=str(tmp_path / "run"), **TINY)
+    assert not (tmp_path / "run").exists()
+
+
 def test_validation_pairs_that_are_training_pairs_are_named(synth, tmp_path):
     result = train(data_root=str(synth), out=str(tmp_path / "run"), val_split="train",
                    **{**TINY, "stage": "1", "stage1_epochs": 1})

@@ -232,12 +232,15 @@ def find_samples(root, split=None, skip_missing=False, warn=None, duplicates=Non
 
 
 def available_splits(root):
-    """The named splits that exist under root (split files, sub-folders, ISIC folders, GlaS)."""
+    """The named splits that exist under root (split files, sub-folders, ISIC folders, GlaS). A split
+    file that is there but unusable (empty, say) raises its DatasetError: passing over it would
+    quietly put its pairs to another use."""
     out = []
     for split in SPLITS:
         try:
             resolve_layout(root, split)
             out.append(split)
         except DatasetError:
-            pass
+            if (Path(root) / f"{split}.txt").is_file():
+                raise
     return out
