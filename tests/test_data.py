@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from condseg.data import (DatasetError, MissingFilesError, SegmentationDataset, augment, check_dataset,
-                          find_samples, make_synthetic_dataset, read_image, read_mask)
+from condseg.data import (DatasetError, MissingFilesError, SegmentationDataset, augment, available_splits,
+                          check_dataset, find_samples, make_synthetic_dataset, read_image, read_mask)
 
 KVASIR_MISSING = ["cju1gkndf6yi10801o1qnje19", "cju2hqt33lmra0988fr5ijv8j"]
 
@@ -246,6 +246,9 @@ def test_isic_layout(tmp_path, data, truth):
     assert [s.id for s in find_samples(root, "test")[0]] == ["ISIC_test0", "ISIC_test1"]
     ds = SegmentationDataset(root, "test", image_size=32)
     assert ds[0]["mask"].all()
+    # ISIC keeps its splits in folders: a stray (empty) split file is not read, so no error
+    (root / "val.txt").write_text("\n")
+    assert available_splits(root) == ["train", "test"]
 
 
 def test_glas_layout(tmp_path):
@@ -259,6 +262,8 @@ def test_glas_layout(tmp_path):
     assert layout.name == "glas" and [s.id for s in samples] == ["testA_1", "testB_1"]
     ds = SegmentationDataset(root, "train", image_size=(6, 7))
     assert ds[0]["mask"][0, 0].tolist() == [0, 1, 1, 1, 0, 0, 0]  # instance labels binarised
+    report = check_dataset(root)  # GlaS validates on its test pairs: by design, not a problem
+    assert report.ok and not report.warnings, str(report)
 
 
 def test_geometric_moves_image_and_mask_together():
@@ -320,6 +325,12 @@ def test_check_dataset_reports_pairs_two_splits_share(folder, tmp_path):
     report = check_dataset(folder)
     assert [p.path for p in report.problems] == [str(folder / "val.txt")], str(report)
     assert "splits 'train' and 'val' share 2 pair(s): a0, a1" in str(report)
+    # A test split equal to val (no separate validation set) is worth a warning, not a failure.
+    (folder / "val.txt").write_text("a3\n")
+    (folder / "test.txt").write_text("a3\n")
+    report = check_dataset(folder)
+    assert report.ok and [w.path for w in report.warnings] == [str(folder / "test.txt")], str(report)
+    assert "splits 'val' and 'test' share 1 pair(s): a3" in str(report)
     root = tmp_path / "sub"
     _write_pair(root / "train", "x0")
     _write_pair(root / "val", "x0")  # the same id, another file

@@ -126,14 +126,28 @@ def check_dataset(root, classes=1, workers=4):
                 report.splits[split] = 0
         except DatasetError as e:
             report.problems.append(Problem(e.path or str(layout.split_file or layout.image_dir), str(e)))
-    names = list(by_split)
-    for i, first in enumerate(names):
-        for second in names[i + 1:]:
-            shared = shared_images(by_split[first], by_split[second])
+    _report_shared_pairs(report, by_split, layouts)
+    return report
+
+
+def _report_shared_pairs(report, by_split, layouts):
+    """Training pairs in val or test are a problem (scores on them overstate the model); val and
+    test sharing pairs only a warning (a dataset may validate on its test set on purpose), and
+    not even that where both are one layout (GlaS: testA_/testB_ serve as both)."""
+    if "train" in by_split:
+        for other in ("val", "test"):
+            shared = shared_images(by_split["train"], by_split.get(other, []))
             if shared:
-                layout = layouts[second]
+                layout = layouts[other]
                 report.problems.append(Problem(
                     str(layout.split_file or layout.image_dir),
-                    f"splits {first!r} and {second!r} share {len(shared)} pair(s): {format_ids(shared)}; "
+                    f"splits 'train' and {other!r} share {len(shared)} pair(s): {format_ids(shared)}; "
                     f"scores on pairs the model trained on overstate it"))
-    return report
+    if "val" in by_split and "test" in by_split and layouts["val"] != layouts["test"]:
+        shared = shared_images(by_split["val"], by_split["test"])
+        if shared:
+            layout = layouts["test"]
+            report.warnings.append(Problem(
+                str(layout.split_file or layout.image_dir),
+                f"splits 'val' and 'test' share {len(shared)} pair(s): {format_ids(shared)}; the best "
+                f"checkpoint, chosen on val, has seen them"))

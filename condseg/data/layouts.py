@@ -240,7 +240,7 @@ def available_splits(root):
         try:
             resolve_layout(root, split)
             out.append(split)
-        except DatasetError:
-            if (Path(root) / f"{split}.txt").is_file():
+        except DatasetError as e:
+            if e.path is not None and Path(e.path) == Path(root) / f"{split}.txt":
                 raise
     return out
