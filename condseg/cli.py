@@ -202,16 +202,17 @@ def _demo(a):
 
 def _message(error, command):
     """What to print for ``error``. An error raised in a DataLoader worker comes back with the
-    worker's whole traceback as its message: print the original error's own line instead.
-    Training errors name the flags of the fields they name (image_size -> --image-size; only
+    worker's whole traceback as its message: print the original error's own line instead. A
+    message naming an option in both forms ("x=1 (CLI: --x)") keeps the flag. Training errors name
+    the flags of the fields they name (image_size -> --image-size; only
     names with an underscore, which plain words cannot be)."""
     text = str(error)
     if "Original Traceback" in text:
         last = text.strip().splitlines()[-1]  # "package.module.ErrorClass: the original message"
         text = last.split(": ", 1)[-1]
+    # "skip_missing=True (CLI: --skip-missing)" names both forms: the command line needs the flag
+    text = re.sub(r"\b\w+=\S+ \(CLI: (--[\w-]+)\)", r"\1", text)
     if command == "train":
-        # "skip_missing=True (CLI: --skip-missing)" names both forms: the command line needs the flag
-        text = re.sub(r"\b\w+=\S+ \(CLI: (--[\w-]+)\)", r"\1", text)
         for field, flag in TRAIN_FLAGS.items():
             if "_" in field:
                 text = re.sub(rf"(?<![\w-]){field}(?!\w)", flag, text)

@@ -163,6 +163,19 @@ def test_predict_errors_are_messages(tmp_path, capsys):
     assert main(["predict", str(root / "train.txt"), str(fake), "--out", str(tmp_path / "p")]) == 1
     assert "not a condseg checkpoint" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nope.pt"), str(root / "images"), "--out", str(tmp_path / "p")]) == 1
+    capsys.readouterr()
+    # files already in --out: the message names the flag (the Python form is for the API)
+    image = root / "images" / "blob_0000.png"
+    assert main(["predict", str(run / "stage1_best.pt"), str(image), "--out", str(tmp_path / "p")]) == 0
+    assert main(["predict", str(run / "stage1_best.pt"), str(image), "--out", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace them" in err and "=True" not in err
+    assert main(["predict", str(run / "stage1_best.pt"), str(image), "--out", str(tmp_path / "p"), "--overwrite"]) == 0
+    # evaluate on a split with a missing id
+    (root / "val.txt").write_text((root / "val.txt").read_text() + "lost_id\n")
+    assert main(["evaluate", str(run / "stage1_best.pt"), str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "lost_id" in err and "Pass --skip-missing to leave" in err and "=True" not in err
 
 
 def test_each_message_is_said_once(tmp_path, capsys):

@@ -103,7 +103,7 @@ def _refuse_existing(paths, out_dir):
         shown = ", ".join(path.name for path in existing[:3]) + (f" and {len(existing) - 3} more"
                                                                  if len(existing) > 3 else "")
         raise ValueError(f"predict: {len(existing)} output file(s) exist already in {out_dir} ({shown}); "
-                         f"pass --overwrite (overwrite=True) to replace them, or choose another --out folder")
+                         f"pass overwrite=True (CLI: --overwrite) to replace them, or choose another output folder")
 
 
 def _write(record, labels, prob, unc, classes, write_overlay):
