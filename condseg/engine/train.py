@@ -65,11 +65,13 @@ def saved_options(run_dir):
 STAGE1_NETWORK_OPTIONS = ("encoder", "in_channels", "classes", "decoder_channels", "cdfa_variant", "image_size")
 
 # The training recipe, which a resumed run cannot change: its optimizer and scheduler states bring
-# back the run's own learning rates, weight decay and schedule, and the seed drew its data order,
-# random streams and held-out validation pairs. The batch size, the augmentation and the loss's
-# threshold shape every step, and the splits decide what "best" was measured on.
+# back the run's own learning rates, weight decay and schedule, the seed drew its data order,
+# random streams and held-out validation pairs, and the splits decide what its best checkpoint was
+# measured on. Stage 1's loss threshold counts while stage 1 is unfinished. (A new batch size or
+# rotation is honoured, and the log says so: a smaller GPU must be able to go on.)
 RECIPE_OPTIONS = ("stage1_lr", "lr", "encoder_lr", "weight_decay", "scheduler", "lr_patience", "lr_factor", "seed",
-                  "batch_size", "rotation", "consistency_threshold", "train_split", "val_split", "val_fraction")
+                  "train_split", "val_split", "val_fraction")
+STAGE1_RECIPE_OPTIONS = ("consistency_threshold",)
 
 
 def stage1_network_options(path):
@@ -127,7 +129,8 @@ class _Trainer:
                                   f"resume=True (--resume) to continue it or overwrite=True (--overwrite)")
         if cfg.resume and not existing:
             raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {self.run_dir}")
-        overridden = self._check_resume_options(saved_options(self.run_dir)) if cfg.resume else ""
+        # said in the log once the stage's own resume checks have passed (_run_stage)
+        self.overridden = self._check_resume_options(saved_options(self.run_dir)) if cfg.resume else ""
         if cfg.encoder_weights and not cfg.resume:  # a bad file fails now, not after the data loads
             read_weights_file(cfg.encoder_weights)
         if cfg.stage1_checkpoint and not cfg.resume and Path(cfg.stage1_checkpoint).is_file():  # likewise
@@ -141,8 +144,6 @@ class _Trainer:
             for folder in ("splits", "tensorboard"):  # before RunLog opens its TensorBoard writer
                 shutil.rmtree(self.run_dir / folder, ignore_errors=True)
         self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
-        if overridden:
-            self.log.info(f"resuming with options other than the run's: {overridden}")
         barrier(ctx)
         try:
             self.train_ds, self.val_ds = self._datasets()
@@ -324,12 +325,13 @@ class _Trainer:
         def detail(names):
             return ", ".join(f"{k}={now[k]!r} (the run has {saved[k]!r})" for k in names)
 
-        network, recipe = changed(STAGE1_NETWORK_OPTIONS), changed(RECIPE_OPTIONS)
+        in_stage2 = checkpoint_path(self.run_dir, 2, "last").is_file()  # stage 1 is done
+        network = changed(STAGE1_NETWORK_OPTIONS)
+        recipe = changed(RECIPE_OPTIONS + (() if in_stage2 else STAGE1_RECIPE_OPTIONS))
         if network:
             raise ValueError(f"cannot resume the run in {self.run_dir} with a different network: {detail(network)}. "
                              f"Leave these options out: --resume restores the run's own network")
         if recipe:
-            in_stage2 = checkpoint_path(self.run_dir, 2, "last").is_file()  # stage 1 is done
             new_run = "start a new run" + (f" (stage 2 alone, on this run's encoder: --stage 2 --stage1-checkpoint "
                                            f"{checkpoint_path(self.run_dir, 1, 'best')})" if in_stage2 else "")
             raise ValueError(f"cannot resume the run in {self.run_dir} with a different training recipe: "
@@ -379,6 +381,9 @@ class _Trainer:
                 raise ValueError(f"cannot resume stage {stage} in {self.run_dir} with {epochs} epochs: its cosine "
                                  f"schedule runs over the run's {planned}. Leave epochs and stage1_epochs "
                                  f"(--epochs, --stage1-epochs) out, or start a new run")
+            if self.overridden:
+                self.log.info(f"resuming with options other than the run's: {self.overridden}")
+                self.overridden = ""
         model = build_model(mcfg, encoder_weights=None if resume else cfg.encoder_weights)
         if cfg.encoder_weights and not resume and stage == 1:  # stage 2 says where its encoder came from
             self.log.info(f"stage 1: encoder weights loaded from {cfg.encoder_weights}")
