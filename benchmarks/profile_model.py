@@ -30,8 +30,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--mode", default="bf16", choices=[m for m in fps.MODES if not fps.MODES[m].graph],
-                   help="an fps.py mode (CUDA-graph modes replay as one opaque launch: use their eager form)")
+    p.add_argument("--mode", choices=[m for m in fps.MODES if not fps.MODES[m].graph],
+                   help="an fps.py mode (default bf16; CUDA-graph modes replay as one opaque launch: use their "
+                        "eager form); not with --train, whose step is the trainer's")
     p.add_argument("--backend", default="auto", choices=fps.BACKENDS)
     p.add_argument("--encoder", default="resnet50")
     p.add_argument("--decoder-channels", type=int, default=128)
@@ -76,6 +77,10 @@ def shape_table(prof, device, iters, top, per="inference"):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.train and args.mode:
+        raise SystemExit("--mode is for inferences: --train profiles the trainer's step (autocast on CUDA); "
+                         "leave --mode out")
+    args.mode = args.mode or "bf16"
     mode = fps.MODES[args.mode]
     if device.type == "cpu" and mode.dtype != "float32" and not args.train:
         raise SystemExit(f"--mode {args.mode}: reduced-precision modes are for CUDA; on CPU use eager, fold or fold-cl")

@@ -98,25 +98,37 @@ def test_compiled_training_matches_eager(synth, tmp_path, monkeypatch):
     graph) and gives eager's losses; validation and checkpoints use the eager module. The compiler
     here is AOTAutograd without inductor (inductor's C++ code generation takes minutes on 2 cores):
     it traces the same graphs, custom op and all, and runs them op by op."""
-    compiled, real_compile = [], torch.compile
+    compiled, graph_calls, real_compile = [], [], torch.compile
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting_backend(graph, example_inputs):
+        run = aot_eager(graph, example_inputs)
+
+        def counted(*args):
+            graph_calls.append(len(args))
+            return run(*args)
+        return counted
 
     def compile_traced(model, **kwargs):
         compiled.append(kwargs)
-        return real_compile(model, backend="aot_eager", **kwargs)
+        return real_compile(model, backend=counting_backend, **kwargs)
 
     monkeypatch.setattr(torch, "compile", compile_traced)
     torch._dynamo.reset()
-    options = {**TINY, "stage": "2", "epochs": 1}
-    eager = train(data_root=str(synth), out=str(tmp_path / "eager"), **options)
-    assert not compiled
-    result = train(data_root=str(synth), out=str(tmp_path / "compiled"), compile=True, **options)
+    try:
+        options = {**TINY, "stage": "2", "epochs": 1}
+        eager = train(data_root=str(synth), out=str(tmp_path / "eager"), **options)
+        assert not compiled and not graph_calls
+        result = train(data_root=str(synth), out=str(tmp_path / "compiled"), compile=True, **options)
+    finally:
+        torch._dynamo.reset()
     assert compiled == [{"dynamic": False}]
+    assert len(graph_calls) >= 2  # both training steps (8 pairs, batch 4) ran the compiled graph
     logs = [next(csv.DictReader(open(r.run_dir / "log.csv"))) for r in (eager, result)]
     for key in ("train_loss", "val_loss", "loss_fg", "loss_bg"):
         assert float(logs[1][key]) == pytest.approx(float(logs[0][key]), rel=1e-4), key
     state = load_checkpoint(result.best_checkpoint)["model"]
     assert not [k for k in state if k.startswith("_orig_mod")]  # the module's own names
-    torch._dynamo.reset()
 
 
 def _record_epochs(monkeypatch, probe):
@@ -290,7 +302,7 @@ def test_predict_that_fails_leaves_no_empty_folder(trained, tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(Exception, match="broken.png"):
         predict(trained.best_checkpoint, [bad], tmp_path / "new" / "out", workers=0)
-    assert not (tmp_path / "new" / "out").exists()
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
 
 
 def test_evaluation_files_of_names_with_dots(tmp_path):

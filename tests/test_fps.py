@@ -417,8 +417,8 @@ def test_profile_model_names_the_op_on_cpu(tmp_path):
 
 
 def test_profile_model_profiles_a_training_step_on_cpu(tmp_path):
-    """--train profiles fps.py's training step: backward and optimiser ops appear, the step
-    really trains (its parameters move), and the title says what was profiled."""
+    """--train profiles fps.py's training step: backward ops appear, and the title says what was
+    profiled; an inference --mode with it is an error, not silently ignored."""
     profile_model = load_benchmark("profile_model")
     text = profile_model.main(["--device", "cpu", "--train", "--batch", "2", "--encoder", "resnet18",
                                "--decoder-channels", "16", "--size", "32", "--iters", "1", "--top", "300",
@@ -426,6 +426,8 @@ def test_profile_model_profiles_a_training_step_on_cpu(tmp_path):
     assert "training step (float32, channels_last)" in text and "batch 2" in text
     assert "contrast_aggregate_backward" in text and "aten::convolution_backward" in text
     assert "ms per step" in text.split("layer ops by input shape")[1]
+    with pytest.raises(SystemExit, match="--mode is for inferences"):
+        profile_model.main(["--device", "cpu", "--train", "--mode", "fold"])
 
 
 def test_make_train_step_trains_the_chosen_backend():

@@ -136,7 +136,6 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     device = resolve_device(device)
     model, state = load_model(checkpoint, device)
     mcfg = state["model_config"]
-    classes = mcfg.get("classes", 1)
     if uncertainty and mcfg["arch"] != "condseg":
         raise ValueError(f"uncertainty maps come from the stage-2 network; {checkpoint} is a stage-1 checkpoint")
     files = list_inputs(inputs)
@@ -148,14 +147,16 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     stems = [_unique_stem(path, suffixes, used) for path in files]
     if not overwrite:
         _refuse_existing([out_dir / f"{stem}{suffix}" for stem in stems for suffix in suffixes], out_dir)
-    created = not out_dir.exists()
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _predict_files(model, state, files, stems, out_dir, overlay, probabilities, uncertainty, device,
                               batch_size, workers, threshold)
     except BaseException:
-        if created and not any(out_dir.iterdir()):  # a run that failed before its first mask leaves no folder
-            out_dir.rmdir()
+        for folder in created:  # a run that failed before its first mask leaves no folders behind
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
         raise
 
 
