@@ -381,9 +381,9 @@ class _Trainer:
                 raise ValueError(f"cannot resume stage {stage} in {self.run_dir} with {epochs} epochs: its cosine "
                                  f"schedule runs over the run's {planned}. Leave epochs and stage1_epochs "
                                  f"(--epochs, --stage1-epochs) out, or start a new run")
-            if self.overridden:
-                self.log.info(f"resuming with options other than the run's: {self.overridden}")
-                self.overridden = ""
+        if self.overridden:  # the first stage that trains says so
+            self.log.info(f"resuming with options other than the run's: {self.overridden}")
+            self.overridden = ""
         model = build_model(mcfg, encoder_weights=None if resume else cfg.encoder_weights)
         if cfg.encoder_weights and not resume and stage == 1:  # stage 2 says where its encoder came from
             self.log.info(f"stage 1: encoder weights loaded from {cfg.encoder_weights}")
