@@ -704,6 +704,11 @@ def test_multiclass_train_evaluate_predict(synth, tmp_path):
     assert len(summary["dice_per_class"]) == len(summary["iou_per_class"]) == 3
     assert summary["decision"] == "argmax" and "threshold" not in summary
     assert summary["mDSC"] == pytest.approx(np.mean(summary["dice_per_class"][1:]), abs=1e-6)
+    evaluate(result.best_checkpoint, root, split="val", out=tmp_path / "mc.json")
+    table = list(csv.DictReader(open(tmp_path / "mc.csv")))
+    assert list(table[0]) == ["id", "iou", "dice", "recall", "precision", "dice_0", "dice_1", "dice_2"]
+    for row in table:  # an image's Dice is the mean of its foreground classes' Dice
+        assert float(row["dice"]) == pytest.approx((float(row["dice_1"]) + float(row["dice_2"])) / 2, abs=2e-6)
     original = evaluate(result.best_checkpoint, root, split="val", original_size=True)
     assert original["dice_per_class"] == pytest.approx(summary["dice_per_class"], abs=1e-6)  # masks are 32x32
     records = predict(result.best_checkpoint, [root / "images" / f"{ids[0]}.png"], tmp_path / "p", overlay=True,

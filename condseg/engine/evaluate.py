@@ -40,7 +40,8 @@ def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, 
     Per image at ``threshold``: IoU, Dice, recall, precision, then the mean over images (mIoU, mDSC,
     recall, precision). With K > 1 classes the prediction is the argmax (no threshold), an image's
     score is the mean over the foreground classes 1..K-1, and the summary adds ``iou_per_class``
-    and ``dice_per_class`` (K values, background first: means over images). By default at the
+    and ``dice_per_class`` (K values, background first: means over images), and each per-image row
+    its ``dice_0`` .. ``dice_{K-1}``. By default at the
     training size (as in the paper); ``original_size=True`` upsamples the logits to each mask's own
     size. With ``out``, writes the summary (JSON) and the per-image table (CSV) to the two files of
     evaluation_files(out). Returns the summary dict, whose "per_image" entry lists the per-image
@@ -66,12 +67,16 @@ def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, 
             scores = {k: torch.cat(v) for k, v in scores.items()}
         else:
             scores = per_image_metrics(logits, _target(batch["mask"].to(device), classes), threshold)
+        dice = scores["dice"].cpu()
         if classes > 1:
             for k in per_class:
                 per_class[k].append(scores[k].cpu())
         scores = {k: _foreground_mean(v) for k, v in scores.items()}
         for j, index in enumerate(batch["index"].tolist()):
-            rows.append({"id": ds.samples[index].id, **{k: float(scores[k][j]) for k in METRICS}})
+            row = {"id": ds.samples[index].id, **{k: float(scores[k][j]) for k in METRICS}}
+            if classes > 1:  # the image's Dice of each class, background first
+                row.update({f"dice_{c}": float(dice[j, c]) for c in range(classes)})
+            rows.append(row)
     n = len(rows)
     summary = {SUMMARY[k]: sum(r[k] for r in rows) / n for k in METRICS}
     summary.update({"images": n, "checkpoint": str(checkpoint), "data_root": str(data_root), "split": split,
@@ -86,9 +91,9 @@ def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, 
         summary_file.parent.mkdir(parents=True, exist_ok=True)
         summary_file.write_text(json.dumps(summary, indent=2) + "\n")
         with open(table_file, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["id", *METRICS])
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
-            writer.writerows({**r, **{k: f"{r[k]:.6f}" for k in METRICS}} for r in rows)
+            writer.writerows({k: v if k == "id" else f"{v:.6f}" for k, v in r.items()} for r in rows)
     summary["per_image"] = rows
     return summary
 
