@@ -223,10 +223,11 @@ def main(argv=None):
     args = _commands(sys.argv[1:] if argv is None else argv)
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "data": _data_check,
                "demo": _demo}[args.command]
-    from .engine import CheckpointError, TrainingDiverged
+    from .engine import CheckpointError, CompileFailed, TrainingDiverged
     try:
         return handler(args) or 0
-    except (DatasetError, CheckpointError, TrainingDiverged, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, CheckpointError, TrainingDiverged, CompileFailed, FileExistsError, FileNotFoundError,
+            ValueError) as e:
         if os.environ.get("CONDSEG_DEBUG"):
             raise
         print(f"condseg {args.command}: error: {_message(e, args.command)}", file=sys.stderr)

@@ -144,6 +144,28 @@ def test_train_compile_flag_reaches_the_trainer(flags, expected, monkeypatch, ca
     assert seen[0].get("compile") is expected
 
 
+def test_a_compile_failure_is_a_message(tmp_path, monkeypatch, capsys):
+    """An inductor that cannot build (no compiler, say) stops --compile training with one line that
+    says how to go on, not a traceback; without --compile the same error would not be ours to
+    rename."""
+    import torch._dynamo.exc as dynamo_exc
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise dynamo_exc.TorchDynamoException("C++ compile error\nno compiler found")
+
+    def broken_compile(model, **kwargs):
+        return Broken()
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    root = make_synthetic_dataset(tmp_path / "d", train=8, val=2, size=32)
+    assert main(["train", str(root), "--out", str(tmp_path / "r"), "--stage", "1", "--stage1-epochs", "1",
+                 "--compile", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "torch.compile failed (TorchDynamoException: C++ compile error); train without --compile" in err
+    assert "Traceback" not in err
+
+
 def test_python_dash_m_runs_the_command():
     done = subprocess.run([sys.executable, "-m", "condseg", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "usage: condseg" in done.stdout

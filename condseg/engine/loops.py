@@ -15,6 +15,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class CompileFailed(RuntimeError):
+    """torch.compile (``compile=True``) could not compile the training step: no C++ compiler or
+    Triton for inductor, an unsupported torch, ...; training without it works."""
+
+
 def _targets(masks, classes):
     """(binary float target for the foreground, the stage-2 mask target)."""
     if classes > 1:

@@ -22,7 +22,7 @@ from ..models.encoders import read_weights_file
 from .builders import build_model, make_optimizer, make_scheduler, model_config
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .loops import TrainingDiverged, memory_format, train_epoch, validate
+from .loops import CompileFailed, TrainingDiverged, memory_format, train_epoch, validate
 from .runlog import RunLog
 from .runtime import (amp_dtype, barrier, broadcast, close_distributed, denormals_flushed, gather,
                       init_distributed, resolve_device, rng_state, seed_everything, set_deterministic,
@@ -433,6 +433,12 @@ class _Trainer:
                                     label=label)
             except TrainingDiverged as e:
                 raise self._diverged(e, last, epoch) from None
+            except Exception as e:
+                if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise CompileFailed(f"{label}: torch.compile failed ({type(e).__name__}: {first}); "
+                                        f"train without --compile (compile=False)") from e
+                raise
             val = validate(model, val_loader, cfg, device, self.amp) if ctx.is_main else None
             val = broadcast(ctx, val)
             broken = [k for k, v in val.items() if not math.isfinite(v)]
