@@ -84,6 +84,9 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "lost_id" in err and str(root / "images") in err and "Pass --skip-missing to leave" in err
     assert "=True" not in err  # the Python form is not a flag the command line takes
     assert not (tmp_path / "r").exists()  # no empty run folder left behind
+    assert main(["train", str(root), "--out", str(tmp_path / "runs" / "r"), "--epochs", "1", *TINY]) == 1
+    assert not (tmp_path / "runs").exists()  # nor the parent it made for it
+    capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "nope.pt"), str(root)]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
     # a wrong encoder name stops before any data is read or any run folder made

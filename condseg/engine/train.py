@@ -135,7 +135,8 @@ class _Trainer:
             read_weights_file(cfg.encoder_weights)
         if cfg.stage1_checkpoint and not cfg.resume and Path(cfg.stage1_checkpoint).is_file():  # likewise
             self._stage1_source(cfg.stage1_checkpoint)
-        new_folder = not self.run_dir.exists()
+        # the run folder and any parents this run makes (runs/ of runs/kvasir), deepest first
+        new_folders = [f for f in (self.run_dir, *self.run_dir.parents) if not f.exists()]
         if cfg.overwrite and ctx.is_main:  # everything a run writes (a new run may write less)
             for p in self.run_dir.glob("stage*_*.pt"):
                 p.unlink()
@@ -149,8 +150,12 @@ class _Trainer:
             self.train_ds, self.val_ds = self._datasets()
         except Exception:
             self.log.close()
-            if new_folder and ctx.is_main:  # bad data leaves no empty run folder behind
+            if new_folders and ctx.is_main:  # bad data leaves no empty run folder behind
                 shutil.rmtree(self.run_dir, ignore_errors=True)
+                for folder in new_folders[1:]:
+                    if not folder.is_dir() or any(folder.iterdir()):
+                        break
+                    folder.rmdir()
             raise
 
     # -- data ---------------------------------------------------------------------------------
