@@ -710,6 +710,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
                    help="torch.compile's mode for the compile rows; max-autotune-no-cudagraphs times "
                         "convolution and matmul kernels while compiling (minutes on a GPU)")
+    p.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a torch._inductor.config option for the compiled rows (repeatable), e.g. "
+                        "conv_1x1_as_mm=True or coordinate_descent_tuning=True; recorded in every row")
     p.add_argument("--throughput-batch", type=int, default=None,
                    help="batch of the throughput rows (default 16 on CUDA, 0 = none on CPU); halved on OOM")
     p.add_argument("--throughput-modes", help="comma-separated modes of the throughput rows")
@@ -764,6 +767,32 @@ def _split(text):
     return names
 
 
+def set_inductor_options(settings):
+    """Applies ``["name=value", ...]`` to torch._inductor.config (values read as Python literals,
+    else kept as strings) and returns them as a dict; an unknown name is an error that says so."""
+    if not settings:
+        return {}
+    import ast
+
+    import torch._inductor.config as inductor_config
+    options = {}
+    for setting in settings:
+        name, sep, text = setting.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise SystemExit(f"--inductor {setting!r}: expected NAME=VALUE, e.g. conv_1x1_as_mm=True")
+        if not hasattr(inductor_config, name):
+            raise SystemExit(f"--inductor {setting!r}: torch._inductor.config has no option {name!r} "
+                             f"(torch {torch.__version__})")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        setattr(inductor_config, name, value)
+        options[name] = value
+    return options
+
+
 def _flags():
     flags = {}
     with warnings.catch_warnings():
@@ -813,8 +842,11 @@ def main(argv=None):
                 setattr(dynamo_config, limit, max(64, getattr(dynamo_config, limit)))
         import torch._inductor.config as inductor_config
         inductor_config.freezing = True  # constant weights: folded casts, prepacked for oneDNN on CPU
+    inductor_options = set_inductor_options(args.inductor)
 
     header = row_header(BENCH, device, "benchmarks/fps.py", argv)
+    if inductor_options:
+        header["inductor_options"] = inductor_options
     header.update(_flags() if kind == "cuda" else {"threads": torch.get_num_threads()})
     info = condseg_ops.build_info() or {}
     header["ops_compiled"] = ",".join(info.get("backends", [])) or "none"

@@ -342,6 +342,22 @@ def test_compile_mode_reaches_torch_compile_and_the_rows(monkeypatch):
     assert [r["compile_mode"] for r in rows if r["mode"] == "compile"] == ["default"]
 
 
+def test_inductor_options_are_set_and_recorded(monkeypatch):
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(fps.torch, "compile", lambda model, **kwargs: model)
+    monkeypatch.setattr(inductor_config, "conv_1x1_as_mm", False)
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    rows, _ = fps.main(["--device", "cpu", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "32",
+                        "--threads", "1", "--warmup", "0", "--iters", "1", "--throughput-batch", "0",
+                        "--modes", "compile", "--inductor", "conv_1x1_as_mm=True",
+                        "--inductor", "coordinate_descent_tuning = True"])
+    assert inductor_config.conv_1x1_as_mm is True and inductor_config.coordinate_descent_tuning is True
+    assert all(r["inductor_options"] == {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True} for r in rows)
+    for bad, message in (("no_such_option=1", "has no option 'no_such_option'"), ("conv_1x1_as_mm", "NAME=VALUE")):
+        with pytest.raises(SystemExit, match=message):
+            fps.main(["--device", "cpu", "--modes", "compile", "--inductor", bad])
+
+
 def test_train_compile_mode_compiles_both_backends_and_times_the_compile_apart(monkeypatch):
     calls = []
 
