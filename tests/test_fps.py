@@ -345,13 +345,15 @@ def test_compile_mode_reaches_torch_compile_and_the_rows(monkeypatch):
 def test_inductor_options_are_set_and_recorded(monkeypatch):
     import torch._inductor.config as inductor_config
     monkeypatch.setattr(fps.torch, "compile", lambda model, **kwargs: model)
-    monkeypatch.setattr(inductor_config, "conv_1x1_as_mm", False)
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
-    rows, _ = fps.main(["--device", "cpu", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "32",
-                        "--threads", "1", "--warmup", "0", "--iters", "1", "--throughput-batch", "0",
-                        "--modes", "compile", "--inductor", "conv_1x1_as_mm=True",
-                        "--inductor", "coordinate_descent_tuning = True"])
-    assert inductor_config.conv_1x1_as_mm is True and inductor_config.coordinate_descent_tuning is True
+    # the config module's own patch restores the options (pytest's monkeypatch would delete them:
+    # a deleted inductor option stays hidden, and every later compile in the process fails)
+    with inductor_config.patch(conv_1x1_as_mm=False, coordinate_descent_tuning=False):
+        rows, _ = fps.main(["--device", "cpu", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "32",
+                            "--threads", "1", "--warmup", "0", "--iters", "1", "--throughput-batch", "0",
+                            "--modes", "compile", "--inductor", "conv_1x1_as_mm=True",
+                            "--inductor", "coordinate_descent_tuning = True"])
+        assert inductor_config.conv_1x1_as_mm is True and inductor_config.coordinate_descent_tuning is True
+    assert inductor_config.conv_1x1_as_mm is False and inductor_config.coordinate_descent_tuning is False
     assert all(r["inductor_options"] == {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True} for r in rows)
     for bad, message in (("no_such_option=1", "has no option 'no_such_option'"), ("conv_1x1_as_mm", "NAME=VALUE")):
         with pytest.raises(SystemExit, match=message):
