@@ -297,12 +297,34 @@ def test_predict_never_replaces_files_it_did_not_ask_to(trained, synth, tmp_path
     assert all(Image.open(masks / f"{i}.png").size == (32, 32) for i in ids)
 
 
-def test_predict_that_fails_leaves_no_empty_folder(trained, tmp_path):
-    bad = tmp_path / "broken.png"
+def test_predict_that_fails_takes_back_what_it_wrote(trained, synth, tmp_path):
+    """A corrupt image after a batch of good ones once left their masks behind, and the rerun was
+    refused for them; the folders it made go too, files that were there stay."""
+    bad = tmp_path / "zzz_broken.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(Exception, match="broken.png"):
-        predict(trained.best_checkpoint, [bad], tmp_path / "new" / "out", workers=0)
+    good = sorted((synth / "images").iterdir())[:3]
+    with pytest.raises(Exception, match="zzz_broken.png"):
+        predict(trained.best_checkpoint, [*good, bad], tmp_path / "new" / "out", workers=0, batch_size=2)
     assert not (tmp_path / "new").exists() and tmp_path.is_dir()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("mine")
+    with pytest.raises(Exception, match="zzz_broken.png"):
+        predict(trained.best_checkpoint, [*good, bad], kept, workers=0, batch_size=2)
+    assert sorted(p.name for p in kept.iterdir()) == ["mine.txt"]
+    assert len(predict(trained.best_checkpoint, good, kept, workers=0)) == 3  # no --overwrite needed
+
+
+def test_predict_never_writes_through_a_link(trained, synth, tmp_path):
+    image = sorted((synth / "images").iterdir())[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "elsewhere" / "target.png"
+    (out / f"{image.stem}.png").symlink_to(target)  # dangling
+    with pytest.raises(ValueError, match="1 output file"):
+        predict(trained.best_checkpoint, [image], out, workers=0)
+    predict(trained.best_checkpoint, [image], out, workers=0, overwrite=True)
+    assert not (out / f"{image.stem}.png").is_symlink() and not target.exists()
 
 
 def test_evaluation_files_of_names_with_dots(tmp_path):

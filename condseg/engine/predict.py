@@ -95,10 +95,14 @@ def _refuse_input_folders(files, out_dir):
                          f"--out folder")
 
 
+def _taken(path):
+    return path.exists() or path.is_symlink()  # a dangling link too: writing would follow it
+
+
 def _refuse_existing(paths, out_dir):
     """Files already in the output folder are never replaced unless asked (``overwrite``): they may be
     the user's ground-truth masks or images, which a mask of the same name would destroy."""
-    existing = [path for path in paths if path.exists()]
+    existing = [path for path in paths if _taken(path)]
     if existing:
         shown = ", ".join(path.name for path in existing[:3]) + (f" and {len(existing) - 3} more"
                                                                  if len(existing) > 3 else "")
@@ -145,15 +149,24 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     _refuse_input_folders(files, out_dir)
     used = set()
     stems = [_unique_stem(path, suffixes, used) for path in files]
+    outputs = [out_dir / f"{stem}{suffix}" for stem in stems for suffix in suffixes]
     if not overwrite:
-        _refuse_existing([out_dir / f"{stem}{suffix}" for stem in stems for suffix in suffixes], out_dir)
+        _refuse_existing(outputs, out_dir)
+    for path in outputs:  # replaced, not written through: a link may point outside out_dir
+        if path.is_symlink():
+            path.unlink()
+    new_files = [path for path in outputs if not path.exists()]
     created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _predict_files(model, state, files, stems, out_dir, overlay, probabilities, uncertainty, device,
                               batch_size, workers, threshold)
     except BaseException:
-        for folder in created:  # a run that failed before its first mask leaves no folders behind
+        # a run that fails (a corrupt image halfway, Ctrl-C) takes back what it wrote, so that running it
+        # again needs no --overwrite; files it replaced (overwrite=True) stay replaced
+        for path in new_files:
+            path.unlink(missing_ok=True)
+        for folder in created:
             if any(folder.iterdir()):
                 break
             folder.rmdir()
