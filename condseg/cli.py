@@ -204,8 +204,8 @@ def _message(error, command):
     """What to print for ``error``. An error raised in a DataLoader worker comes back with the
     worker's whole traceback as its message: print the original error's own line instead. A
     message naming an option in both forms ("x=1 (CLI: --x)") keeps the flag. Training errors name
-    the flags of the fields they name (image_size -> --image-size; only
-    names with an underscore, which plain words cannot be)."""
+    the flags of the fields they name (image_size -> --image-size; a name without an underscore
+    only as "lr=...", since plain words could be anything else), except inside paths."""
     text = str(error)
     if "Original Traceback" in text:
         last = text.strip().splitlines()[-1]  # "package.module.ErrorClass: the original message"
@@ -213,9 +213,13 @@ def _message(error, command):
     # "skip_missing=True (CLI: --skip-missing)" names both forms: the command line needs the flag
     text = re.sub(r"\b\w+=\S+ \(CLI: (--[\w-]+)\)", r"\1", text)
     if command == "train":
+        # not inside a path or a longer name (data/image_size/val.txt stays as it is)
+        edge_before, edge_after = r"(?<![\w/\\.-])", r"(?![\w/\\-]|\.\w)"
         for field, flag in TRAIN_FLAGS.items():
             if "_" in field:
-                text = re.sub(rf"(?<![\w-]){field}(?!\w)", flag, text)
+                text = re.sub(rf"{edge_before}{field}{edge_after}", flag, text)
+            else:  # a plain word is a field only as "name=value" (resume refusals: lr=0.001)
+                text = re.sub(rf"{edge_before}{field}(?==)", flag, text)
     return text
 
 

@@ -72,6 +72,9 @@ def test_train_evaluate_predict_round_trip(tmp_path, capsys):
     assert main(["train", str(root), "--out", str(run), "--resume", "--decoder-channels", "64"]) == 1
     err = capsys.readouterr().err
     assert "--decoder-channels=64 (the run has 16)" in err and "--resume restores" in err
+    assert main(["train", str(root), "--out", str(run), "--resume", "--lr", "0.5", "--seed", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "--lr=0.5 (the run has 0.0001)" in err and "--seed=3 (the run has 0)" in err
     assert main(["train", str(root), "--out", str(run), *TINY]) == 1
     assert "--resume" in capsys.readouterr().err
 
@@ -100,6 +103,12 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "--image-size must be a multiple of 16" in err and "image_size" not in err
     assert main(["train", str(root), "--out", str(tmp_path / "r3"), "--batch-size", "0"]) == 1
     assert "--batch-size must be at least 1" in capsys.readouterr().err
+    # ... but not inside paths: a dataset folder named like a field keeps its name
+    named = tmp_path / "image_size"
+    named.mkdir()
+    assert main(["train", str(named), "--out", str(tmp_path / "r4")]) == 1
+    err = capsys.readouterr().err
+    assert str(named) in err and "--image-size" not in err
 
 
 @pytest.mark.parametrize("argv, usage", [
@@ -165,8 +174,10 @@ def test_a_compile_failure_is_a_message(tmp_path, monkeypatch, capsys):
     assert main(["train", str(root), "--out", str(tmp_path / "r"), "--stage", "1", "--stage1-epochs", "1",
                  "--compile", *TINY]) == 1
     err = capsys.readouterr().err
-    assert "torch.compile failed (TorchDynamoException: C++ compile error); train without --compile" in err
-    assert "Traceback" not in err
+    assert "torch.compile failed (TorchDynamoException: C++ compile error); train without it: --no-compile" in err
+    assert "Traceback" not in err and "compile=False" not in err
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "torch.compile compiles the training step" in log and "compile=False (CLI: --no-compile)" in log
 
 
 def test_python_dash_m_runs_the_command():

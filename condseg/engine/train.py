@@ -418,6 +418,8 @@ class _Trainer:
             wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.compile:  # the training step only: validation (eval-mode BatchNorm) runs the eager model
             wrapped = torch.compile(wrapped, dynamic=False)
+            self.log.info(f"stage {stage}: torch.compile compiles the training step at its first batch "
+                          f"(minutes; then the epochs run compiled)")
         train_loader, sampler, val_loader = self._loaders()
         last = checkpoint_path(self.run_dir, stage, "last")
         best_path = checkpoint_path(self.run_dir, stage, "best")
@@ -441,8 +443,10 @@ class _Trainer:
             except Exception as e:
                 if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
                     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    raise CompileFailed(f"{label}: torch.compile failed ({type(e).__name__}: {first}); "
-                                        f"train without --compile (compile=False)") from e
+                    msg = (f"{label}: torch.compile failed ({type(e).__name__}: {first}); train without it: "
+                           f"compile=False (CLI: --no-compile)")
+                    self.log.info(msg, console=False)  # the error raised says it on the console
+                    raise CompileFailed(msg) from e
                 raise
             val = validate(model, val_loader, cfg, device, self.amp) if ctx.is_main else None
             val = broadcast(ctx, val)
