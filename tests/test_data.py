@@ -1,4 +1,6 @@
 """Datasets, layouts, bad-data errors, check_dataset, augmentation and synthetic data."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -10,11 +12,11 @@ from condseg.data import (DatasetError, MissingFilesError, SegmentationDataset, 
 KVASIR_MISSING = ["cju1gkndf6yi10801o1qnje19", "cju2hqt33lmra0988fr5ijv8j"]
 
 
-def _write_pair(root, sid, size=(24, 20), image_ext="png", mask_name=None, mask_value=255):
+def _write_pair(root, sid, size=(24, 20), image_ext="png", mask_name=None, mask_value=255, seed=None):
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     w, h = size
-    rng = np.random.default_rng(abs(hash(sid)) % 2**32)
+    rng = np.random.default_rng(abs(hash(sid)) % 2**32 if seed is None else seed)
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{sid}.{image_ext}")
     mask = np.zeros((h, w), np.uint8)
     mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = mask_value
@@ -254,8 +256,8 @@ def test_isic_layout(tmp_path, data, truth):
 def test_glas_layout(tmp_path):
     root = tmp_path / "glas"
     root.mkdir()
-    for sid in ("train_1", "train_2", "testA_1", "testB_1"):
-        Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(root / f"{sid}.bmp")
+    for i, sid in enumerate(("train_1", "train_2", "testA_1", "testB_1")):
+        Image.fromarray(np.full((6, 7, 3), i, np.uint8)).save(root / f"{sid}.bmp")  # four distinct images
         Image.fromarray(np.array([[0, 1, 2, 3, 0, 0, 0]] * 6, np.uint8)).save(root / f"{sid}_anno.bmp")
     assert [s.id for s in find_samples(root, "train")[0]] == ["train_1", "train_2"]
     samples, layout = find_samples(root, "test")
@@ -324,17 +326,24 @@ def test_check_dataset_reports_pairs_two_splits_share(folder, tmp_path):
     (folder / "val.txt").write_text("a3\na1\na0\n")
     report = check_dataset(folder)
     assert [p.path for p in report.problems] == [str(folder / "val.txt")], str(report)
-    assert "splits 'train' and 'val' share 2 pair(s): a0, a1" in str(report)
+    assert "splits 'train' and 'val' share 2 image(s) (the same file or an identical copy): a0, a1" in str(report)
     # A test split equal to val (no separate validation set) is worth a warning, not a failure.
     (folder / "val.txt").write_text("a3\n")
     (folder / "test.txt").write_text("a3\n")
     report = check_dataset(folder)
     assert report.ok and [w.path for w in report.warnings] == [str(folder / "test.txt")], str(report)
-    assert "splits 'val' and 'test' share 1 pair(s): a3" in str(report)
+    assert "splits 'val' and 'test' share 1 image(s)" in str(report)
+    # split sub-folders: the same id may name another image (fine); a byte-identical copy is a leak
     root = tmp_path / "sub"
-    _write_pair(root / "train", "x0")
-    _write_pair(root / "val", "x0")  # the same id, another file
+    _write_pair(root / "train", "x0", seed=1)
+    _write_pair(root / "val", "x0", seed=2)
     assert check_dataset(root).ok
+    _write_pair(root / "train", "x1", seed=3)
+    shutil.copy(root / "train" / "images" / "x1.png", root / "val" / "images" / "copy_of_x1.png")
+    shutil.copy(root / "train" / "masks" / "x1.png", root / "val" / "masks" / "copy_of_x1.png")
+    report = check_dataset(root)
+    assert [p.path for p in report.problems] == [str(root / "val" / "images")], str(report)
+    assert "share 1 image(s) (the same file or an identical copy): copy_of_x1" in str(report)
 
 
 def test_check_dataset_reads_split_sub_folders(tmp_path):

@@ -1,4 +1,5 @@
 """check_dataset: every problem of a dataset folder, reported at once (``condseg data check``)."""
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,28 +127,41 @@ def check_dataset(root, classes=1, workers=4):
                 report.splits[split] = 0
         except DatasetError as e:
             report.problems.append(Problem(e.path or str(layout.split_file or layout.image_dir), str(e)))
-    _report_shared_pairs(report, by_split, layouts)
+    _report_shared_pairs(report, by_split, layouts, workers)
     return report
 
 
-def _report_shared_pairs(report, by_split, layouts):
-    """Training pairs in val or test are a problem (scores on them overstate the model); val and
-    test sharing pairs only a warning (a dataset may validate on its test set on purpose), and
-    not even that where both are one layout (GlaS: testA_/testB_ serve as both)."""
+def _content(path):
+    """A digest of the file's bytes (the path itself when it cannot be read: reported elsewhere)."""
+    try:
+        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return str(path)
+
+
+def _report_shared_pairs(report, by_split, layouts, workers):
+    """Training images in val or test, the same file or a byte-identical copy, are a problem
+    (scores on them overstate the model); val and test sharing images only a warning (a dataset
+    may validate on its test set on purpose), and not even that where both are one layout (GlaS:
+    testA_/testB_ serve as both)."""
+    images = sorted({s.image for samples in by_split.values() for s in samples})
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = dict(zip(images, pool.map(_content, images)))
+    same = lambda sample: digests[sample.image]  # noqa: E731
     if "train" in by_split:
         for other in ("val", "test"):
-            shared = shared_images(by_split["train"], by_split.get(other, []))
+            shared = shared_images(by_split["train"], by_split.get(other, []), same)
             if shared:
                 layout = layouts[other]
                 report.problems.append(Problem(
                     str(layout.split_file or layout.image_dir),
-                    f"splits 'train' and {other!r} share {len(shared)} pair(s): {format_ids(shared)}; "
-                    f"scores on pairs the model trained on overstate it"))
+                    f"splits 'train' and {other!r} share {len(shared)} image(s) (the same file or an identical "
+                    f"copy): {format_ids(shared)}; scores on images the model trained on overstate it"))
     if "val" in by_split and "test" in by_split and layouts["val"] != layouts["test"]:
-        shared = shared_images(by_split["val"], by_split["test"])
+        shared = shared_images(by_split["val"], by_split["test"], same)
         if shared:
             layout = layouts["test"]
             report.warnings.append(Problem(
                 str(layout.split_file or layout.image_dir),
-                f"splits 'val' and 'test' share {len(shared)} pair(s): {format_ids(shared)}; the best "
-                f"checkpoint, chosen on val, has seen them"))
+                f"splits 'val' and 'test' share {len(shared)} image(s) (the same file or an identical copy): "
+                f"{format_ids(shared)}; the best checkpoint, chosen on val, has seen them"))

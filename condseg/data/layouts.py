@@ -185,11 +185,13 @@ def format_ids(ids, limit=20):
     return shown + (f" (and {len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-def shared_images(samples_a, samples_b):
-    """Ids of the samples of ``samples_b`` whose image file is one of ``samples_a``'s (sorted): pairs
-    that two splits share, so that validating on them measures what was trained on."""
-    files = {Path(s.image).resolve() for s in samples_a}
-    return sorted(s.id for s in samples_b if Path(s.image).resolve() in files)
+def shared_images(samples_a, samples_b, key=None):
+    """Ids of the samples of ``samples_b`` whose image is one of ``samples_a``'s (sorted): pairs that
+    two splits share, so that validating on them measures what was trained on. Images are the same
+    when ``key(sample)`` is (default: the resolved image path; data check also compares contents)."""
+    key = key or (lambda sample: Path(sample.image).resolve())
+    seen = {key(s) for s in samples_a}
+    return sorted(s.id for s in samples_b if key(s) in seen)
 
 
 def find_samples(root, split=None, skip_missing=False, warn=None, duplicates=None):
