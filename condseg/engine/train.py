@@ -373,6 +373,14 @@ class _Trainer:
         self.log.info(msg, console=False)  # the error raised says it on the console
         return TrainingDiverged(msg)
 
+    def _compile_failed(self, error, label):
+        """The CompileFailed to raise (and log) when torch.compile cannot build the training step."""
+        text = str(error).strip()
+        msg = (f"{label}: torch.compile failed ({type(error).__name__}: {text.splitlines()[0] if text else ''}); "
+               f"train without it: compile=False (CLI: --no-compile)")
+        self.log.info(msg, console=False)  # the error raised says it on the console
+        return CompileFailed(msg)
+
     def _run_stage(self, stage, resume, history):
         cfg, ctx, device = self.cfg, self.ctx, self.device
         epochs = cfg.stage1_epoch_count if stage == 1 else cfg.epochs
@@ -442,11 +450,7 @@ class _Trainer:
                 raise self._diverged(e, last, epoch) from None
             except Exception as e:
                 if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    msg = (f"{label}: torch.compile failed ({type(e).__name__}: {first}); train without it: "
-                           f"compile=False (CLI: --no-compile)")
-                    self.log.info(msg, console=False)  # the error raised says it on the console
-                    raise CompileFailed(msg) from e
+                    raise self._compile_failed(e, label) from e
                 raise
             val = validate(model, val_loader, cfg, device, self.amp) if ctx.is_main else None
             val = broadcast(ctx, val)
