@@ -578,6 +578,10 @@ def summary(rows, device_type):
             lines.append(f"training step batch {batch}, {mode} ({pair['auto']['dtype']}): automatic "
                          f"{pair['auto']['images_per_s']:.1f} / reference {pair['reference']['images_per_s']:.1f} "
                          f"img/s = {_ratio(pair):.2f}x")
+            if "launch_ms" in pair["auto"]:
+                a = pair["auto"]
+                lines.append(f"training step {mode} automatic: host {a['launch_ms']:.1f} ms to queue a step of "
+                             f"{a['median_ms']:.1f} ms (close = bound by launches)")
             if _ratio(pair) > result.get("train_ratio", 0):
                 result["train_ratio"], result["train_mode"] = _ratio(pair), mode
     if device_type == "cuda" and eager and "launch_ms" in eager["auto"]:
@@ -588,11 +592,6 @@ def summary(rows, device_type):
         if graph:  # the same float32 network without launch costs: what eager could reach at best
             lines.append(f"float32 without launch costs (graph: fold-cl replayed as one CUDA graph): automatic / "
                          f"reference = {_ratio(graph):.2f}x; launch-bound float32 eager stays below this")
-    for (kind, mode, batch), pair in both.items():
-        a = pair["auto"]
-        if kind == "train" and "launch_ms" in a:
-            lines.append(f"training step {mode} automatic: host {a['launch_ms']:.1f} ms to queue a step of "
-                         f"{a['median_ms']:.1f} ms (close = bound by launches)")
     suspect = [f"{r['kind']} {r['mode']} {r['backend']} (rel diff {r.get('max_rel_diff', float('nan')):.3g} vs "
                f"float32 eager, {r.get('auto_vs_reference_rel_diff', float('nan')):.3g} vs the other backend)"
                for r in rows if r.get("suspect")]

@@ -47,18 +47,20 @@ class DatasetReport:
 
 
 def _check_pair(sample, binarize, classes):
-    """(problem, warning) of one pair, each None when there is nothing to say."""
+    """(problem, warning, digest of the image file) of one pair; problem and warning are None when
+    there is nothing to say."""
+    digest = _content(sample.image)
     try:
         _, mask = load_pair(sample, 3, classes, binarize)
     except DatasetError as e:
-        return Problem(e.path or str(sample.image), str(e)), None
+        return Problem(e.path or str(sample.image), str(e)), None, digest
     if classes == 1 and binarize == "half" and not mask.any():
         values, top = raw_mask(sample.mask)
         if values.max() > 0:  # a mask stored at another scale (0/255 in 16 bits, say) reads as empty
             return None, Problem(str(sample.mask), f"binarises to all background: its largest value is "
                                                    f"{values.max()}, under the threshold {half_range(top)} (half "
-                                                   f"the file's range); rescale it if it marks foreground")
-    return None, None
+                                                   f"the file's range); rescale it if it marks foreground"), digest
+    return None, None, digest
 
 
 def check_dataset(root, classes=1, workers=4):
@@ -85,7 +87,7 @@ def check_dataset(root, classes=1, workers=4):
         return report
     report.layout = next(iter(layouts.values())).name
     # every file in every folder, whichever split names it
-    seen = {}
+    seen, digests = {}, {}  # digests: image file -> digest of its bytes (identical copies compare equal)
     for layout in layouts.values():
         key = (layout.image_dir, layout.mask_dir)
         if key in seen:
@@ -100,9 +102,11 @@ def check_dataset(root, classes=1, workers=4):
             report.problems.append(Problem(str(masks[i]), f"mask has no image in {layout.image_dir}"))
         binarize = layout.binarize
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for problem, warning in pool.map(lambda s: _check_pair(s, binarize, classes), seen[key]):
+            checks = pool.map(lambda s: _check_pair(s, binarize, classes), seen[key])
+            for sample, (problem, warning, digest) in zip(seen[key], checks):
                 report.problems += [problem] if problem else []
                 report.warnings += [warning] if warning else []
+                digests[sample.image] = digest
     report.pairs = sum(len(v) for v in seen.values())
     if not report.pairs and seen:
         report.problems.append(Problem(str(root), "no image/mask pairs found"))
@@ -127,7 +131,7 @@ def check_dataset(root, classes=1, workers=4):
                 report.splits[split] = 0
         except DatasetError as e:
             report.problems.append(Problem(e.path or str(layout.split_file or layout.image_dir), str(e)))
-    _report_shared_pairs(report, by_split, layouts, workers)
+    _report_shared_pairs(report, by_split, layouts, digests)
     return report
 
 
@@ -139,15 +143,12 @@ def _content(path):
         return str(path)
 
 
-def _report_shared_pairs(report, by_split, layouts, workers):
+def _report_shared_pairs(report, by_split, layouts, digests):
     """Training images in val or test, the same file or a byte-identical copy, are a problem
     (scores on them overstate the model); val and test sharing images only a warning (a dataset
     may validate on its test set on purpose), and not even that where both are one layout (GlaS:
     testA_/testB_ serve as both)."""
-    images = sorted({s.image for samples in by_split.values() for s in samples})
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = dict(zip(images, pool.map(_content, images)))
-    same = lambda sample: digests[sample.image]  # noqa: E731
+    same = lambda sample: digests.get(sample.image) or _content(sample.image)  # noqa: E731
     if "train" in by_split:
         for other in ("val", "test"):
             shared = shared_images(by_split["train"], by_split.get(other, []), same)

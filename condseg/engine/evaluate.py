@@ -67,7 +67,6 @@ def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, 
             scores = {k: torch.cat(v) for k, v in scores.items()}
         else:
             scores = per_image_metrics(logits, _target(batch["mask"].to(device), classes), threshold)
-        dice = scores["dice"].cpu()
         if classes > 1:
             for k in per_class:
                 per_class[k].append(scores[k].cpu())
@@ -75,7 +74,7 @@ def evaluate(checkpoint, data_root, split="val", out=None, original_size=False, 
         for j, index in enumerate(batch["index"].tolist()):
             row = {"id": ds.samples[index].id, **{k: float(scores[k][j]) for k in METRICS}}
             if classes > 1:  # the image's Dice of each class, background first
-                row.update({f"dice_{c}": float(dice[j, c]) for c in range(classes)})
+                row.update({f"dice_{c}": float(v) for c, v in enumerate(per_class["dice"][-1][j])})
             rows.append(row)
     n = len(rows)
     summary = {SUMMARY[k]: sum(r[k] for r in rows) / n for k in METRICS}
