@@ -7,7 +7,9 @@
 # Environment: OUT (default ./gpu_out), GPU_CHECK_BUDGET_S (default 450: stages are cut short so
 # the whole run fits), FPS_ARGS (extra arguments for benchmarks/fps.py), FPS_LIMIT_S (default 90:
 # the fps stage's limit, less where the deadline is nearer; fps.py's --budget is 20 s less),
-# SKIP_BUILD=1 (the package is installed already: the build stage only checks it).
+# SKIP_BUILD=1 (the package is installed already: the build stage only checks it), GPU_CHECK_TESTS
+# (default "cuda triton": which of tests/test_cuda.py and tests/test_triton.py run; "cuda" alone
+# saves the Triton tests' two minutes when only the CUDA kernels changed).
 # Output: $OUT/summary.txt (the op and fps tables and the stages: the console's tail may be all a
 # caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl, profile_bf16.txt and
 # profile_train.txt (when benchmarks/fps.py exists), and logs.tar.gz with build.log, op_bench.log, fps.log and
@@ -89,8 +91,11 @@ pytest_stage() {
 }
 export -f pytest_stage
 : >"$OUT/tests.log"
-run_stage cuda-tests 220 190 bash -c "pytest_stage tests/test_cuda.py"
-if [[ -f tests/test_triton.py ]]; then
+TESTS=" ${GPU_CHECK_TESTS:-cuda triton} "
+if [[ $TESTS == *" cuda "* ]]; then
+  run_stage cuda-tests 220 190 bash -c "pytest_stage tests/test_cuda.py"
+fi
+if [[ $TESTS == *" triton "* && -f tests/test_triton.py ]]; then
   run_stage triton-tests 200 130 bash -c "pytest_stage tests/test_triton.py"
 fi
 

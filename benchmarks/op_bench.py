@@ -2,7 +2,9 @@
 """Op-level benchmark of condseg_ops.contrast_aggregate against the unfold/fold reference.
 
 Per row (shape x dtype x pass x backend): median time, speedup over the reference measured in the
-same run, achieved GB/s against the minimum bytes the pass must move (inputs read once, outputs
+same run (on CUDA, of calls issued back to back, one event between calls: the GPU time of a call
+while the host queues the next, as torch.utils.benchmark and Triton's do_bench time kernels; a call
+timed alone after a synchronisation would also count the host's ~0.05 ms launch latency), achieved GB/s against the minimum bytes the pass must move (inputs read once, outputs
 written once) and that rate as a share of a device-to-device copy measured in the same run, and the
 peak memory of the pass (allocated during the pass, on top of its inputs) next to the reference's.
 
@@ -180,7 +182,8 @@ def measure(fn, inputs, grad, pass_name, device, warmup, iters):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = [once().ms() for _ in range(iters)]
+    timers = [once() for _ in range(iters)]  # back to back: no synchronisation between calls
+    times = [t.ms() for t in timers]
     if device == "cuda":
         sync(device)
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -194,11 +197,12 @@ def copy_gbps(device, nbytes, iters):
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    times = []
-    for _ in range(max(iters, 5)):
+    timers = []
+    for _ in range(max(iters, 5)):  # back to back, as the op's calls are timed
         with Timer(device) as t:
             dst.copy_(src)
-        times.append(t.ms())
+        timers.append(t)
+    times = [t.ms() for t in timers]
     return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
 
 
@@ -315,7 +319,9 @@ def main(argv=None):
     rows, interrupted = [], False
     if not args.no_save:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-    base = {**header, "iters": iters, "copy_gbps": round(bandwidth, 1)}
+    base = {**header, "iters": iters, "copy_gbps": round(bandwidth, 1),
+            # CUDA: calls back to back, an event between calls; CPU: each call timed alone
+            "timing": "back-to-back" if device == "cuda" else "per-call"}
     try:
         for row in measure_rows(base, shapes, dtypes, softmaxes, passes, backends, device, warmup, iters,
                                 bandwidth, args.max_ref_seconds):

@@ -65,6 +65,30 @@ def test_many_value_chunks(emulated, dtype):
     assert_close_all(got, run_reference(*inputs, scale=0.5), dtype, f"{dtype} Cg=36")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("C, W", [(24, 72), (72, 40), (12, 36)])
+def test_vector_value_stage(emulated, dtype, C, W):
+    # W a multiple of 8 (4 for float32 at W = 36): the fused forward copies value in 16-byte vectors,
+    # zeros outside the image and past the head's channels coming from the copies. 72 = two whole
+    # x tiles and a partial one; C = 72 (Cg = 36) ends on a partial 8-channel chunk.
+    inputs = cpu_inputs(2 if C == 24 else 1, C, 19, W, 2 if C == 72 else 3, dtype=dtype, seed=W + C)
+    got = run_emulated(emulated, *inputs, scale=0.5)
+    assert_close_all(got, run_reference(*inputs, scale=0.5), dtype, f"{dtype} C={C} W={W}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_value_takes_element_copies(emulated, dtype):
+    # A value tensor that is not 16-byte aligned is staged element by element: the same result,
+    # bit for bit, as the vector copies of an aligned one.
+    value, fg, bg, grad_out = cpu_inputs(1, 16, 13, 40, 2, dtype=dtype, seed=8)
+    flat = torch.empty(value.numel() + 1, dtype=dtype)
+    flat[1:] = value.reshape(-1)
+    shifted = flat[1:].view(value.shape)
+    assert shifted.data_ptr() % 16 != 0
+    aligned = emulated.forward(value, fg, bg, 3, 1, 0.5)
+    assert torch.equal(emulated.forward(shifted, fg, bg, 3, 1, 0.5), aligned)
+
+
 @pytest.mark.parametrize("B, C, H, W, heads, K, dilation, dual", AWKWARD)
 def test_awkward_sizes(emulated, B, C, H, W, heads, K, dilation, dual):
     inputs = cpu_inputs(B, C, H, W, heads, K=K, dual=dual, dtype=torch.float32, seed=H * W)

@@ -469,3 +469,16 @@ def test_op_calls_runs_every_pass_on_cpu(capsys):
     load_benchmark("op_calls").main(["--device", "cpu", "--size", "6", "--backends", "cpu,reference",
                                      "--dtypes", "float32"])
     assert capsys.readouterr().out.split() == ["cpu", "float32", "ok", "reference", "float32", "ok"]
+
+
+def test_op_calls_times_each_kernel(capsys):
+    # --kernels: the profiled time of each kernel (on a CPU: each top-level op) of both passes.
+    load_benchmark("op_calls").main(["--device", "cpu", "--size", "6", "--backends", "reference",
+                                     "--dtypes", "float32", "--kernels", "--iters", "2"])
+    out = capsys.readouterr().out
+    forward = out[out.index("  forward:"):out.index("  forward+backward:")]
+    assert "aten::col2im" in forward and "Backward" not in forward  # the reference's fold
+    assert "Col2ImBackward0" in out[out.index("  forward+backward:"):]
+    total = float(forward.split()[1])
+    parts = [float(line.split()[0]) for line in forward.splitlines()[1:]]
+    assert total > 0 and total == pytest.approx(sum(parts), abs=0.002)

@@ -25,6 +25,12 @@ struct Geo {
   int64_t K, k2, k4, R, dil, reach, D;  // reach = 2K-1, D = reach^2 source offsets
 };
 
+// 16 bytes moved at once (one 128-bit shared-memory access when 16-byte aligned).
+union alignas(16) Vec16 {
+  uint32_t w[4];
+  float f[4];
+};
+
 // Asynchronous global -> shared copies (sm_80+); plain copies on older architectures.
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -34,6 +40,22 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
   ::emu::cp_async_4(smem, gmem);  // lands at cp_async_wait, as on the GPU (tests/cuda_emulation)
 #else
   *static_cast<uint32_t*>(smem) = *static_cast<const uint32_t*>(gmem);
+#endif
+}
+
+// 16-byte asynchronous copy (both addresses 16-byte aligned) that writes zeros instead when `fill`
+// is false (cp.async's source size 0: nothing is read, so gmem only has to be a valid address).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool fill) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(fill ? 16 : 0)
+               : "memory");
+#elif defined(CONDSEG_CUDA_EMULATION)
+  ::emu::cp_async_16(smem, gmem, fill);
+#else
+  auto* d = static_cast<uint32_t*>(smem);
+  const auto* s = static_cast<const uint32_t*>(gmem);
+  for (int w = 0; w < 4; ++w) d[w] = fill ? s[w] : 0u;
 #endif
 }
 

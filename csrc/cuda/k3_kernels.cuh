@@ -39,7 +39,7 @@ constexpr int EW = TW + 2, EH = TH + 2, EP = EW * EH;  // window centres that re
 constexpr int PASSES = (EP + NT - 1) / NT;         // 2
 constexpr int TP = TH * TW;                        // 384 output pixels
 constexpr int RPR = 3;                             // matrix rows per copy round
-constexpr int VW = TW + 4, VH = TH + 4;            // value tile with its 2-pixel ring
+constexpr int VH = TH + 4;                         // value rows with the 2-pixel ring
 constexpr int CC = 8;                              // channels per value chunk
 constexpr int QR = 3;                              // output rows per thread in phase 2
 constexpr int NQ = (TH + QR - 1) / QR;             // row groups: 4
@@ -55,25 +55,35 @@ constexpr int slot_words() {
   return sizeof(T) == 4 ? RPR * K2 : (RPR * K2 * 2 + 2 + 3) / 4 + 1;  // 27 (fp32) or 15
 }
 
-// 4-byte words holding one value row of the phase-2 stage (VW elements, which may start mid-word).
+// Phase-2 value stage: CC channels x VH rows x stage_row<T>() elements, x from ox0 - VEC (VEC = the
+// elements of 16 bytes), so that every stage row is whole 16-byte vectors: when W is a multiple of
+// VEC and value is 16-byte aligned, rows are copied with 16-byte cp.async (zeros outside the image
+// come from the copy itself), else element by element.
 template <typename T>
-constexpr int raw_row_words() {
-  return sizeof(T) == 4 ? VW : (VW * 2 + 2 + 3) / 4;  // 36 or 19
+constexpr int vec_elems() {
+  return 16 / static_cast<int>(sizeof(T));  // 4 or 8
+}
+template <typename T>
+constexpr int stage_row() {
+  return TW + 2 * vec_elems<T>();  // 40 or 48
 }
 
 // Value chunk buffers of phase 2. fp32 chunks are applied where they land: three buffers (two
-// chunks in flight while one is applied) fit in the phase-1 copy buffers they replace. 2-byte
-// chunks are converted into one fp32 tile first; a third buffer beside it would take the block
-// to 88 KB and an A100 (164 KB per SM) from two blocks per SM to one, so they keep two.
+// chunks in flight while one is applied). 2-byte chunks are converted into one fp32 tile first and
+// keep two.
 template <typename T>
 constexpr int value_stages() {
   return sizeof(T) == 4 ? 3 : 2;
 }
 
-// 4-byte words of one staged value chunk (CC channels x VH rows).
+// Bytes of one staged value chunk, and of the fp32 tile that 2-byte chunks are converted into.
 template <typename T>
-constexpr int value_chunk_words() {
-  return CC * VH * raw_row_words<T>();
+constexpr int value_chunk_bytes() {
+  return CC * VH * stage_row<T>() * static_cast<int>(sizeof(T));
+}
+template <typename T>
+constexpr int converted_bytes() {
+  return sizeof(T) == 4 ? 0 : CC * VH * stage_row<T>() * 4;
 }
 
 // Shared memory of weights_kernel: Wt of the tile, the centre table, then the phase-1 copy
@@ -83,8 +93,7 @@ constexpr int weights_smem_bytes() {
   constexpr int wt = D * TP * 4;
   constexpr int table = PASSES * NT * 4;
   constexpr int rounds = 2 * NT * slot_words<T>() * 4;
-  constexpr int values =
-      value_stages<T>() * value_chunk_words<T>() * 4 + (sizeof(T) == 4 ? 0 : CC * VH * VW * 4);
+  constexpr int values = value_stages<T>() * value_chunk_bytes<T>() + converted_bytes<T>();
   return wt + table + (APPLY && values > rounds ? values : rounds);
 }
 
@@ -151,23 +160,28 @@ __device__ __forceinline__ void issue_round(uint32_t* buf, const T* base, const 
   }
 }
 
+// Maximum and sum of 9 values as trees, four dependent steps instead of a chain of eight: the
+// softmaxes of the fused kernels are bound by instruction latency, not by throughput.
+__device__ __forceinline__ float max9(const float (&v)[K2]) {
+  return fmaxf(fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3])), fmaxf(fmaxf(v[4], v[5]), fmaxf(fmaxf(v[6], v[7]), v[8])));
+}
+__device__ __forceinline__ float sum9(const float (&v)[K2]) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + ((v[6] + v[7]) + v[8]));
+}
+
 // Unnormalised softmax of one row of 9 logits in base 2: e[j] = exp2(sl2 * a[j] - max); returns 1/sum.
 template <typename T>
 __device__ __forceinline__ float softmax_row(const T* a, float sl2, float (&e)[K2]) {
-  float x[K2];
-  float top = -INFINITY;
+  float x[K2], scaled[K2];
 #pragma unroll
   for (int j = 0; j < K2; ++j) {
     x[j] = static_cast<float>(a[j]);
-    top = fmaxf(top, sl2 * x[j]);
+    scaled[j] = sl2 * x[j];
   }
-  float sum = 0.f;
+  const float top = max9(scaled);
 #pragma unroll
-  for (int j = 0; j < K2; ++j) {
-    e[j] = exp2f(fmaf(x[j], sl2, -top));
-    sum += e[j];
-  }
-  return 1.f / sum;
+  for (int j = 0; j < K2; ++j) e[j] = exp2f(fmaf(x[j], sl2, -top));
+  return 1.f / sum9(e);
 }
 
 // The (batch, head, tile) of this block: heads vary fastest, so the blocks reading the same
@@ -190,13 +204,17 @@ __device__ __forceinline__ BlockTile block_tile(int heads, int tiles_x, int tile
 // log2-sum-exp2 of one row of 9 logits scaled by sl2.
 template <typename T>
 __device__ __forceinline__ float row_lse(const T* a, float sl2) {
-  float top = -INFINITY;
+  float x[K2], scaled[K2];
 #pragma unroll
-  for (int j = 0; j < K2; ++j) top = fmaxf(top, sl2 * static_cast<float>(a[j]));
-  float sum = 0.f;
+  for (int j = 0; j < K2; ++j) {
+    x[j] = static_cast<float>(a[j]);
+    scaled[j] = sl2 * x[j];
+  }
+  const float top = max9(scaled);
+  float e[K2];
 #pragma unroll
-  for (int j = 0; j < K2; ++j) sum += exp2f(fmaf(static_cast<float>(a[j]), sl2, -top));
-  return top + log2f(sum);
+  for (int j = 0; j < K2; ++j) e[j] = exp2f(fmaf(x[j], sl2, -top));
+  return top + log2f(sum9(e));
 }
 
 template <typename T, bool DUAL, bool APPLY>
@@ -327,60 +345,57 @@ __global__ void __launch_bounds__(NT, 2)
   // ---- phase 2: out = sum_d Wt[d] V[. + d] ----------------------------------------------------
   // Value is staged CC channels at a time by cp.async into VSTAGES rotating buffers, VSTAGES - 1
   // chunks in flight while one is applied, so that more bytes are in flight to cover DRAM latency.
-  // fp32 chunks are applied where they land (positions outside the image are zeroed by plain
-  // stores); 2-byte chunks arrive as raw words and are converted into a zero-padded fp32 tile.
-  // Loops over staging items stay rolled so that their index arithmetic is not kept live across
-  // chunks (registers).
+  // fp32 chunks are applied where they land; 2-byte chunks are converted into an fp32 tile of the
+  // same layout first. Loops over staging items stay rolled so that their index arithmetic is not
+  // kept live across chunks (registers).
   constexpr bool DIRECT = sizeof(T) == 4;
-  constexpr int VSTAGES = value_stages<T>();
-  constexpr int RAWW = raw_row_words<T>(), VROWS = CC * VH, VTILE = VH * VW, CHUNK = value_chunk_words<T>();
-  static_assert(!DIRECT || RAWW == VW, "fp32 chunks must be laid out as the tile they are applied from");
-  uint32_t* raw = reinterpret_cast<uint32_t*>(stage);                       // [VSTAGES][VROWS][RAWW]
-  float* converted = reinterpret_cast<float*>(stage + VSTAGES * CHUNK * 4);  // [CC][VH][VW], 2-byte T
+  constexpr int VSTAGES = value_stages<T>(), VEC = vec_elems<T>(), VX = stage_row<T>(), NV = VX / VEC;
+  constexpr int VTILE = VH * VX, CHUNK = value_chunk_bytes<T>();
+  unsigned char* raw = stage;                                                  // [VSTAGES][CC][VH][VX] of T
+  float* converted = reinterpret_cast<float*>(stage + VSTAGES * CHUNK);        // [CC][VH][VX], 2-byte T
   const T* vplane = value + ((long long)b * C + (long long)g * Cg) * HW;    // channel 0 of the head
-  const char* v_lo = reinterpret_cast<const char*>(value);
-  const char* v_hi = reinterpret_cast<const char*>(value + value_numel);
-  // First element (x = ox0 - 2) of stage row `row` of the chunk at c0, or nullptr when the row is
-  // outside the image or past the head's channels.
-  auto row_start = [&](int row, int c0) -> const T* {
-    const int cl = row / VH, vy = row - cl * VH, c = c0 + cl, y = oy0 - 2 + vy;
-    if (c >= Cg || y < 0 || y >= H) return nullptr;
-    return vplane + (long long)c * HW + (long long)y * W + (ox0 - 2);
-  };
+  const bool vectors = W % VEC == 0 && (reinterpret_cast<uintptr_t>(value) & 15) == 0;
   // Queues chunk k into buffer k % VSTAGES and commits one group, empty past the last chunk, so
-  // that the waits below can count groups.
+  // that the waits below can count groups. Item i of a chunk is (channel, row, x) in stage order.
   auto issue_values = [&](int k) {
     const int c0 = k * CC;
-    uint32_t* buf = raw + (k % VSTAGES) * CHUNK;
+    unsigned char* buf = raw + (k % VSTAGES) * CHUNK;
     if (c0 < Cg) {
+      const int items = vectors ? CC * VH * NV : CC * VTILE, per_row = vectors ? NV : VX;
+      const int step = vectors ? VEC : 1;
 #pragma unroll 1
-      for (int i = tid; i < CHUNK; i += NT) {
-        const int row = i / RAWW, w = i - row * RAWW;
-        const T* first = row_start(row, c0);
-        if (DIRECT) {
-          const int x = ox0 - 2 + w;
-          if (first != nullptr && x >= 0 && x < W)
-            cp_async_4(buf + i, first + w);
-          else
-            buf[i] = 0u;  // the bits of 0.f
-        } else if (first != nullptr) {
-          const char* word0 = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(first) & ~uintptr_t(3));
-          copy_word<T>(buf + i, word0 + 4 * w, v_lo, v_hi);
-        }
+      for (int i = tid; i < items; i += NT) {
+        const int row = i / per_row, j = (i - row * per_row) * step;
+        const int cl = row / VH, vy = row - cl * VH, y = oy0 - 2 + vy, x = ox0 - VEC + j;
+        const bool inside = c0 + cl < Cg && y >= 0 && y < H && x >= 0 && x < W;
+        const T* src = inside ? vplane + (long long)(c0 + cl) * HW + (long long)y * W + x : value;
+        T* dst = reinterpret_cast<T*>(buf) + row * VX + j;
+        if (vectors)
+          cp_async_16(dst, src, inside);
+        else if (DIRECT && inside)
+          cp_async_4(dst, src);
+        else
+          *dst = inside ? *src : T(0.f);  // 2-byte elements: plain loads (rare: W not a multiple of 8)
       }
     }
     cp_async_commit();
   };
+  // 2-byte chunk k -> fp32 tile, 16 bytes (8 elements) per item.
   auto convert_values = [&](int k) {
-    const uint32_t* buf = raw + (k % VSTAGES) * CHUNK;
+    const unsigned char* buf = raw + (k % VSTAGES) * CHUNK;
 #pragma unroll 1
-    for (int i = tid; i < CC * VTILE; i += NT) {
-      const int row = i / VW, j = i - row * VW, x = ox0 - 2 + j;
-      const T* first = row_start(row, k * CC);
-      float v = 0.f;
-      if (first != nullptr && x >= 0 && x < W)
-        v = static_cast<float>(reinterpret_cast<const T*>(buf + row * RAWW)[word_phase(first) + j]);
-      converted[i] = v;
+    for (int i = tid; i < CC * VH * NV; i += NT) {
+      const Vec16 packed = *reinterpret_cast<const Vec16*>(buf + i * 16);
+      const T* e = reinterpret_cast<const T*>(packed.w);
+      Vec16 lo, hi;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        lo.f[j] = static_cast<float>(e[j]);
+        hi.f[j] = static_cast<float>(e[4 + j]);
+      }
+      Vec16* dst = reinterpret_cast<Vec16*>(converted + i * VEC);
+      dst[0] = lo;
+      dst[1] = hi;
     }
   };
 
@@ -417,13 +432,13 @@ __global__ void __launch_bounds__(NT, 2)
       float acc[QR];
 #pragma unroll
       for (int i = 0; i < QR; ++i) acc[i] = 0.f;
-      const float* plane = tile + cl * VTILE + r0 * VW + col;
+      const float* plane = tile + cl * VTILE + r0 * VX + col + VEC - 2;  // x = ox0 + col - 2
 #pragma unroll
       for (int vr = 0; vr < QR + 4; ++vr) {
         if (vr >= nrows + 4) break;
         float v[5];
 #pragma unroll
-        for (int dx = 0; dx < 5; ++dx) v[dx] = plane[vr * VW + dx];
+        for (int dx = 0; dx < 5; ++dx) v[dx] = plane[vr * VX + dx];
 #pragma unroll
         for (int i = 0; i < QR; ++i) {
           const int dy = vr - i;  // 0..4 <-> offset -2..2

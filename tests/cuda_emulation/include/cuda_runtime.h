@@ -89,6 +89,15 @@ inline void cp_async_4(void* smem, const void* gmem) {
   b.open_copies[b.current].emplace_back(static_cast<uint32_t*>(smem), static_cast<const uint32_t*>(gmem));
 }
 
+// cp.async of 16 bytes; with fill false it lands zeros (source size 0), also at the wait.
+inline void cp_async_16(void* smem, const void* gmem, bool fill) {
+  static const uint32_t zero = 0;
+  Block& b = block();
+  for (int w = 0; w < 4; ++w)
+    b.open_copies[b.current].emplace_back(static_cast<uint32_t*>(smem) + w,
+                                          fill ? static_cast<const uint32_t*>(gmem) + w : &zero);
+}
+
 inline void cp_async_commit() {
   Block& b = block();
   b.copy_groups[b.current].push_back(std::move(b.open_copies[b.current]));
