@@ -6,7 +6,8 @@
 # Usage (from anywhere):  bash benchmarks/gpu_check.sh
 # Environment: OUT (default ./gpu_out), GPU_CHECK_BUDGET_S (default 450: stages are cut short so
 # the whole run fits), FPS_ARGS (extra arguments for benchmarks/fps.py), FPS_LIMIT_S (default 90:
-# the fps stage's limit, less where the deadline is nearer; fps.py's --budget is 20 s less),
+# the fps stage's limit, less where the deadline is nearer; fps.py's --budget is 20 s less; 0 leaves
+# out the fps and profile stages),
 # SKIP_BUILD=1 (the package is installed already: the build stage only checks it), GPU_CHECK_TESTS
 # (default "cuda triton": which of tests/test_cuda.py and tests/test_triton.py run; "cuda" alone
 # saves the Triton tests' two minutes when only the CUDA kernels changed).
@@ -111,7 +112,7 @@ rm -f "$OUT/op_bench.jsonl"
 run_stage op-bench 150 30 bash -c bench
 
 # 4. End-to-end benchmark: only when benchmarks/fps.py exists (its arguments: FPS_ARGS).
-if [[ -f benchmarks/fps.py ]]; then
+if [[ -f benchmarks/fps.py && ${FPS_LIMIT_S:-90} != 0 ]]; then
   # >>> end-to-end benchmark (benchmarks/fps.py) <<<
   # fps.py's --budget follows the limit the stage really gets (earlier stages may have cut it).
   fps() {

@@ -12,7 +12,8 @@
 # per profile).
 # Output: $OUT/<name>_details.txt (every section, stall reasons included) and <name>_source.csv
 # (counters per SASS line, warp stall samples included), for <name> in forward_float32,
-# forward_bfloat16 (CUDA) and triton_mix_float32; ncu_reports.tar.gz holds the <name>.ncu-rep
+# forward_bfloat16 (CUDA) and triton_mix_float32, summed up on the console by tools/ncu_mix.py;
+# ncu_reports.tar.gz holds the <name>.ncu-rep
 # reports (open them in Nsight Compute) and ncu_build.log (the device tool returns 8 files).
 set -uo pipefail
 # shellcheck source=benchmarks/gpu_common.sh
@@ -48,6 +49,8 @@ for profile in "forward_float32 cuda weights_kernel float32" "forward_bfloat16 c
   "$NCU" --import "$report.ncu-rep" --page source --csv --print-source sass >"${report}_source.csv" || rc=1
   grep -E "Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|Memory Throughput|Stall" \
     "${report}_details.txt" | head -20
+  # where the instructions go (opcodes, stalls, hot address ranges): the console's tail
+  $PY tools/ncu_mix.py --top 12 "${report}_source.csv" | head -60 || rc=1
 done
 pack_out ncu_reports '*_details.txt' '*_source.csv'
 exit "$rc"

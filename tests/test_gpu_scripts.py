@@ -41,3 +41,41 @@ def test_pack_out_keeps_the_named_files_and_packs_the_rest(tmp_path):
     assert proc.returncode == 0 and (out / "logs.tar.gz").is_file()
     with tarfile.open(out / "logs.tar.gz") as tar:
         assert len(tar.getmembers()) == 4
+
+
+# Stands in for python3 on PATH: records each call's arguments, succeeds, prints nothing.
+PYTHON_STUB = """#!/bin/sh
+echo "$*" >> "{log}"
+cat > /dev/null 2>&1 < /dev/null
+exit 0
+"""
+
+
+def run_gpu_check(tmp_path, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    stub = bin_dir / "python3"
+    stub.write_text(PYTHON_STUB.format(log=log))
+    stub.chmod(0o755)
+    environ = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), SKIP_BUILD="1",
+                   **env)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=environ, capture_output=True,
+                          text=True, timeout=120)
+    return proc, log.read_text().splitlines() if log.exists() else []
+
+
+def test_gpu_check_runs_the_chosen_tests_and_stages(tmp_path):
+    proc, calls = run_gpu_check(tmp_path, GPU_CHECK_TESTS="cuda", FPS_LIMIT_S="0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tests = [c for c in calls if "-m pytest" in c]
+    assert len(tests) == 1 and tests[0].endswith("tests/test_cuda.py")  # not the Triton tests
+    assert any("benchmarks/op_bench.py" in c for c in calls)
+    assert not any("fps.py" in c or "profile_model.py" in c for c in calls)  # FPS_LIMIT_S=0: no fps stage
+    assert "op-bench       ok" in proc.stdout and "fps" not in proc.stdout.split("=== gpu_check stages")[1]
+
+
+def test_gpu_check_runs_both_test_files_by_default(tmp_path):
+    proc, calls = run_gpu_check(tmp_path, FPS_LIMIT_S="0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [c.split()[-1] for c in calls if "-m pytest" in c] == ["tests/test_cuda.py", "tests/test_triton.py"]

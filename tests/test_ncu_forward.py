@@ -13,13 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "ncu_forward.sh"
 
 # Records every call; a profiling call (-o REPORT) writes REPORT.ncu-rep, an --import call prints
-# a line for the page it was asked for.
+# a line for the details page and a two-instruction CSV for the source page.
 STUB = """#!/bin/sh
 echo "$*" >> "{log}"
 prev=""
 for arg in "$@"; do
   if [ "$prev" = "-o" ]; then echo report > "$arg.ncu-rep"; fi
-  if [ "$prev" = "--page" ]; then echo "Duration page $arg"; fi
+  if [ "$prev" = "--page" ] && [ "$arg" = details ]; then echo "Duration page details"; fi
+  if [ "$prev" = "--page" ] && [ "$arg" = source ]; then
+    printf '"Kernel Name","k"\\n"Address","Source","Instructions Executed"\\n'
+    printf '"0x10","FFMA R1, R2, R3, R1","300"\\n"0x20","LDS R4, [R5]","100"\\n'
+  fi
   prev="$arg"
 done
 """
@@ -50,7 +54,9 @@ def test_profiles_the_forward_per_dtype_and_keeps_the_reports(tmp_path):
     names = ("forward_float32", "forward_bfloat16", "triton_mix_float32")
     for name in names:
         assert (out / f"{name}_details.txt").read_text().strip() == "Duration page details"
-        assert (out / f"{name}_source.csv").read_text().strip() == "Duration page source"
+        assert (out / f"{name}_source.csv").read_text().splitlines()[1] == '"Address","Source","Instructions Executed"'
+    # tools/ncu_mix.py sums each source page up on the console
+    assert proc.stdout.count("executed warp instructions: 400") == 3 and "FFMA" in proc.stdout
     # the device tool returns 8 files: the reports travel in one tarball
     assert len(list(out.iterdir())) == 7
     with tarfile.open(out / "ncu_reports.tar.gz") as tar:
