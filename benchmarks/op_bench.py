@@ -2,11 +2,12 @@
 """Op-level benchmark of condseg_ops.contrast_aggregate against the unfold/fold reference.
 
 Per row (shape x dtype x pass x backend): median time, speedup over the reference measured in the
-same run (on CUDA, of calls issued back to back, one event between calls: the GPU time of a call
-while the host queues the next, as torch.utils.benchmark and Triton's do_bench time kernels; a call
-timed alone after a synchronisation would also count the host's ~0.05 ms launch latency), achieved GB/s against the minimum bytes the pass must move (inputs read once, outputs
+same run, achieved GB/s against the minimum bytes the pass must move (inputs read once, outputs
 written once) and that rate as a share of a device-to-device copy measured in the same run, and the
 peak memory of the pass (allocated during the pass, on top of its inputs) next to the reference's.
+On CUDA the calls are issued back to back with one event between calls: a row is the GPU time of a
+call while the host queues the next, as torch.utils.benchmark and Triton's do_bench time kernels (a
+call timed alone after a synchronisation would also count the host's ~0.05 ms launch latency).
 
 Shapes (C=128, heads=4, K=3 unless the grid says otherwise):
   main    ConDSeg's level-1 CDFA at 256x256 input: H=W=128, B=12 on CUDA, B=1 on CPU

@@ -48,14 +48,14 @@ template <typename T>
 cudaError_t fused_weights(const Geo& g, const T* value, const T* fg, const T* bg, T* out, float* weights, float sl2,
                           cudaStream_t stream) {
   const Tiles tiles = tiles_of(g, k3::TH, k3::TW);
-  const long long attn_numel = g.B * g.HW * g.heads * g.k4, value_numel = g.B * g.C * g.HW;
+  const long long attn_numel = g.B * g.HW * g.heads * g.k4;
   auto launch = [&](auto kernel, int smem) {
     const cudaError_t status = allow_shared_memory(kernel, smem);
     if (status != cudaSuccess) return status;
     kernel<<<static_cast<unsigned int>(tiles.blocks), k3::NT, smem, stream>>>(
         value, fg, bg, out, weights, static_cast<int>(g.H), static_cast<int>(g.W), static_cast<int>(g.heads),
         static_cast<int>(g.C), static_cast<int>(g.Cg), static_cast<int>(tiles.x), static_cast<int>(tiles.y),
-        attn_numel, value_numel, sl2);
+        attn_numel, sl2);
     return cudaGetLastError();
   };
   const bool dual = bg != nullptr, apply = out != nullptr;

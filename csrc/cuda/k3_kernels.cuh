@@ -70,7 +70,8 @@ constexpr int stage_row() {
 
 // Value chunk buffers of phase 2. fp32 chunks are applied where they land: three buffers (two
 // chunks in flight while one is applied). 2-byte chunks are converted into one fp32 tile first and
-// keep two.
+// keep two. The forward's blocks take 97.5 KB (fp32) and 85.5 KB (2-byte): two per SM on Hopper
+// (228 KB), one on an A100 (164 KB) or an RTX 30/40 (100 KB).
 template <typename T>
 constexpr int value_stages() {
   return sizeof(T) == 4 ? 3 : 2;
@@ -86,16 +87,19 @@ constexpr int converted_bytes() {
   return sizeof(T) == 4 ? 0 : CC * VH * stage_row<T>() * 4;
 }
 
-// Shared memory of weights_kernel: Wt of the tile, the centre table, then the phase-1 copy
-// buffers, which phase 2 (APPLY only) reuses for value.
+// Shared memory of weights_kernel: Wt of the tile, then the centre table and the phase-1 copy
+// buffers, whose place phase 2 (APPLY only) reuses for value.
 template <typename T, bool APPLY>
 constexpr int weights_smem_bytes() {
   constexpr int wt = D * TP * 4;
-  constexpr int table = PASSES * NT * 4;
-  constexpr int rounds = 2 * NT * slot_words<T>() * 4;
+  constexpr int phase1 = PASSES * NT * 4 + 2 * NT * slot_words<T>() * 4;
   constexpr int values = value_stages<T>() * value_chunk_bytes<T>() + converted_bytes<T>();
-  return wt + table + (APPLY && values > rounds ? values : rounds);
+  return wt + (APPLY && values > phase1 ? values : phase1);
 }
+// The RTX 30 and 40 series (sm_86, sm_89) allow 99 KB per block: above it they would run the
+// generic kernels instead of these.
+static_assert(weights_smem_bytes<float, true>() <= 99 * 1024 && weights_smem_bytes<uint16_t, true>() <= 99 * 1024,
+              "the fused forward must fit in 99 KB of shared memory");
 
 // Element offset of a chunk inside its first word (0 for 4-byte types, 0 or 1 for 2-byte ones).
 template <typename T>
@@ -221,14 +225,13 @@ template <typename T, bool DUAL, bool APPLY>
 __global__ void __launch_bounds__(NT, 2)
     weights_kernel(const T* __restrict__ value, const T* __restrict__ fg, const T* __restrict__ bg,
                    T* __restrict__ out, float* __restrict__ weights, int H, int W, int heads, int C, int Cg,
-                   int tiles_x, int tiles_y, long long attn_numel, long long value_numel, float sl2) {
+                   int tiles_x, int tiles_y, long long attn_numel, float sl2) {
   constexpr int WPS = slot_words<T>();
   constexpr int NRP = DUAL ? 6 : 3;  // copy rounds per pass (bg rows first)
   extern __shared__ __align__(16) unsigned char smem[];
   float* wt_s = reinterpret_cast<float*>(smem);                                   // [D][TP]
   int* table = reinterpret_cast<int*>(smem + D * TP * 4);                         // [PASSES][NT]
-  unsigned char* stage = smem + D * TP * 4 + PASSES * NT * 4;
-  uint32_t* rounds = reinterpret_cast<uint32_t*>(stage);                          // [2][NT][WPS]
+  uint32_t* rounds = reinterpret_cast<uint32_t*>(smem + D * TP * 4 + PASSES * NT * 4);  // [2][NT][WPS]
 
   const int tid = threadIdx.x;
   const BlockTile tile = block_tile(heads, tiles_x, tiles_y, TH, TW);
@@ -351,8 +354,8 @@ __global__ void __launch_bounds__(NT, 2)
   constexpr bool DIRECT = sizeof(T) == 4;
   constexpr int VSTAGES = value_stages<T>(), VEC = vec_elems<T>(), VX = stage_row<T>(), NV = VX / VEC;
   constexpr int VTILE = VH * VX, CHUNK = value_chunk_bytes<T>();
-  unsigned char* raw = stage;                                                  // [VSTAGES][CC][VH][VX] of T
-  float* converted = reinterpret_cast<float*>(stage + VSTAGES * CHUNK);        // [CC][VH][VX], 2-byte T
+  unsigned char* raw = smem + D * TP * 4;  // [VSTAGES][CC][VH][VX] of T, over the table and the rounds
+  float* converted = reinterpret_cast<float*>(raw + VSTAGES * CHUNK);  // [CC][VH][VX], 2-byte T
   const T* vplane = value + ((long long)b * C + (long long)g * Cg) * HW;    // channel 0 of the head
   const bool vectors = W % VEC == 0 && (reinterpret_cast<uintptr_t>(value) & 15) == 0;
   // Queues chunk k into buffer k % VSTAGES and commits one group, empty past the last chunk, so
@@ -399,7 +402,7 @@ __global__ void __launch_bounds__(NT, 2)
     }
   };
 
-  // Phase 1 is over (its last barrier is above): the stage is free.
+  // Phase 1 is over (its last barrier is above): the table and the copy rounds are free.
 #pragma unroll
   for (int k = 0; k < VSTAGES - 1; ++k) issue_values(k);
 
