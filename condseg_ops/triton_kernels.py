@@ -92,16 +92,20 @@ if TRITON_AVAILABLE:
             triton.Config({"QS": 2048}, num_warps=4),
             triton.Config({"QS": 2048}, num_warps=8),
         ],
-        "apply": [
+        "apply": [  # 8 or 16 elements per thread (more loads in flight, fewer programs)
             triton.Config({"BLOCK_C": 16, "BLOCK_P": 64}, num_warps=4),
             triton.Config({"BLOCK_C": 8, "BLOCK_P": 128}, num_warps=4),
             triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=8),
             triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=8),
+            triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=4),
+            triton.Config({"BLOCK_C": 32, "BLOCK_P": 128}, num_warps=8),
         ],
-        "weight": [  # one pixel per thread: BLOCK_P = 32 * num_warps
+        "weight": [  # one pixel per thread (BLOCK_P = 32 * num_warps), or 2 and 4 for more loads in flight
             triton.Config({"BLOCK_P": 128}, num_warps=4),
             triton.Config({"BLOCK_P": 64}, num_warps=2),
             triton.Config({"BLOCK_P": 256}, num_warps=8),
+            triton.Config({"BLOCK_P": 256}, num_warps=4),
+            triton.Config({"BLOCK_P": 512}, num_warps=4),
         ],
         "grad_weight": [
             triton.Config({"BLOCK_P": 64}, num_warps=4),
