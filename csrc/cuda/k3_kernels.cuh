@@ -69,9 +69,10 @@ constexpr int stage_row() {
 }
 
 // Value chunk buffers of phase 2. fp32 chunks are applied where they land: three buffers (two
-// chunks in flight while one is applied). 2-byte chunks are converted into one fp32 tile first and
-// keep two. The forward's blocks take 97.5 KB (fp32) and 85.5 KB (2-byte): two per SM on Hopper
-// (228 KB), one on an A100 (164 KB) or an RTX 30/40 (100 KB).
+// chunks in flight while one is applied). 2-byte chunks keep two, and are converted into one fp32
+// tile of the TW + 4 columns that the apply reads. The forward's blocks take 97.5 KB (fp32) and
+// 79.5 KB (2-byte): two per SM on Hopper (228 KB); on an A100 (164 KB) two of the 2-byte ones and
+// one fp32; one on an RTX 30/40 (100 KB).
 template <typename T>
 constexpr int value_stages() {
   return sizeof(T) == 4 ? 3 : 2;
@@ -84,7 +85,7 @@ constexpr int value_chunk_bytes() {
 }
 template <typename T>
 constexpr int converted_bytes() {
-  return sizeof(T) == 4 ? 0 : CC * VH * stage_row<T>() * 4;
+  return sizeof(T) == 4 ? 0 : CC * VH * (TW + 4) * 4;
 }
 
 // Shared memory of weights_kernel: Wt of the tile, then the centre table and the phase-1 copy
@@ -349,13 +350,15 @@ __global__ void __launch_bounds__(NT, 2)
   // Value is staged CC channels at a time by cp.async into VSTAGES rotating buffers, VSTAGES - 1
   // chunks in flight while one is applied, so that more bytes are in flight to cover DRAM latency.
   // fp32 chunks are applied where they land; 2-byte chunks are converted into an fp32 tile of the
-  // same layout first. Loops over staging items stay rolled so that their index arithmetic is not
-  // kept live across chunks (registers).
+  // TW + 4 columns the apply reads first. Loops over staging items stay rolled so that their index
+  // arithmetic is not kept live across chunks (registers).
   constexpr bool DIRECT = sizeof(T) == 4;
   constexpr int VSTAGES = value_stages<T>(), VEC = vec_elems<T>(), VX = stage_row<T>(), NV = VX / VEC;
-  constexpr int VTILE = VH * VX, CHUNK = value_chunk_bytes<T>();
+  constexpr int CHUNK = value_chunk_bytes<T>();
+  // The tile the apply reads: its row length, and the column of x = ox0 - 2.
+  constexpr int AX = DIRECT ? VX : TW + 4, A0 = DIRECT ? VEC - 2 : 0, ATILE = VH * AX;
   unsigned char* raw = smem + D * TP * 4;  // [VSTAGES][CC][VH][VX] of T, over the table and the rounds
-  float* converted = reinterpret_cast<float*>(raw + VSTAGES * CHUNK);  // [CC][VH][VX], 2-byte T
+  float* converted = reinterpret_cast<float*>(raw + VSTAGES * CHUNK);  // [CC][VH][AX], 2-byte T
   const T* vplane = value + ((long long)b * C + (long long)g * Cg) * HW;    // channel 0 of the head
   const bool vectors = W % VEC == 0 && (reinterpret_cast<uintptr_t>(value) & 15) == 0;
   // Queues chunk k into buffer k % VSTAGES and commits one group, empty past the last chunk, so
@@ -364,7 +367,7 @@ __global__ void __launch_bounds__(NT, 2)
     const int c0 = k * CC;
     unsigned char* buf = raw + (k % VSTAGES) * CHUNK;
     if (c0 < Cg) {
-      const int items = vectors ? CC * VH * NV : CC * VTILE, per_row = vectors ? NV : VX;
+      const int items = vectors ? CC * VH * NV : CC * VH * VX, per_row = vectors ? NV : VX;
       const int step = vectors ? VEC : 1;
 #pragma unroll 1
       for (int i = tid; i < items; i += NT) {
@@ -383,22 +386,22 @@ __global__ void __launch_bounds__(NT, 2)
     }
     cp_async_commit();
   };
-  // 2-byte chunk k -> fp32 tile, 16 bytes (8 elements) per item.
+  // 2-byte chunk k -> the fp32 tile, one 16-byte vector (8 elements, from x = ox0 - 8 + 8 v) per
+  // item; the elements outside the tile's columns [ox0 - 2, ox0 + TW + 2) are dropped.
   auto convert_values = [&](int k) {
-    const unsigned char* buf = raw + (k % VSTAGES) * CHUNK;
+    if constexpr (!DIRECT) {
+      const unsigned char* buf = raw + (k % VSTAGES) * CHUNK;
 #pragma unroll 1
-    for (int i = tid; i < CC * VH * NV; i += NT) {
-      const Vec16 packed = *reinterpret_cast<const Vec16*>(buf + i * 16);
-      const T* e = reinterpret_cast<const T*>(packed.w);
-      Vec16 lo, hi;
+      for (int i = tid; i < CC * VH * NV; i += NT) {
+        const int row = i / NV, c0 = (i - row * NV) * VEC - (VEC - 2);  // tile column of element 0
+        const Vec16 packed = *reinterpret_cast<const Vec16*>(buf + i * 16);
+        float* dst = converted + row * AX;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        lo.f[j] = static_cast<float>(e[j]);
-        hi.f[j] = static_cast<float>(e[4 + j]);
+        for (int j = 0; j < VEC; ++j) {
+          const uint16_t bits = static_cast<uint16_t>(packed.w[j / 2] >> (16 * (j % 2)));
+          if (c0 + j >= 0 && c0 + j < AX) dst[c0 + j] = static_cast<float>(T(bits, T::from_bits()));
+        }
       }
-      Vec16* dst = reinterpret_cast<Vec16*>(converted + i * VEC);
-      dst[0] = lo;
-      dst[1] = hi;
     }
   };
 
@@ -435,13 +438,13 @@ __global__ void __launch_bounds__(NT, 2)
       float acc[QR];
 #pragma unroll
       for (int i = 0; i < QR; ++i) acc[i] = 0.f;
-      const float* plane = tile + cl * VTILE + r0 * VX + col + VEC - 2;  // x = ox0 + col - 2
+      const float* plane = tile + cl * ATILE + r0 * AX + col + A0;  // x = ox0 + col - 2
 #pragma unroll
       for (int vr = 0; vr < QR + 4; ++vr) {
         if (vr >= nrows + 4) break;
         float v[5];
 #pragma unroll
-        for (int dx = 0; dx < 5; ++dx) v[dx] = plane[vr * VX + dx];
+        for (int dx = 0; dx < 5; ++dx) v[dx] = plane[vr * AX + dx];
 #pragma unroll
         for (int i = 0; i < QR; ++i) {
           const int dy = vr - i;  // 0..4 <-> offset -2..2

@@ -85,12 +85,16 @@ inline unsigned char* dynamic_shared_memory() { return block().shared.data(); }
 // cp.async: a 4-byte copy lands in shared memory only when a cp_async_wait leaves fewer groups
 // pending than its own, so a missing or too lax wait shows up as unwritten (NaN) shared memory.
 inline void cp_async_4(void* smem, const void* gmem) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(smem) % 4 == 0 && reinterpret_cast<uintptr_t>(gmem) % 4 == 0,
+              "emulated CUDA: cp.async of 4 bytes between addresses that are not 4-byte aligned");
   Block& b = block();
   b.open_copies[b.current].emplace_back(static_cast<uint32_t*>(smem), static_cast<const uint32_t*>(gmem));
 }
 
 // cp.async of 16 bytes; with fill false it lands zeros (source size 0), also at the wait.
 inline void cp_async_16(void* smem, const void* gmem, bool fill) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(smem) % 16 == 0 && reinterpret_cast<uintptr_t>(gmem) % 16 == 0,
+              "emulated CUDA: cp.async of 16 bytes between addresses that are not 16-byte aligned");
   static const uint32_t zero = 0;
   Block& b = block();
   for (int w = 0; w < 4; ++w)
