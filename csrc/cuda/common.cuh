@@ -25,10 +25,9 @@ struct Geo {
   int64_t K, k2, k4, R, dil, reach, D;  // reach = 2K-1, D = reach^2 source offsets
 };
 
-// 16 bytes moved at once (one 128-bit shared-memory access when 16-byte aligned).
-union alignas(16) Vec16 {
+// 16 bytes read at once (one 128-bit shared-memory access when 16-byte aligned).
+struct alignas(16) Vec16 {
   uint32_t w[4];
-  float f[4];
 };
 
 // Asynchronous global -> shared copies (sm_80+); plain copies on older architectures.
