@@ -124,7 +124,9 @@ def _commands(argv):
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.png")
     p.add_argument("--uncertainty", action="store_true", help="also write <stem>_uncertainty.png (SID branch)")
-    p.add_argument("--threshold", type=float, default=0.5, help="foreground probability of the binary masks")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="foreground probability of a binary model's masks (default 0.5; a multi-class "
+                        "model's masks take each pixel's most likely class)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files of the same names already in --out (without it, they stop the run)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")

@@ -736,3 +736,10 @@ def test_multiclass_train_evaluate_predict(synth, tmp_path):
     records = predict(result.best_checkpoint, [root / "images" / f"{ids[0]}.png"], tmp_path / "p", overlay=True,
                       workers=0)
     assert set(np.unique(np.array(Image.open(records[0]["mask"])))) <= {0, 1, 2}
+    # a threshold means nothing to argmax masks: refused before anything is written
+    with pytest.raises(ValueError, match="threshold=0.3 .* applies to binary checkpoints; .* has 3 classes") as e:
+        predict(result.best_checkpoint, [root / "images" / f"{ids[0]}.png"], tmp_path / "q", threshold=0.3,
+                workers=0)
+    assert not (tmp_path / "q").exists()
+    from condseg.cli import _message
+    assert _message(e.value, "predict").startswith("predict: --threshold applies to binary checkpoints")

@@ -125,7 +125,7 @@ def _write(record, labels, prob, unc, classes, write_overlay):
 
 @torch.no_grad()
 def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, uncertainty=False,
-            device="auto", batch_size=8, workers=2, threshold=0.5, overwrite=False):
+            device="auto", batch_size=8, workers=2, threshold=None, overwrite=False):
     """Segment image files (any size, any of jpg/png/bmp/tif) with a trained checkpoint.
 
     Each input is resized to the training size, segmented, and the logits are resized back to the
@@ -133,13 +133,19 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     and optionally ``<stem>_overlay.png``, ``<stem>_prob.png`` (foreground probability x 255) and
     ``<stem>_uncertainty.png`` (the SID uncertainty branch's map, stage-2 checkpoints only).
     A file of those names already in ``out_dir`` is an error unless ``overwrite``; ``out_dir``
-    may not be a folder of the inputs. Returns one dict per input with the paths written.
+    may not be a folder of the inputs. ``threshold`` (binary checkpoints only; default 0.5) is the
+    foreground probability of the masks; a multi-class mask takes each pixel's most likely class.
+    Returns one dict per input with the paths written.
     """
-    if not 0 <= threshold <= 1:
+    if threshold is not None and not 0 <= threshold <= 1:
         raise ValueError(f"predict: threshold is a foreground probability in [0, 1], got {threshold}")
     device = resolve_device(device)
     model, state = load_model(checkpoint, device)
     mcfg = state["model_config"]
+    classes = mcfg.get("classes", 1)
+    if threshold is not None and classes > 1:
+        raise ValueError(f"predict: threshold={threshold} (CLI: --threshold) applies to binary checkpoints; "
+                         f"{checkpoint} has {classes} classes, and its masks take each pixel's most likely class")
     if uncertainty and mcfg["arch"] != "condseg":
         raise ValueError(f"uncertainty maps come from the stage-2 network; {checkpoint} is a stage-1 checkpoint")
     files = list_inputs(inputs)
@@ -160,7 +166,7 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _predict_files(model, state, files, stems, out_dir, overlay, probabilities, uncertainty, device,
-                              batch_size, workers, threshold)
+                              batch_size, workers, 0.5 if threshold is None else threshold)
     except BaseException:
         # a run that fails (a corrupt image halfway, Ctrl-C) takes back what it wrote, so that running it
         # again needs no --overwrite; files it replaced (overwrite=True) stay replaced
