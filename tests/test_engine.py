@@ -743,3 +743,22 @@ def test_multiclass_train_evaluate_predict(synth, tmp_path):
     assert not (tmp_path / "q").exists()
     from condseg.cli import _message
     assert _message(e.value, "predict").startswith("predict: --threshold applies to binary checkpoints")
+
+
+def test_masks_that_read_as_background_only(synth, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synth, root)
+    train_ids = (root / "train.txt").read_text().split()
+    # one true negative: trains, with a note naming it
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / f"{train_ids[0]}.png")
+    train(data_root=str(root), out=str(tmp_path / "run"), **{**TINY, "epochs": 1, "stage": "1"})
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"note: 1 of 8 training masks read as background only ({train_ids[0]})" in log
+    # every training mask saved as 0/1 in a JPEG reads as background only: nothing to learn
+    for sid in train_ids:
+        mask = np.array(Image.open(synth / "masks" / f"{sid}.png")) > 0
+        (root / "masks" / f"{sid}.png").unlink()
+        Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / f"{sid}.jpg", quality=95)
+    with pytest.raises(DatasetError, match="every training mask .* reads as background only"):
+        train(data_root=str(root), out=str(tmp_path / "run2"), **{**TINY, "epochs": 1, "stage": "1"})
+    assert not (tmp_path / "run2").exists()

@@ -92,6 +92,14 @@ class SegmentationDataset(Dataset):
     def ids(self):
         return [s.id for s in self.samples]
 
+    def empty_masks(self):
+        """Ids of the pairs whose mask (at the dataset's size) holds no foreground, or None when the
+        pairs are not preloaded (finding out would decode every mask)."""
+        if self._cache is None:
+            return None
+        has_foreground = self._cache["mask"].flatten(1).amax(1) > 0
+        return [s.id for s, fg in zip(self.samples, has_foreground.tolist()) if not fg]
+
     def __len__(self):
         return len(self.samples)
 

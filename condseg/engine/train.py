@@ -197,9 +197,18 @@ class _Trainer:
         if self._preload(len(train_ds) + len(val_ds), h * w * (cfg.in_channels + 1)):
             train_ds = SegmentationDataset(root, **{**kw, **train_kw, "warn": quiet}, preload=True)
             val_ds = SegmentationDataset(root, **{**kw, **val_kw, "warn": quiet}, preload=True)
+        empty = train_ds.empty_masks()
+        if empty is not None and len(empty) == len(train_ds):
+            raise DatasetError(f"every training mask of {root} reads as background only: there is nothing to "
+                               f"learn. Masks stored at another scale (0/1 values saved as JPEG, 0/255 in 16 "
+                               f"bits) read so; `condseg data check {root}` names them", root)
         if self.ctx.is_main:
             self.log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation pairs from {root} "
                           f"({train_ds.layout.name} layout) at {h}x{w}")
+            if empty:  # true negatives, or masks at another scale: worth a line either way
+                self.log.info(f"note: {len(empty)} of {len(train_ds)} training masks read as background only "
+                              f"({format_ids(empty)}); `condseg data check {root}` tells masks stored at "
+                              f"another scale from empty ones")
             shared = shared_images(train_ds.samples, val_ds.samples)
             if shared:  # allowed (--val-split train watches the fit), but never silently
                 self.log.info(f"warning: {len(shared)} validation pair(s) are training pairs too "
