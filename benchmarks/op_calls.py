@@ -30,11 +30,12 @@ def kernel_times(run, device, iters):
             torch.cuda.synchronize()
     totals = {}
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA or device != "cuda":
-            if device != "cuda" and event.cpu_parent is not None:
-                continue  # top-level CPU ops only: children's time is inside their parents'
-            ms = event.time_range.elapsed_us() / 1000.0
-            totals[event.name] = totals.get(event.name, 0.0) + ms / iters
+        if device == "cuda":
+            keep = event.device_type == torch.autograd.DeviceType.CUDA
+        else:
+            keep = event.cpu_parent is None  # top-level ops only: children's time is inside their parents'
+        if keep:
+            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / 1000.0 / iters
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 

@@ -36,11 +36,12 @@ def report(path, span=100, top=20):
     if "Instructions Executed" not in col or "Source" not in col:
         raise SystemExit(f"{path}: no 'Source' and 'Instructions Executed' columns: not the source page of ncu as CSV")
     executed = [number(r[col["Instructions Executed"]]) for r in rows]
+    ops = [opcode(r[col["Source"]]) for r in rows]
     total = sum(executed) or 1.0
     out = [f"executed warp instructions: {total:,.0f}"]
     by_op = collections.Counter()
-    for r, n in zip(rows, executed):
-        by_op[opcode(r[col["Source"]])] += n
+    for op, n in zip(ops, executed):
+        by_op[op] += n
     out += [f"  {op:22s} {n / 1e6:8.2f}M {100 * n / total:5.1f}%" for op, n in by_op.most_common(top)]
     stalls = {name: sum(number(r[i]) for r in rows) for name, i in col.items()
               if name.startswith("stall_") and "Not Issued" not in name}
@@ -50,15 +51,15 @@ def report(path, span=100, top=20):
             for name, v in sorted(stalls.items(), key=lambda item: -item[1])[:12]]
     out.append(f"by address range ({span} SASS lines each; ranges under 0.5% left out):")
     for start in range(0, len(rows), span):
-        part = rows[start:start + span]
-        n = sum(executed[start:start + span])
+        end = min(start + span, len(rows))
+        n = sum(executed[start:end])
         if n < 0.005 * total:
             continue
-        ops = collections.Counter()
-        for r, k in zip(part, executed[start:start + span]):
-            ops[opcode(r[col["Source"]])] += k
-        mix = ", ".join(f"{op} {k / 1e6:.1f}M" for op, k in ops.most_common(6))
-        out.append(f"  lines {start:5d}-{start + len(part) - 1:5d} {n / 1e6:7.2f}M {100 * n / total:5.1f}% | {mix}")
+        mix = collections.Counter()
+        for op, k in zip(ops[start:end], executed[start:end]):
+            mix[op] += k
+        shown = ", ".join(f"{op} {k / 1e6:.1f}M" for op, k in mix.most_common(6))
+        out.append(f"  lines {start:5d}-{end - 1:5d} {n / 1e6:7.2f}M {100 * n / total:5.1f}% | {shown}")
     return "\n".join(out)
 
 

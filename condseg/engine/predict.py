@@ -15,6 +15,7 @@ from ..data.dataset import resize_image
 from ..data.errors import DatasetError
 from ..data.io import is_image_file, read_image
 from .builders import load_model
+from .folders import missing_folders, remove_empty
 from .runtime import resolve_device
 
 PALETTE = np.array([(0, 0, 0), (0, 255, 0), (255, 0, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255),
@@ -162,7 +163,7 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
         if path.is_symlink():
             path.unlink()
     new_files = [path for path in outputs if not path.exists()]
-    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
+    created = missing_folders(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _predict_files(model, state, files, stems, out_dir, overlay, probabilities, uncertainty, device,
@@ -172,10 +173,7 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
         # again needs no --overwrite; files it replaced (overwrite=True) stay replaced
         for path in new_files:
             path.unlink(missing_ok=True)
-        for folder in created:
-            if any(folder.iterdir()):
-                break
-            folder.rmdir()
+        remove_empty(created)
         raise
 
 

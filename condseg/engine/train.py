@@ -22,6 +22,7 @@ from ..models.encoders import read_weights_file
 from .builders import build_model, make_optimizer, make_scheduler, model_config
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .folders import missing_folders, remove_empty
 from .loops import CompileFailed, TrainingDiverged, memory_format, train_epoch, validate
 from .runlog import RunLog
 from .runtime import (amp_dtype, barrier, broadcast, close_distributed, denormals_flushed, gather,
@@ -135,8 +136,7 @@ class _Trainer:
             read_weights_file(cfg.encoder_weights)
         if cfg.stage1_checkpoint and not cfg.resume and Path(cfg.stage1_checkpoint).is_file():  # likewise
             self._stage1_source(cfg.stage1_checkpoint)
-        # the run folder and any parents this run makes (runs/ of runs/kvasir), deepest first
-        new_folders = [f for f in (self.run_dir, *self.run_dir.parents) if not f.exists()]
+        new_folders = missing_folders(self.run_dir)  # with any parents it makes (runs/ of runs/kvasir)
         if cfg.overwrite and ctx.is_main:  # everything a run writes (a new run may write less)
             for p in self.run_dir.glob("stage*_*.pt"):
                 p.unlink()
@@ -152,10 +152,7 @@ class _Trainer:
             self.log.close()
             if new_folders and ctx.is_main:  # bad data leaves no empty run folder behind
                 shutil.rmtree(self.run_dir, ignore_errors=True)
-                for folder in new_folders[1:]:
-                    if not folder.is_dir() or any(folder.iterdir()):
-                        break
-                    folder.rmdir()
+                remove_empty(new_folders)
             raise
 
     # -- data ---------------------------------------------------------------------------------
