@@ -16,14 +16,15 @@ block of pixels of one (batch, head):
   _mix_kernel          the same M for any K and Triton version (batched tl.dot on padded
                        [pixels, K2P, K2P] tiles: for K = 3 about ten times the issued instructions)
   _weight_kernel       Wt[b, g, d, r] from the K2 neighbours' rows of Mt (one pixel per thread)
+  _mixed_apply_kernel  the forward's weight and apply in one: each Wt_t[d] summed from Mt where used
   _apply_kernel        out[c, t] = sum_d Wt_t[d] V[c, t + d]; TRANSPOSED gives
                        grad_value[c, t] = sum_d Wt_{t-d}[d] G[c, t - d] (a gather too)
   _grad_weight_kernel  gWt[b, g, d, r] = sum_{c in head g} G[c, r] V[c, r + d]
   _softmax_bwd_kernel  gM_q[p, s] = gWt_{q+off(p)}[off(s) - off(p)] (0 outside the image),
                        gP_fg = gM P_bg^T, gP_bg = P_fg^T gM, gA = scale P (gP - rowsum(gP P))
-Forward: mix, weight, apply. Backward (only the inputs are saved): mix, weight, apply(transposed),
-grad_weight, softmax_bwd. Scratch: Mt (freed after weight) and Wt, both B*heads*H*W*(K^4 and
-(2K-1)^2) accumulator floats; the backward adds gWt, like Wt.
+Forward: mix, mixed_apply (or mix, weight, apply: FUSED_FORWARD). Backward (only the inputs are
+saved): mix, weight, apply(transposed), grad_weight, softmax_bwd. Scratch: Mt (B*heads*H*W*K^4
+accumulator floats, freed after use); the backward adds Wt and gWt (B*heads*H*W*(2K-1)^2 each).
 
 Registration: on a GPU the op is a ``torch.library.triton_op`` (kernels launched through
 ``wrap_triton``, so torch.compile sees them, no graph break). Under the Triton interpreter
@@ -107,6 +108,15 @@ if TRITON_AVAILABLE:
             triton.Config({"BLOCK_P": 256}, num_warps=4),
             triton.Config({"BLOCK_P": 512}, num_warps=4),
         ],
+        # BLOCK_C comes from the host (the head's channels, up to 64). At Cg = 32: 16 elements per
+        # thread (first three) or 8; 32 spill on sm_90.
+        "mixed_apply": [
+            triton.Config({"BLOCK_P": 64}, num_warps=4),
+            triton.Config({"BLOCK_P": 128}, num_warps=8),
+            triton.Config({"BLOCK_P": 32}, num_warps=2),
+            triton.Config({"BLOCK_P": 32}, num_warps=4),
+            triton.Config({"BLOCK_P": 64}, num_warps=8),
+        ],
         "grad_weight": [
             triton.Config({"BLOCK_P": 64}, num_warps=4),
             triton.Config({"BLOCK_P": 128}, num_warps=4),
@@ -120,6 +130,7 @@ if TRITON_AVAILABLE:
             "softmax_bwd": [triton.Config({"QS": 8192}, num_warps=4)],
             "apply": [triton.Config({"BLOCK_C": 64, "BLOCK_P": 128}, num_warps=4)],
             "weight": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
+            "mixed_apply": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
             "grad_weight": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
         }
     elif os.environ.get("CONDSEG_TRITON_AUTOTUNE", "1") == "0":
@@ -133,6 +144,11 @@ if TRITON_AVAILABLE:
     # decorated, and fails on a machine without one.
     FIXED_CONFIGS = {name: configs[0] for name, configs in _CONFIGS.items()}
     AUTOTUNED = not INTERPRET and torch.cuda.is_available()
+
+    # The forward sums each weight where the apply uses it (_mixed_apply_kernel: Wt never reaches
+    # global memory, one launch fewer); CONDSEG_TRITON_FUSED_FORWARD=0 runs the separate weight and
+    # apply kernels of the backward instead (benchmarks/op_calls.py times both).
+    FUSED_FORWARD = os.environ.get("CONDSEG_TRITON_FUSED_FORWARD", "1") != "0"
 
     def _tuned(name, key):
         if AUTOTUNED:
@@ -199,6 +215,16 @@ if TRITON_AVAILABLE:
         n_pb = tl.cdiv(HW, BLOCK_P)
         r = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
         return pid // n_pb, r, r < HW, r // W, r % W
+
+    @triton.jit
+    def _channel_block_rows(rest, C, HW, heads, Cg, BLOCK_C: tl.constexpr):
+        """rest (from _pixel_block) -> (batch*heads index bg, [BLOCK_C, 1] mask of the head's
+        channels in this channel block, their element offsets c * HW in a (B, C, H, W) tensor)."""
+        n_cb = tl.cdiv(Cg, BLOCK_C)
+        bg = rest // n_cb
+        cl = (rest % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+        rows = ((bg // heads).to(tl.int64) * C + (bg % heads) * Cg + cl[:, None]) * HW
+        return bg, cl[:, None] < Cg, rows
 
     # Tuples (of per-pixel vectors, indexed by constexpr) arrived in Triton 3.3.
     ROWS_MAX_K = 3 if TRITON_VERSION >= (3, 3) else 0
@@ -290,38 +316,48 @@ if TRITON_AVAILABLE:
         offs = (bg.to(tl.int64) * (K2 * K2) + (p * K2 + s)) * HW + q[:, None, None]
         tl.store(Mt + offs, prob, mask=qmask[:, None, None] & (p < K2) & (s < K2))
 
+    @triton.jit
+    def _offset_weight(m_ptr, hw, y, x, mask, H, W, dil, dyi, dxi: tl.constexpr, K: tl.constexpr):
+        """Wt_r[d] at the pixels r = (y, x) (0 where mask is off), d = (dyi - (K-1), dxi - (K-1)) *
+        dil: the sum over slots p, s with s = p + d of M_{r - off(p)}[p, s], read from Mt (at
+        m_ptr: planes p * K2 + s of stride hw). Only the slots p for which p + d is a slot are
+        loaded; dyi may be a runtime value, dxi is known at compile time."""
+        R: tl.constexpr = K // 2
+        K2: tl.constexpr = K * K
+        total = tl.zeros(y.shape, dtype=m_ptr.dtype.element_ty)
+        # Constexpr expressions stay inline: a plain assignment would make them runtime values,
+        # an annotated one cannot repeat in static_range.
+        for py in tl.static_range(K):
+            if (py + dyi >= K - 1) & (py + dyi < 2 * K - 1):  # s = p + d is a slot along y
+                qy = y - dil * (py - R)  # window centre q = r - off(p)
+                row_ok = mask & (qy >= 0) & (qy < H)
+                for px in tl.static_range(K):
+                    if px + dxi >= K - 1:  # and along x (known at compile time)
+                        if px + dxi < 2 * K - 1:
+                            qx = x - dil * (px - R)
+                            # Mt plane of (p, s) is p * K2 + s, and s = p + (d_y * K + d_x)
+                            plane = (py * K + px) * (K2 + 1) + (dyi - (K - 1)) * K + (dxi - (K - 1))
+                            total += tl.load(m_ptr + (plane * hw + (qy * W + qx)),
+                                             mask=row_ok & (qx >= 0) & (qx < W), other=0.0)
+        return total
+
     @_tuned("weight", key=["HW", "K"])
     @triton.jit
     def _weight_kernel(Mt, Wt, H, W, HW, dil, K: tl.constexpr, BLOCK_P: tl.constexpr):
         """Wt[b, g, d, r] = sum_p M_{r - off(p)}[p, p + d], one pixel r per thread: the sum over
         slots p stays inside the thread (a [slots, pixels] tile summed over slots needed shared
-        memory and barriers), and only the slots p for which p + d is a slot are loaded."""
-        R: tl.constexpr = K // 2
+        memory and barriers)."""
         K2: tl.constexpr = K * K
         D: tl.constexpr = (2 * K - 1) * (2 * K - 1)
         bg, r, rmask, y, x = _pixel_block(HW, W, BLOCK_P)
         hw = bg.to(tl.int64) * 0 + HW  # int64 plane stride (HW may arrive as a constexpr 1)
         m_ptr = Mt + bg.to(tl.int64) * (K2 * K2) * HW
         w_ptr = Wt + bg.to(tl.int64) * D * HW + r
-        # d = (dyi - (K-1), dxi - (K-1)) * dil: a runtime loop over its rows (unrolled, K = 7 would
-        # be (2K-1)^2 copies: slow to compile), unrolled along each row. Constexpr expressions
-        # stay inline: a plain assignment would make them runtime values, an annotated one cannot
-        # repeat in static_range.
+        # A runtime loop over the rows of offsets d (unrolled, K = 7 would be (2K-1)^2 copies:
+        # slow to compile), unrolled along each row.
         for dyi in range(2 * K - 1):
             for dxi in tl.static_range(2 * K - 1):
-                total = tl.zeros([BLOCK_P], dtype=Wt.dtype.element_ty)
-                for py in tl.static_range(K):
-                    if (py + dyi >= K - 1) & (py + dyi < 2 * K - 1):  # s = p + d is a slot along y
-                        qy = y - dil * (py - R)  # window centre q = r - off(p)
-                        row_ok = rmask & (qy >= 0) & (qy < H)
-                        for px in tl.static_range(K):
-                            if px + dxi >= K - 1:  # and along x (known at compile time)
-                                if px + dxi < 2 * K - 1:
-                                    qx = x - dil * (px - R)
-                                    # Mt plane of (p, s) is p * K2 + s, and s = p + (d_y * K + d_x)
-                                    plane = (py * K + px) * (K2 + 1) + (dyi - (K - 1)) * K + (dxi - (K - 1))
-                                    total += tl.load(m_ptr + (plane * hw + (qy * W + qx)),
-                                                     mask=row_ok & (qx >= 0) & (qx < W), other=0.0)
+                total = _offset_weight(m_ptr, hw, y, x, rmask, H, W, dil, dyi, dxi, K)
                 tl.store(w_ptr + (dyi * (2 * K - 1) + dxi) * hw, total, mask=rmask)
 
     @_tuned("apply", key=["HW", "Cg", "K", "TRANSPOSED"])
@@ -334,11 +370,7 @@ if TRITON_AVAILABLE:
         Transposed (grad of value): Out[c, t] = sum_d Wt_{t-d}[d] * X[c, t - d]."""
         D: tl.constexpr = (2 * K - 1) * (2 * K - 1)
         rest, t, tmask, y, x = _pixel_block(HW, W, BLOCK_P)
-        n_cb = tl.cdiv(Cg, BLOCK_C)
-        bg = rest // n_cb
-        cl = (rest % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cl[:, None] < Cg
-        rows = ((bg // heads).to(tl.int64) * C + (bg % heads) * Cg + cl[:, None]) * HW
+        bg, cmask, rows = _channel_block_rows(rest, C, HW, heads, Cg, BLOCK_C)
         x_ptr = X + rows
         hw = bg.to(tl.int64) * 0 + HW
         w_ptr = Wt + bg.to(tl.int64) * D * HW
@@ -364,6 +396,36 @@ if TRITON_AVAILABLE:
                     w = tl.load(w_ptr + ((dyi * (2 * K - 1) + dxi) * hw + t), mask=smask, other=0.0)
                 v = tl.load(x_ptr + src[None, :], mask=cmask & smask[None, :], other=0.0)
                 acc += w[None, :] * v.to(acc.dtype)  # no jit helper call in the loop: slow when interpreted
+        tl.store(Out + (rows + t[None, :]), acc.to(Out.dtype.element_ty), mask=cmask & tmask[None, :])
+
+    @_tuned("mixed_apply", key=["HW", "Cg", "K"])
+    @triton.jit
+    def _mixed_apply_kernel(
+        X, Mt, Out, C, H, W, HW, heads, Cg, dil,
+        K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """The forward's weight and apply steps in one: Out[c, t] = sum_d Wt_t[d] X[c, t + d] with
+        each Wt_t[d] summed from Mt where it is used (_offset_weight), so Wt never reaches global
+        memory. The host gives BLOCK_C >= Cg where it can (one channel block per head), else every
+        channel block sums the weights again."""
+        K2: tl.constexpr = K * K
+        rest, t, tmask, y, x = _pixel_block(HW, W, BLOCK_P)
+        bg, cmask, rows = _channel_block_rows(rest, C, HW, heads, Cg, BLOCK_C)
+        x_ptr = X + rows
+        hw = bg.to(tl.int64) * 0 + HW
+        m_ptr = Mt + bg.to(tl.int64) * (K2 * K2) * HW
+        acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=Mt.dtype.element_ty)
+        for dyi in range(2 * K - 1):  # a runtime loop over the rows of offsets, as in _apply_kernel
+            sy = y + dil * (dyi - (K - 1))
+            sy_ok = tmask & (sy >= 0) & (sy < H)
+            for dxi in tl.static_range(2 * K - 1):
+                sx = x + dil * (dxi - (K - 1))
+                smask = sy_ok & (sx >= 0) & (sx < W)
+                src = sy * W + sx
+                # weights only where the value they multiply lies inside the image
+                w = _offset_weight(m_ptr, hw, y, x, smask, H, W, dil, dyi, dxi, K)
+                v = tl.load(x_ptr + src[None, :], mask=cmask & smask[None, :], other=0.0)
+                acc += w[None, :] * v.to(acc.dtype)
         tl.store(Out + (rows + t[None, :]), acc.to(Out.dtype.element_ty), mask=cmask & tmask[None, :])
 
     @_tuned("grad_weight", key=["HW", "Cg", "K"])
@@ -462,10 +524,9 @@ if TRITON_AVAILABLE:
     def _acc_dtype(dtype):
         return torch.float64 if dtype == torch.float64 else torch.float32
 
-    def _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale):
-        """Wt (B, heads, (2K-1)^2, H*W) in the accumulator dtype, through M (B, heads, K^4, H*W)."""
+    def _mix(attn_fg, attn_bg, B, H, W, kernel_size, scale):
+        """Mt (B, heads, K^4, H*W) in the accumulator dtype: every pixel's M = P_fg @ P_bg."""
         heads, HW, k2 = attn_fg.shape[3], H * W, kernel_size * kernel_size
-        K2P = _k2p(kernel_size)
         dtype = _acc_dtype(attn_fg.dtype)
         mt = torch.empty((B, heads, k2 * k2, HW), dtype=dtype, device=attn_fg.device)
         args = (attn_fg, attn_fg if attn_bg is None else attn_bg, mt, HW, heads, scale)
@@ -473,10 +534,32 @@ if TRITON_AVAILABLE:
         if kernel_size <= ROWS_MAX_K:
             _launch(_mix_rows_kernel)[_rows_grid(B * heads, HW)](*args, **flags)
         else:
+            K2P = _k2p(kernel_size)
             _launch(_mix_kernel)[_tile_grid(B * heads, HW, K2P)](*args, K2P=K2P, **flags)
-        wt = mt.new_empty((B, heads, (2 * kernel_size - 1) ** 2, HW))
-        _launch(_weight_kernel)[_pixel_grid(B * heads, HW)](mt, wt, H, W, HW, dilation, K=kernel_size)
+        return mt
+
+    def _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale):
+        """Wt (B, heads, (2K-1)^2, H*W) in the accumulator dtype, through Mt (:func:`_mix`)."""
+        mt = _mix(attn_fg, attn_bg, B, H, W, kernel_size, scale)
+        wt = mt.new_empty((B, attn_fg.shape[3], (2 * kernel_size - 1) ** 2, H * W))
+        _launch(_weight_kernel)[_pixel_grid(B * attn_fg.shape[3], H * W)](mt, wt, H, W, H * W, dilation, K=kernel_size)
         return wt
+
+    def _mixed_apply(x, mt, kernel_size, dilation):
+        """The forward's output from Mt, the weights summed where they are used."""
+        B, C, H, W = x.shape
+        heads = mt.shape[1]
+        HW = H * W
+        cg = C // heads
+        block_c = _channel_block(cg)
+        out = torch.empty_like(x)
+
+        def grid(meta):
+            return (B * heads * triton.cdiv(cg, block_c) * triton.cdiv(HW, meta["BLOCK_P"]),)
+
+        _launch(_mixed_apply_kernel)[grid](x, mt, out, C, H, W, HW, heads, cg, dilation, K=kernel_size,
+                                           BLOCK_C=block_c)
+        return out
 
     def _apply(x, wt, kernel_size, dilation, transposed):
         B, C, H, W = x.shape
@@ -507,6 +590,8 @@ if TRITON_AVAILABLE:
         attn_fg = attn_fg.contiguous()
         attn_bg = None if attn_bg is None else attn_bg.contiguous()
         attn_fg, attn_bg, scale = _scale_in_float64(attn_fg, attn_bg, scale)
+        if FUSED_FORWARD:
+            return _mixed_apply(value, _mix(attn_fg, attn_bg, B, H, W, kernel_size, scale), kernel_size, dilation)
         wt = _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale)
         return _apply(value, wt, kernel_size, dilation, transposed=False)
 

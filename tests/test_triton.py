@@ -131,6 +131,24 @@ def test_tile_mix_kernel_matches_reference(case, monkeypatch):
 
 
 @runnable
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=["k3", "k5-h<k", "single-dil2"])
+def test_unfused_forward_matches_reference(case, monkeypatch):
+    """The forward sums its weights inside the apply (_mixed_apply_kernel); the separate weight
+    and apply kernels (FUSED_FORWARD off, and the backward) must give the same op."""
+    monkeypatch.setattr(tk, "FUSED_FORWARD", False)
+    check_against_reference(*inputs_for(case), case[5], case[6], 0.7)
+
+
+@runnable
+def test_fused_and_unfused_forward_agree(monkeypatch):
+    """Both forwards sum the same weights in the same order, so they agree to float32 rounding."""
+    value, fg, bg = make_inputs(2, 64, 9, 11, 2, 3, True)
+    fused = run_triton(value, fg, bg, 3, 1, 0.7, api=False)
+    monkeypatch.setattr(tk, "FUSED_FORWARD", False)
+    torch.testing.assert_close(run_triton(value, fg, bg, 3, 1, 0.7, api=False), fused, rtol=1e-6, atol=1e-6)
+
+
+@runnable
 @pytest.mark.parametrize("dual", [True, False], ids=["dual", "single"])
 def test_matches_reference_fp64(dual):
     check_against_reference(*fp64_inputs(dual), 3, 2, 0.9, api=False)
@@ -318,7 +336,7 @@ AOT_ARCHS = (89, 90)
 # kernel in every dtype with its first config.
 FULL_AOT_ARCHS = (90,)
 KERNEL_CONFIGS = {"_mix_rows_kernel": "mix_rows", "_mix_kernel": "mix", "_weight_kernel": "weight",
-                  "_apply_kernel": "apply", "_grad_weight_kernel": "grad_weight", "_softmax_bwd_kernel": "softmax_bwd"}
+                  "_mixed_apply_kernel": "mixed_apply", "_apply_kernel": "apply", "_grad_weight_kernel": "grad_weight", "_softmax_bwd_kernel": "softmax_bwd"}
 TL_DTYPES = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "fp64": "fp64"}  # input -> accumulator
 
 
@@ -361,6 +379,8 @@ def aot_specs(full=False):
                 specs.append(("_apply_kernel", dict(X="*" + dt, Wt="*" + acc, Out="*" + dt, **args),
                               dict(K=K, TRANSPOSED=transposed)))
             block_c = max(1, min(1 << (shape["Cg"] - 1).bit_length(), 64))
+            specs.append(("_mixed_apply_kernel", dict(X="*" + dt, Mt="*" + acc, Out="*" + dt, **args),
+                          dict(K=K, BLOCK_C=block_c)))
             for single in variants:
                 specs.append(("_grad_weight_kernel", dict(G="*" + dt, V="*" + dt, GW="*" + acc, **args),
                               dict(K=K, BLOCK_C=block_c if single else 8, SINGLE_CB=single)))
@@ -499,7 +519,7 @@ MAX_STACK_BYTES = 16
 def check_records(records, arch):
     assert records and all(r["arch"] == arch for r in records)
     kernels = {r["kernel"] for r in records}
-    assert kernels == {"_mix_kernel", "_weight_kernel", "_apply_kernel", "_grad_weight_kernel",
+    assert kernels == {"_mix_kernel", "_weight_kernel", "_mixed_apply_kernel", "_apply_kernel", "_grad_weight_kernel",
                        "_softmax_bwd_kernel"} | ({"_mix_rows_kernel"} if tk.ROWS_MAX_K else set())
     # No real register spills at K = 3 in the configurations the GPU autotuner picks from (fp64
     # excepted). A few bytes of stack frame come and go with the ptxas version (triton 3.6 on sm_89
