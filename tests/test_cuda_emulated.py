@@ -132,3 +132,13 @@ def test_huge_logits_stay_finite(emulated):
             assert torch.isfinite(t).all()
     expected = run_reference(value, fg, bg, grad_out)
     assert rel_err(run_emulated(emulated, value, fg, bg, grad_out)[0], expected[0]) <= TOLERANCES[torch.float32][0]
+
+
+def test_copies_from_outside_the_inputs_are_refused(emulated):
+    # The emulation lets cp.async read only the call's input tensors (a read past a tensor's end
+    # may fault on a GPU); every forward and backward above ran under that check.
+    t = torch.zeros(8)
+    emulated.copy_word_at(t, 28)  # the last word
+    for offset in (32, -4):
+        with pytest.raises(RuntimeError, match="outside every input tensor"):
+            emulated.copy_word_at(t, offset)

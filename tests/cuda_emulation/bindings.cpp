@@ -8,7 +8,63 @@
 #include "cuda/generic.cu"
 #include "cuda/contrast_aggregate_cuda.cu"
 
+namespace {
+
+// Registers the bytes of a call's (contiguous) inputs as the memory cp.async may read, for the
+// call's length (emu::check_readable).
+struct ReadableInputs {
+  explicit ReadableInputs(std::initializer_list<const at::Tensor*> tensors) {
+    for (const at::Tensor* t : tensors) {
+      if (!t->defined()) continue;
+      const char* begin = static_cast<const char*>(t->data_ptr());
+      emu::readable().emplace_back(begin, begin + t->numel() * t->element_size());
+    }
+  }
+  ~ReadableInputs() { emu::readable().clear(); }
+};
+
+at::Tensor contiguous(const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); }
+
+std::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The backend's entry points on contiguous inputs (theirs would copy non-contiguous ones, and
+// the kernels would read the copies).
+at::Tensor forward(const at::Tensor& value_in, const at::Tensor& fg_in, const std::optional<at::Tensor>& bg_in,
+                   int64_t kernel_size, int64_t dilation, double scale) {
+  const at::Tensor value = value_in.contiguous(), fg = fg_in.contiguous(), bg = contiguous(bg_in);
+  const ReadableInputs inputs({&value, &fg, &bg});
+  return condseg_ops::forward_cuda(value, fg, maybe(bg), kernel_size, dilation, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& value_in,
+                                                        const at::Tensor& fg_in, const std::optional<at::Tensor>& bg_in,
+                                                        int64_t kernel_size, int64_t dilation, double scale) {
+  const at::Tensor grad = grad_in.contiguous(), value = value_in.contiguous(), fg = fg_in.contiguous();
+  const at::Tensor bg = contiguous(bg_in);
+  const ReadableInputs inputs({&grad, &value, &fg, &bg});
+  return condseg_ops::backward_cuda(grad, value, fg, maybe(bg), kernel_size, dilation, scale);
+}
+
+// One thread copies the 4 bytes at t's data + offset with cp.async, t registered as the only
+// input: the tests check that copies from outside the inputs are refused.
+void copy_word_at(const at::Tensor& t, int64_t offset) {
+  const ReadableInputs inputs({&t});
+  const char* src = static_cast<const char*>(t.data_ptr()) + offset;
+  uint32_t word = 0;
+  auto kernel = [](uint32_t* dst, const char* from) {
+    condseg_ops::cuda::cp_async_4(dst, from);
+    condseg_ops::cuda::cp_async_commit();
+    condseg_ops::cuda::cp_async_wait<0>();
+  };
+  emu::launch(+kernel, dim3(1), dim3(1))(&word, src);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &condseg_ops::forward_cuda, "the CUDA backend's forward, emulated");
-  m.def("backward", &condseg_ops::backward_cuda, "the CUDA backend's backward, emulated");
+  m.def("forward", &forward, "the CUDA backend's forward, emulated");
+  m.def("backward", &backward, "the CUDA backend's backward, emulated");
+  m.def("copy_word_at", &copy_word_at, "a cp.async of 4 bytes from t's data + offset (emulation check)");
 }

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <utility>
 #include <vector>
@@ -73,6 +74,7 @@ struct Block {
   ucontext_t scheduler;
   std::function<void()> body;  // the kernel call, run by every thread
   int current = 0;
+  std::exception_ptr error;  // a failed check inside a thread, rethrown by the scheduler
 };
 
 inline Block& block() {
@@ -82,11 +84,28 @@ inline Block& block() {
 
 inline unsigned char* dynamic_shared_memory() { return block().shared.data(); }
 
+// The global memory cp.async may read: the op's input tensors, which bindings.cpp registers for
+// the length of each call (ReadableInputs). A copy from anywhere else (past a tensor's end, before
+// its start) is an error, as it may fault or read garbage on a GPU. Plain loads are not checked.
+inline std::vector<std::pair<const char*, const char*>>& readable() {
+  static std::vector<std::pair<const char*, const char*>> ranges;
+  return ranges;
+}
+
+inline void check_readable(const void* src, size_t bytes) {
+  const char* lo = static_cast<const char*>(src);
+  for (const auto& [begin, end] : readable())
+    if (lo >= begin && lo + bytes <= end) return;
+  TORCH_CHECK(readable().empty(), "emulated CUDA: thread ", block().current, " of block ", block().block_idx.x,
+              " copies ", bytes, " bytes with cp.async from outside every input tensor");
+}
+
 // cp.async: a 4-byte copy lands in shared memory only when a cp_async_wait leaves fewer groups
 // pending than its own, so a missing or too lax wait shows up as unwritten (NaN) shared memory.
 inline void cp_async_4(void* smem, const void* gmem) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(smem) % 4 == 0 && reinterpret_cast<uintptr_t>(gmem) % 4 == 0,
               "emulated CUDA: cp.async of 4 bytes between addresses that are not 4-byte aligned");
+  check_readable(gmem, 4);
   Block& b = block();
   b.open_copies[b.current].emplace_back(static_cast<uint32_t*>(smem), static_cast<const uint32_t*>(gmem));
 }
@@ -95,6 +114,7 @@ inline void cp_async_4(void* smem, const void* gmem) {
 inline void cp_async_16(void* smem, const void* gmem, bool fill) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(smem) % 16 == 0 && reinterpret_cast<uintptr_t>(gmem) % 16 == 0,
               "emulated CUDA: cp.async of 16 bytes between addresses that are not 16-byte aligned");
+  if (fill) check_readable(gmem, 16);
   static const uint32_t zero = 0;
   Block& b = block();
   for (int w = 0; w < 4; ++w)
@@ -124,9 +144,15 @@ inline void syncthreads() {
   swapcontext(&b.contexts[t], &b.scheduler);
 }
 
+// An exception cannot unwind past a fiber's first frame: a failed check is caught here and
+// rethrown by run_block, outside the fibers.
 inline void fiber_entry() {
   Block& b = block();
-  b.body();
+  try {
+    b.body();
+  } catch (...) {
+    b.error = std::current_exception();
+  }
   b.finished[b.current] = true;
   swapcontext(&b.contexts[b.current], &b.scheduler);
 }
@@ -161,6 +187,7 @@ inline void run_block(int threads) {
       b.current = t;
       b.thread_idx = dim3(t);
       swapcontext(&b.scheduler, &b.contexts[t]);
+      if (b.error) std::rethrow_exception(std::exchange(b.error, nullptr));
       if (b.finished[t]) continue;
       ++live;
       TORCH_CHECK(barrier < 0 || b.barriers[t] == barrier, "emulated CUDA: thread ", t, " of block ",
