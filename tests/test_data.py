@@ -44,6 +44,10 @@ def test_folder_layout_and_splits(folder):
     assert item["mask"].shape == (1, 32, 32) and set(item["mask"].unique().tolist()) == {0, 1}
     pre = SegmentationDataset(folder, "train", image_size=32, preload=True)
     assert torch.equal(pre[1]["image"], ds[1]["image"]) and torch.equal(pre[1]["mask"], ds[1]["mask"])
+    later = SegmentationDataset(folder, "train", image_size=32)
+    assert later.empty_masks() is None  # not known before the pairs are decoded
+    later.load_all()
+    assert torch.equal(later._cache["mask"], pre._cache["mask"]) and later.empty_masks() == pre.empty_masks()
     sub = SegmentationDataset(folder, str(folder / "val.txt"), image_size=(32, 48), ids=["a3"])
     assert sub.ids == ["a3"] and sub[0]["image"].shape == (3, 32, 48)
 

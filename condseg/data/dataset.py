@@ -84,9 +84,14 @@ class SegmentationDataset(Dataset):
                                    f"split ({Path(root) / 'val.txt'}, one id per line)", root)
         self._cache = None
         if preload:
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                items = list(pool.map(self._load, range(len(self.samples))))
-            self._cache = {k: torch.stack([it[k] for it in items]) for k in ("image", "mask")}
+            self.load_all()
+
+    def load_all(self):
+        """Decodes every pair once, in threads, and serves them from memory from then on (what
+        ``preload=True`` does at construction)."""
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            items = list(pool.map(self._load, range(len(self.samples))))
+        self._cache = {k: torch.stack([it[k] for it in items]) for k in ("image", "mask")}
 
     @property
     def ids(self):

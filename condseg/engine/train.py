@@ -192,8 +192,8 @@ class _Trainer:
         train_ds = SegmentationDataset(root, **{**kw, **train_kw})
         val_ds = SegmentationDataset(root, **{**kw, **val_kw})
         if self._preload(len(train_ds) + len(val_ds), h * w * (cfg.in_channels + 1)):
-            train_ds = SegmentationDataset(root, **{**kw, **train_kw, "warn": quiet}, preload=True)
-            val_ds = SegmentationDataset(root, **{**kw, **val_kw, "warn": quiet}, preload=True)
+            train_ds.load_all()
+            val_ds.load_all()
         empty = train_ds.empty_masks()
         if empty is not None and len(empty) == len(train_ds):
             raise DatasetError(f"every training mask of {root} reads as background only: there is nothing to "
