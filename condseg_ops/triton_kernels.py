@@ -22,7 +22,7 @@ block of pixels of one (batch, head):
   _grad_weight_kernel  gWt[b, g, d, r] = sum_{c in head g} G[c, r] V[c, r + d]
   _softmax_bwd_kernel  gM_q[p, s] = gWt_{q+off(p)}[off(s) - off(p)] (0 outside the image),
                        gP_fg = gM P_bg^T, gP_bg = P_fg^T gM, gA = scale P (gP - rowsum(gP P))
-Forward: mix, mixed_apply (or mix, weight, apply: FUSED_FORWARD). Backward (only the inputs are
+Forward: mix, mixed_apply (2-byte types, or FUSED_FORWARD off: mix, weight, apply). Backward (only the inputs are
 saved): mix, weight, apply(transposed), grad_weight, softmax_bwd. Scratch: Mt (B*heads*H*W*K^4
 accumulator floats, freed after use); the backward adds Wt and gWt (B*heads*H*W*(2K-1)^2 each).
 
@@ -108,8 +108,8 @@ if TRITON_AVAILABLE:
             triton.Config({"BLOCK_P": 256}, num_warps=4),
             triton.Config({"BLOCK_P": 512}, num_warps=4),
         ],
-        # BLOCK_C comes from the host (the head's channels, up to 64). At Cg = 32: 16 elements per
-        # thread (first three) or 8; 32 spill on sm_90.
+        # BLOCK_C comes from the host (the head's channels, up to 64). At Cg = 32 in float32: 16
+        # elements per thread (first three) or 8; 32 spill on sm_90.
         "mixed_apply": [
             triton.Config({"BLOCK_P": 64}, num_warps=4),
             triton.Config({"BLOCK_P": 128}, num_warps=8),
@@ -145,9 +145,11 @@ if TRITON_AVAILABLE:
     FIXED_CONFIGS = {name: configs[0] for name, configs in _CONFIGS.items()}
     AUTOTUNED = not INTERPRET and torch.cuda.is_available()
 
-    # The forward sums each weight where the apply uses it (_mixed_apply_kernel: Wt never reaches
-    # global memory, one launch fewer); CONDSEG_TRITON_FUSED_FORWARD=0 runs the separate weight and
-    # apply kernels of the backward instead (benchmarks/op_calls.py times both).
+    # The forward of 4- and 8-byte types sums each weight where the apply uses it
+    # (_mixed_apply_kernel: Wt never reaches global memory, one launch fewer). 2-byte types keep the
+    # backward's separate weight and apply kernels: their 16-byte vectors give each thread 8 pixel
+    # columns, whose weights it all sums, and Triton 3.6 spills that kernel. So does
+    # CONDSEG_TRITON_FUSED_FORWARD=0 for every type (benchmarks/op_calls.py times both).
     FUSED_FORWARD = os.environ.get("CONDSEG_TRITON_FUSED_FORWARD", "1") != "0"
 
     def _tuned(name, key):
@@ -317,11 +319,11 @@ if TRITON_AVAILABLE:
         tl.store(Mt + offs, prob, mask=qmask[:, None, None] & (p < K2) & (s < K2))
 
     @triton.jit
-    def _offset_weight(m_ptr, hw, y, x, mask, H, W, dil, dyi, dxi: tl.constexpr, K: tl.constexpr):
+    def _offset_weight(m_ptr, hw, y, x, mask, H, W, dil, dyi, dxi, K: tl.constexpr):
         """Wt_r[d] at the pixels r = (y, x) (0 where mask is off), d = (dyi - (K-1), dxi - (K-1)) *
         dil: the sum over slots p, s with s = p + d of M_{r - off(p)}[p, s], read from Mt (at
         m_ptr: planes p * K2 + s of stride hw). Only the slots p for which p + d is a slot are
-        loaded; dyi may be a runtime value, dxi is known at compile time."""
+        loaded; dyi and dxi may be runtime values."""
         R: tl.constexpr = K // 2
         K2: tl.constexpr = K * K
         total = tl.zeros(y.shape, dtype=m_ptr.dtype.element_ty)
@@ -332,8 +334,7 @@ if TRITON_AVAILABLE:
                 qy = y - dil * (py - R)  # window centre q = r - off(p)
                 row_ok = mask & (qy >= 0) & (qy < H)
                 for px in tl.static_range(K):
-                    if px + dxi >= K - 1:  # and along x (known at compile time)
-                        if px + dxi < 2 * K - 1:
+                    if (px + dxi >= K - 1) & (px + dxi < 2 * K - 1):  # and along x
                             qx = x - dil * (px - R)
                             # Mt plane of (p, s) is p * K2 + s, and s = p + (d_y * K + d_x)
                             plane = (py * K + px) * (K2 + 1) + (dyi - (K - 1)) * K + (dxi - (K - 1))
@@ -415,10 +416,12 @@ if TRITON_AVAILABLE:
         hw = bg.to(tl.int64) * 0 + HW
         m_ptr = Mt + bg.to(tl.int64) * (K2 * K2) * HW
         acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=Mt.dtype.element_ty)
-        for dyi in range(2 * K - 1):  # a runtime loop over the rows of offsets, as in _apply_kernel
+        # Runtime loops over both coordinates of the offsets: with the columns unrolled (as in
+        # _apply_kernel), Triton 3.6 hoists the weights' loads of a whole row and spills.
+        for dyi in range(2 * K - 1):
             sy = y + dil * (dyi - (K - 1))
             sy_ok = tmask & (sy >= 0) & (sy < H)
-            for dxi in tl.static_range(2 * K - 1):
+            for dxi in range(2 * K - 1):
                 sx = x + dil * (dxi - (K - 1))
                 smask = sy_ok & (sx >= 0) & (sx < W)
                 src = sy * W + sx
@@ -590,7 +593,7 @@ if TRITON_AVAILABLE:
         attn_fg = attn_fg.contiguous()
         attn_bg = None if attn_bg is None else attn_bg.contiguous()
         attn_fg, attn_bg, scale = _scale_in_float64(attn_fg, attn_bg, scale)
-        if FUSED_FORWARD:
+        if FUSED_FORWARD and value.element_size() >= 4:
             return _mixed_apply(value, _mix(attn_fg, attn_bg, B, H, W, kernel_size, scale), kernel_size, dilation)
         wt = _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale)
         return _apply(value, wt, kernel_size, dilation, transposed=False)

@@ -379,8 +379,9 @@ def aot_specs(full=False):
                 specs.append(("_apply_kernel", dict(X="*" + dt, Wt="*" + acc, Out="*" + dt, **args),
                               dict(K=K, TRANSPOSED=transposed)))
             block_c = max(1, min(1 << (shape["Cg"] - 1).bit_length(), 64))
-            specs.append(("_mixed_apply_kernel", dict(X="*" + dt, Mt="*" + acc, Out="*" + dt, **args),
-                          dict(K=K, BLOCK_C=block_c)))
+            if dt in ("fp32", "fp64"):  # the forward of 4- and 8-byte types only
+                specs.append(("_mixed_apply_kernel", dict(X="*" + dt, Mt="*" + acc, Out="*" + dt, **args),
+                              dict(K=K, BLOCK_C=block_c)))
             for single in variants:
                 specs.append(("_grad_weight_kernel", dict(G="*" + dt, V="*" + dt, GW="*" + acc, **args),
                               dict(K=K, BLOCK_C=block_c if single else 8, SINGLE_CB=single)))
