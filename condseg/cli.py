@@ -152,6 +152,9 @@ def _commands(argv):
     p.add_argument("--stage1-epochs", type=int, default=2, help="stage-1 epochs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     commands["demo"] = p
+    if not argv:  # a bare `condseg`: what it can do, not just the missing argument
+        parser.print_help()
+        raise SystemExit(2)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would blame the top-level parser and print its usage, not the command's
         commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -160,8 +163,14 @@ def _commands(argv):
 
 def _train(a):
     from .engine import train
+    from .engine.runtime import resolve_device, threads_for_a_busy_cpu
     options = {k: v for k, v in vars(a).items() if k != "command"}
-    result = train(**options)
+    # one process on a busy CPU: train on the idle cores' worth of threads (torchrun's ranks share
+    # the CPU by design, and torchrun sets their OMP_NUM_THREADS)
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    device = resolve_device(getattr(a, "device", None)) if alone else "distributed"
+    with threads_for_a_busy_cpu(device, lambda message: print(message, flush=True), "training"):
+        result = train(**options)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {result.best_checkpoint}")
         print(json.dumps(result.best_metrics, indent=2))
@@ -205,7 +214,7 @@ def _demo(a):
 def _message(error, command):
     """What to print for ``error``. An error raised in a DataLoader worker comes back with the
     worker's whole traceback as its message: print the original error's own line instead. A
-    message naming an option in both forms ("x=1 (CLI: --x)") keeps the flag. Training errors name
+    message naming an option in both forms ("x=1 (CLI: --x)", "x='2' (CLI: --x 2)") keeps the flag. Training errors name
     the flags of the fields they name (image_size -> --image-size; a name without an underscore
     only as "lr=...", since plain words could be anything else), except inside paths."""
     text = str(error)
@@ -213,7 +222,7 @@ def _message(error, command):
         last = text.strip().splitlines()[-1]  # "package.module.ErrorClass: the original message"
         text = last.split(": ", 1)[-1]
     # "skip_missing=True (CLI: --skip-missing)" names both forms: the command line needs the flag
-    text = re.sub(r"\b\w+=\S+ \(CLI: (--[\w-]+)\)", r"\1", text)
+    text = re.sub(r"\b\w+=\S+ \(CLI: (--[\w-]+(?: [^()\s]+)?)\)", r"\1", text)
     if command == "train":
         # not inside a path or a longer name (data/image_size/val.txt stays as it is)
         edge_before, edge_after = r"(?<![\w/\\.-])", r"(?![\w/\\-]|\.\w)"

@@ -256,7 +256,7 @@ def test_demo_on_a_busy_cpu_takes_the_idle_cores_only(tmp_path, monkeypatch):
     thread, 2 cores beside two busy processes): it trains on the idle cores' worth of threads, says
     so, and gives the caller's thread count back."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(demo, "idle_cpus", lambda: 0.3)
+    monkeypatch.setattr(runtime, "idle_cpus", lambda: 0.3)
     seen, said, real_train = [], [], demo.train
 
     def spy_train(**kwargs):
@@ -302,3 +302,54 @@ def test_demo_command(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "validation: mDSC" in out and "predictions" in out
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_train_on_a_busy_cpu_takes_the_idle_cores_only(busy, monkeypatch, capsys, tmp_path):
+    """`condseg train` on the CPU does as the demo: beside busy processes (a user's run took 399 s
+    for a stage-1 epoch with 2 threads, 44 s with one) it trains on the idle cores' worth of threads
+    and says how to choose; OMP_NUM_THREADS, when set, is left alone."""
+    import condseg.engine
+    seen = []
+
+    def record(**options):
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(condseg.engine, "train", record)
+    monkeypatch.setattr(runtime, "idle_cpus", lambda: 0.6 if busy else 2.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        main(["train", "data", "--out", str(tmp_path / "run"), "--device", "cpu"])
+        said = capsys.readouterr().out
+        assert seen == [1 if busy else 2] and torch.get_num_threads() == 2
+        assert ("training runs on 1 thread(s) instead of 2 (set OMP_NUM_THREADS" in said) == busy
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        main(["train", "data", "--out", str(tmp_path / "run"), "--device", "cpu"])
+        assert seen[-1] == 2 and "thread(s) instead of" not in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bare_command_prints_the_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main([])
+    out = capsys.readouterr().out
+    assert done.value.code == 2 and "usage: condseg" in out and "train" in out and "predict" in out
+
+
+def test_refusals_name_flags_the_command_line_takes(tmp_path, capsys):
+    """Messages naming options in both forms print the flag as the command line takes it (they
+    once said "pass --resume=True (--resume)", and argparse refuses --resume=True)."""
+    root = make_synthetic_dataset(tmp_path / "d", train=4, val=2, size=32)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stage1_last.pt").write_bytes(b"")
+    assert main(["train", str(root), "--out", str(run), "--epochs", "1", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "pass --resume to continue it or --overwrite" in err and "=True" not in err
+    assert main(["train", str(root), "--out", str(tmp_path / "r2"), "--stage1-checkpoint", "s1.pt", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "--stage1-checkpoint is for --stage 2: with --stage both the run" in err and "='" not in err

@@ -480,7 +480,7 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "none.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="cannot load"):
+    with pytest.raises(CheckpointError, match="cannot load .*not a file written by torch.save"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not a condseg checkpoint"):
@@ -500,6 +500,8 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="cannot load") as refused:
         load_checkpoint(tmp_path / "val.txt")
     assert "\x1b" not in str(refused.value)
+    # and says so plainly, not with the unpickler's internals (it was "IndexError: pop from empty list")
+    assert "not a file written by torch.save" in str(refused.value) and "Error" not in str(refused.value)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
@@ -641,7 +643,10 @@ def test_overwrite_clears_the_old_run_and_the_log_has_each_epochs_lr(synth, tmp_
     assert (out / "splits").is_dir()
     # cosine over 2 epochs: epoch 1 trains at the full rate, epoch 2 at half (the rows once showed
     # the rate after the epoch's scheduler step: 5e-4, then 0)
-    assert [float(r["lr"]) for r in csv.DictReader(open(out / "log.csv"))] == pytest.approx([1e-3, 5e-4])
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, 5e-4])
+    # one rate for the whole network: the encoder's column shows it too (it was left blank)
+    assert [float(r["lr_encoder"]) for r in rows] == pytest.approx([1e-3, 5e-4])
     train(data_root=str(synth), out=str(out), overwrite=True, **one)
     assert not (out / "splits").exists()  # the new run used val.txt: no stale hold-out ids
 

@@ -62,6 +62,11 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # not a torch file, truncated file, foreign pickle, ...
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head.startswith((b"PK", b"\x80")):  # neither torch.save's zip nor a pickle: say so plainly
+            raise CheckpointError(f"cannot load checkpoint {path}: not a file written by torch.save, so not a "
+                                  f"condseg checkpoint (those are the .pt files that training writes)") from None
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch marks words bold with terminal codes
         first_line = (plain.strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot load checkpoint {path}: not a condseg checkpoint, or a damaged one "

@@ -90,8 +90,9 @@ class TrainConfig:
                              f"got {size!r}")
         check_decoder_channels(self.decoder_channels)  # now, not when stage 2 builds its network
         if self.stage1_checkpoint and self.stage != "2":
-            raise ValueError(f"stage1_checkpoint is for stage='2' (--stage 2): with stage={self.stage!r} the run "
-                             f"trains its own stage 1 and stage 2 starts from that")
+            raise ValueError(f"stage1_checkpoint is for stage='2' (CLI: --stage 2): with stage={self.stage!r} "
+                             f"(CLI: --stage {self.stage}) the run trains its own stage 1 and stage 2 starts "
+                             f"from that")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: pass one of them")
 

@@ -1,6 +1,4 @@
 """The demo: synthetic data, a small two-stage training run on CPU, evaluation and overlays."""
-import contextlib
-import os
 from pathlib import Path
 
 import torch
@@ -8,7 +6,7 @@ import torch
 from ..data.synthetic import make_synthetic_dataset
 from .evaluate import evaluate, evaluation_files
 from .predict import predict
-from .runtime import idle_cpus, threads_for_idle_cpus
+from .runtime import threads_for_a_busy_cpu
 from .train import train
 
 DEMO = dict(image_size=64, batch_size=8, encoder="resnet18", decoder_channels=16, stage1_lr=1e-3, lr=1e-3,
@@ -20,28 +18,8 @@ def run_demo(out="condseg-demo", train_images=96, val_images=32, epochs=8, stage
     """Make synthetic data in ``out/data``, train both stages into ``out/run``, evaluate on the
     validation split (``out/eval.json``, ``out/eval.csv``) and write overlays of the validation images
     (``out/predictions``). Returns a dict of those paths and the evaluation summary."""
-    with _threads_for_a_busy_cpu(device, echo):
+    with threads_for_a_busy_cpu(device, echo, "the demo"):
         return _run(Path(out), train_images, val_images, epochs, stage1_epochs, device, seed, echo, options)
-
-
-@contextlib.contextmanager
-def _threads_for_a_busy_cpu(device, echo):
-    """On a CPU that other processes keep busy, fewer torch threads for the demo's duration (see
-    threads_for_idle_cpus); OMP_NUM_THREADS, when set, is the user's choice and left alone."""
-    before = torch.get_num_threads()
-    if str(device) != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    idle = idle_cpus()
-    threads = threads_for_idle_cpus(before, idle)
-    if threads < before:
-        echo(f"other processes keep this CPU busy (about {idle:.1f} of its cores idle): "
-             f"the demo runs on {threads} thread(s) instead of {before}")
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(out, train_images, val_images, epochs, stage1_epochs, device, seed, echo, options):

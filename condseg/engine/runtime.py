@@ -97,10 +97,31 @@ def idle_cpus(seconds=0.25, stat="/proc/stat"):
 
 
 def threads_for_idle_cpus(threads, idle):
-    """Intra-op threads for a short CPU job: no more than the idle CPUs (at least one). On a busy
+    """Intra-op threads for a CPU job: no more than the idle CPUs (at least one). On a busy
     CPU, OpenMP threads wait for each other at every short parallel region: the demo took 543 s
     with 2 threads beside two busy processes on 2 cores, 34 s with 1 (38 s against 19 s beside one)."""
     return threads if idle is None else max(1, min(threads, round(idle)))
+
+
+@contextlib.contextmanager
+def threads_for_a_busy_cpu(device, echo, job):
+    """On a CPU that other processes keep busy, fewer torch threads for ``job``'s duration (see
+    threads_for_idle_cpus), said through ``echo``; OMP_NUM_THREADS, when set, is the user's choice
+    and left alone, and so is any device other than the CPU."""
+    before = torch.get_num_threads()
+    if str(device) != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    idle = idle_cpus()
+    threads = threads_for_idle_cpus(before, idle)
+    if threads < before:
+        echo(f"other processes keep this CPU busy (about {idle:.1f} of its cores idle): {job} runs on "
+             f"{threads} thread(s) instead of {before} (set OMP_NUM_THREADS to choose)")
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed):

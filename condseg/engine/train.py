@@ -127,7 +127,7 @@ class _Trainer:
         existing = sorted(self.run_dir.glob("stage*_last.pt"))
         if existing and not (cfg.resume or cfg.overwrite):
             raise FileExistsError(f"{self.run_dir} already holds a run ({existing[0].name}); pass "
-                                  f"resume=True (--resume) to continue it or overwrite=True (--overwrite)")
+                                  f"resume=True (CLI: --resume) to continue it or overwrite=True (CLI: --overwrite)")
         if cfg.resume and not existing:
             raise FileNotFoundError(f"nothing to resume: no stage*_last.pt in {self.run_dir}")
         # said in the log once the stage's own resume checks have passed (_run_stage)
@@ -468,7 +468,7 @@ class _Trainer:
             if scheduler is not None:
                 scheduler.step(val["val_loss"]) if cfg.scheduler == "plateau" else scheduler.step()
             row = {"stage": stage, "epoch": epoch + 1, **stats, **val,
-                   "lr": groups.get("rest", groups.get("all")), "lr_encoder": groups.get("encoder"),
+                   "lr": groups.get("rest", groups.get("all")), "lr_encoder": groups.get("encoder", groups.get("all")),
                    "seconds": round(time.perf_counter() - t0, 2)}
             history.append(row)
             improved = val["val_mDSC"] > best
