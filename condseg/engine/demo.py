@@ -1,8 +1,6 @@
 """The demo: synthetic data, a small two-stage training run on CPU, evaluation and overlays."""
 from pathlib import Path
 
-import torch
-
 from ..data.synthetic import make_synthetic_dataset
 from .evaluate import evaluate, evaluation_files
 from .predict import predict
