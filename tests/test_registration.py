@@ -1,7 +1,6 @@
 """The op as a torch custom op: backend dispatch, opcheck, torch.compile, autocast."""
 import logging
 import threading
-from pathlib import Path
 
 import pytest
 import torch
