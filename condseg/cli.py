@@ -214,9 +214,10 @@ def _demo(a):
 def _message(error, command):
     """What to print for ``error``. An error raised in a DataLoader worker comes back with the
     worker's whole traceback as its message: print the original error's own line instead. A
-    message naming an option in both forms ("x=1 (CLI: --x)", "x='2' (CLI: --x 2)") keeps the flag. Training errors name
-    the flags of the fields they name (image_size -> --image-size; a name without an underscore
-    only as "lr=...", since plain words could be anything else), except inside paths."""
+    message naming an option in both forms ("x=1 (CLI: --x)", "x='2' (CLI: --x 2)") keeps the
+    flag (and its value). Training errors name the flags of the fields they name (image_size ->
+    --image-size; a name without an underscore only as "lr=...", since plain words could be
+    anything else), except inside paths."""
     text = str(error)
     if "Original Traceback" in text:
         last = text.strip().splitlines()[-1]  # "package.module.ErrorClass: the original message"

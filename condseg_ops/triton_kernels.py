@@ -543,9 +543,10 @@ if TRITON_AVAILABLE:
 
     def _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale):
         """Wt (B, heads, (2K-1)^2, H*W) in the accumulator dtype, through Mt (:func:`_mix`)."""
+        heads, HW = attn_fg.shape[3], H * W
         mt = _mix(attn_fg, attn_bg, B, H, W, kernel_size, scale)
-        wt = mt.new_empty((B, attn_fg.shape[3], (2 * kernel_size - 1) ** 2, H * W))
-        _launch(_weight_kernel)[_pixel_grid(B * attn_fg.shape[3], H * W)](mt, wt, H, W, H * W, dilation, K=kernel_size)
+        wt = mt.new_empty((B, heads, (2 * kernel_size - 1) ** 2, HW))
+        _launch(_weight_kernel)[_pixel_grid(B * heads, HW)](mt, wt, H, W, HW, dilation, K=kernel_size)
         return wt
 
     def _mixed_apply(x, mt, kernel_size, dilation):

@@ -336,7 +336,8 @@ AOT_ARCHS = (89, 90)
 # kernel in every dtype with its first config.
 FULL_AOT_ARCHS = (90,)
 KERNEL_CONFIGS = {"_mix_rows_kernel": "mix_rows", "_mix_kernel": "mix", "_weight_kernel": "weight",
-                  "_mixed_apply_kernel": "mixed_apply", "_apply_kernel": "apply", "_grad_weight_kernel": "grad_weight", "_softmax_bwd_kernel": "softmax_bwd"}
+                  "_mixed_apply_kernel": "mixed_apply", "_apply_kernel": "apply",
+                  "_grad_weight_kernel": "grad_weight", "_softmax_bwd_kernel": "softmax_bwd"}
 TL_DTYPES = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "fp64": "fp64"}  # input -> accumulator
 
 
@@ -520,8 +521,8 @@ MAX_STACK_BYTES = 16
 def check_records(records, arch):
     assert records and all(r["arch"] == arch for r in records)
     kernels = {r["kernel"] for r in records}
-    assert kernels == {"_mix_kernel", "_weight_kernel", "_mixed_apply_kernel", "_apply_kernel", "_grad_weight_kernel",
-                       "_softmax_bwd_kernel"} | ({"_mix_rows_kernel"} if tk.ROWS_MAX_K else set())
+    assert kernels == {"_mix_kernel", "_weight_kernel", "_mixed_apply_kernel", "_apply_kernel",
+                       "_grad_weight_kernel", "_softmax_bwd_kernel"} | ({"_mix_rows_kernel"} if tk.ROWS_MAX_K else set())
     # No real register spills at K = 3 in the configurations the GPU autotuner picks from (fp64
     # excepted). A few bytes of stack frame come and go with the ptxas version (triton 3.6 on sm_89
     # gives _weight_kernel 8 bytes): only frames past MAX_STACK_BYTES count.
