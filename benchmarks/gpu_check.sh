@@ -10,7 +10,8 @@
 # out the fps and profile stages),
 # SKIP_BUILD=1 (the package is installed already: the build stage only checks it), GPU_CHECK_TESTS
 # (default "cuda triton": which of tests/test_cuda.py and tests/test_triton.py run; "cuda" alone
-# saves the Triton tests' two minutes when only the CUDA kernels changed).
+# saves the Triton tests' two minutes when only the CUDA kernels changed; with the Triton tests
+# comes a stage that times the Triton forward fused and split).
 # Output: $OUT/summary.txt (the op and fps tables and the stages: the console's tail may be all a
 # caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl, profile_bf16.txt and
 # profile_train.txt (when benchmarks/fps.py exists), and logs.tar.gz with build.log, op_bench.log, fps.log and
@@ -111,6 +112,24 @@ export -f bench
 rm -f "$OUT/op_bench.jsonl"
 run_stage op-bench 150 30 bash -c bench
 
+# 3b. With the Triton tests: its float32 forward fused (the default) and split, kernel by kernel,
+# to tell which should be the default (benchmarks/op_calls.py --kernels, about a minute).
+if [[ $TESTS == *" triton "* ]]; then
+  triton_forward() {
+    (
+      for fused in 1 0; do
+        echo "--- CONDSEG_TRITON_FUSED_FORWARD=$fused"
+        CONDSEG_TRITON_FUSED_FORWARD=$fused $PY -P benchmarks/op_calls.py --backends triton --dtypes float32 \
+          --kernels || exit 1
+      done
+    ) 2>&1 | (trap '' INT; exec tee "$OUT/triton_forward.log")
+    return "${PIPESTATUS[0]}"
+  }
+  export -f triton_forward
+  rm -f "$OUT/triton_forward.log"
+  run_stage triton-forward 100 25 bash -c triton_forward
+fi
+
 # 4. End-to-end benchmark: only when benchmarks/fps.py exists (its arguments: FPS_ARGS).
 if [[ -f benchmarks/fps.py && ${FPS_LIMIT_S:-90} != 0 ]]; then
   # >>> end-to-end benchmark (benchmarks/fps.py) <<<
@@ -153,6 +172,11 @@ op_bench.print_bars(rows, True)
 EOF
   else
     echo "(no benchmark rows)"
+  fi
+  if [[ -s "$OUT/triton_forward.log" ]]; then
+    echo
+    echo "=== Triton float32 forward, fused (default) and split (op_calls.py --kernels)"
+    grep -E "^--- |forward: " "$OUT/triton_forward.log" || true
   fi
   if [[ -s "$OUT/fps.jsonl" ]]; then
     echo

@@ -71,6 +71,7 @@ def test_gpu_check_runs_the_chosen_tests_and_stages(tmp_path):
     assert len(tests) == 1 and tests[0].endswith("tests/test_cuda.py")  # not the Triton tests
     assert any("benchmarks/op_bench.py" in c for c in calls)
     assert not any("fps.py" in c or "profile_model.py" in c for c in calls)  # FPS_LIMIT_S=0: no fps stage
+    assert not any("op_calls.py" in c for c in calls)  # the Triton forward's stage comes with its tests
     assert "op-bench       ok" in proc.stdout and "fps" not in proc.stdout.split("=== gpu_check stages")[1]
 
 
@@ -78,3 +79,6 @@ def test_gpu_check_runs_both_test_files_by_default(tmp_path):
     proc, calls = run_gpu_check(tmp_path, FPS_LIMIT_S="0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [c.split()[-1] for c in calls if "-m pytest" in c] == ["tests/test_cuda.py", "tests/test_triton.py"]
+    # the Triton forward timed twice (fused, then split), and its stage in the table
+    assert len([c for c in calls if "op_calls.py --backends triton --dtypes float32 --kernels" in c]) == 2
+    assert "triton-forward ok" in proc.stdout
