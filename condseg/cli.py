@@ -168,7 +168,11 @@ def _train(a):
     # one process on a busy CPU: train on the idle cores' worth of threads (torchrun's ranks share
     # the CPU by design, and torchrun sets their OMP_NUM_THREADS)
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    device = resolve_device(getattr(a, "device", None)) if alone else "distributed"
+    device = getattr(a, "device", None)
+    if device is None and getattr(a, "resume", False):  # the run's own device, as train() will take it
+        from .engine.train import saved_options
+        device = saved_options(a.out).get("device") if getattr(a, "out", None) else None
+    device = resolve_device(device) if alone else "distributed"
     with threads_for_a_busy_cpu(device, lambda message: print(message, flush=True), "training"):
         result = train(**options)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -22,9 +22,10 @@ block of pixels of one (batch, head):
   _grad_weight_kernel  gWt[b, g, d, r] = sum_{c in head g} G[c, r] V[c, r + d]
   _softmax_bwd_kernel  gM_q[p, s] = gWt_{q+off(p)}[off(s) - off(p)] (0 outside the image),
                        gP_fg = gM P_bg^T, gP_bg = P_fg^T gM, gA = scale P (gP - rowsum(gP P))
-Forward: mix, mixed_apply (2-byte types, or FUSED_FORWARD off: mix, weight, apply). Backward (only the inputs are
-saved): mix, weight, apply(transposed), grad_weight, softmax_bwd. Scratch: Mt (B*heads*H*W*K^4
-accumulator floats, freed after use); the backward adds Wt and gWt (B*heads*H*W*(2K-1)^2 each).
+Forward: mix, mixed_apply for 4- and 8-byte types; mix, weight, apply for 2-byte types or with
+FUSED_FORWARD off. Backward (only the inputs are saved): mix, weight, apply(transposed),
+grad_weight, softmax_bwd. Scratch: Mt (B*heads*H*W*K^4 accumulator floats, freed after use); the
+split forward and the backward add Wt, the backward gWt too (B*heads*H*W*(2K-1)^2 each).
 
 Registration: on a GPU the op is a ``torch.library.triton_op`` (kernels launched through
 ``wrap_triton``, so torch.compile sees them, no graph break). Under the Triton interpreter

@@ -82,3 +82,4 @@ def test_gpu_check_runs_both_test_files_by_default(tmp_path):
     # the Triton forward timed twice (fused, then split), and its stage in the table
     assert len([c for c in calls if "op_calls.py --backends triton --dtypes float32 --kernels" in c]) == 2
     assert "triton-forward ok" in proc.stdout
+    assert "--- CONDSEG_TRITON_FUSED_FORWARD=0" in proc.stdout.split("=== Triton float32 forward")[1]

@@ -140,12 +140,19 @@ def test_unfused_forward_matches_reference(case, monkeypatch):
 
 
 @runnable
-def test_fused_and_unfused_forward_agree(monkeypatch):
-    """Both forwards sum the same weights in the same order, so they agree to float32 rounding."""
-    value, fg, bg = make_inputs(2, 64, 9, 11, 2, 3, True)
-    fused = run_triton(value, fg, bg, 3, 1, 0.7, api=False)
+@pytest.mark.parametrize("C, heads, K, dil", [(64, 2, 3, 1), (130, 1, 5, 2)], ids=["k3", "k5-dil2-cg130"])
+def test_fused_and_unfused_forward_agree(monkeypatch, C, heads, K, dil):
+    """Both forwards sum the same weights in the same order, so they agree to float32 rounding
+    (Cg = 130: three channel blocks, each summing the weights again)."""
+    value, fg, bg = make_inputs(2, C, 9, 11, heads, K, True)
+    split_calls = []
+    monkeypatch.setattr(tk, "_weights", lambda *a, f=tk._weights: split_calls.append(1) or f(*a))
+    monkeypatch.setattr(tk, "FUSED_FORWARD", True)
+    fused = run_triton(value, fg, bg, K, dil, 0.7, api=False)
+    assert not split_calls  # the fused forward computes no Wt
     monkeypatch.setattr(tk, "FUSED_FORWARD", False)
-    torch.testing.assert_close(run_triton(value, fg, bg, 3, 1, 0.7, api=False), fused, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(run_triton(value, fg, bg, K, dil, 0.7, api=False), fused, rtol=1e-6, atol=1e-6)
+    assert split_calls
 
 
 @runnable

@@ -62,8 +62,11 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # not a torch file, truncated file, foreign pickle, ...
-        with open(path, "rb") as f:
-            head = f.read(4)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:  # unreadable: the error below says what torch.load met
+            head = b"PK"
         if not head.startswith((b"PK", b"\x80")):  # neither torch.save's zip nor a pickle: say so plainly
             raise CheckpointError(f"cannot load checkpoint {path}: not a file written by torch.save, so not a "
                                   f"condseg checkpoint (those are the .pt files that training writes)") from None
