@@ -550,34 +550,23 @@ if TRITON_AVAILABLE:
         _launch(_weight_kernel)[_pixel_grid(B * heads, HW)](mt, wt, H, W, HW, dilation, K=kernel_size)
         return wt
 
-    def _mixed_apply(x, mt, kernel_size, dilation):
-        """The forward's output from Mt, the weights summed where they are used."""
+    def _apply(x, weights, kernel_size, dilation, transposed=False, fused=False):
+        """_apply_kernel on Wt (TRANSPOSED: the gradient of value), or with ``fused`` the forward's
+        _mixed_apply_kernel on Mt, one channel block per head where it fits."""
         B, C, H, W = x.shape
-        heads = mt.shape[1]
-        HW = H * W
-        cg = C // heads
-        block_c = _channel_block(cg)
-        out = torch.empty_like(x)
-
-        def grid(meta):
-            return (B * heads * triton.cdiv(cg, block_c) * triton.cdiv(HW, meta["BLOCK_P"]),)
-
-        _launch(_mixed_apply_kernel)[grid](x, mt, out, C, H, W, HW, heads, cg, dilation, K=kernel_size,
-                                           BLOCK_C=block_c)
-        return out
-
-    def _apply(x, wt, kernel_size, dilation, transposed):
-        B, C, H, W = x.shape
-        heads = wt.shape[1]
+        heads = weights.shape[1]
         HW = H * W
         cg = C // heads
         out = torch.empty_like(x)
+        if fused:
+            kernel, flags = _mixed_apply_kernel, dict(BLOCK_C=_channel_block(cg))
+        else:
+            kernel, flags = _apply_kernel, dict(TRANSPOSED=transposed)
 
         def grid(meta):
             return (B * heads * triton.cdiv(cg, meta["BLOCK_C"]) * triton.cdiv(HW, meta["BLOCK_P"]),)
 
-        _launch(_apply_kernel)[grid](x, wt, out, C, H, W, HW, heads, cg, dilation, K=kernel_size,
-                                     TRANSPOSED=transposed)
+        _launch(kernel)[grid](x, weights, out, C, H, W, HW, heads, cg, dilation, K=kernel_size, **flags)
         return out
 
     def _scale_in_float64(attn_fg, attn_bg, scale):
@@ -596,7 +585,8 @@ if TRITON_AVAILABLE:
         attn_bg = None if attn_bg is None else attn_bg.contiguous()
         attn_fg, attn_bg, scale = _scale_in_float64(attn_fg, attn_bg, scale)
         if FUSED_FORWARD and value.element_size() >= 4:
-            return _mixed_apply(value, _mix(attn_fg, attn_bg, B, H, W, kernel_size, scale), kernel_size, dilation)
+            return _apply(value, _mix(attn_fg, attn_bg, B, H, W, kernel_size, scale), kernel_size, dilation,
+                          fused=True)
         wt = _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale)
         return _apply(value, wt, kernel_size, dilation, transposed=False)
 
