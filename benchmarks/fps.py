@@ -19,6 +19,7 @@ scale marks the row WRONG and keeps it out of the best-mode figures. Modes (``--
     eager      float32, the model as trained (BatchNorm, NCHW): the released code's way
     fold       + BatchNorm folded into the convolutions
     fold-cl    + channels_last weights and input
+    fold-wino  fold in NCHW, 3x3 convolutions through NNPACK's Winograd algorithm (CPU only)
     bf16/fp16  fold-cl with weights and input cast to bfloat16 / float16 (no autocast)
     compile    fold-cl, torch.compile (inductor, weights frozen)
     graph, bf16-graph, fp16-graph       fold-cl replayed as one CUDA graph (CUDA only)
@@ -52,7 +53,13 @@ import traceback
 import warnings
 from pathlib import Path
 
-import torch
+# Read by GNU OpenMP (torch's CPU threads) when torch loads, so set before the import. By default
+# an OpenMP thread spins some 7 ms after each parallel region, on the cores that NNPACK's own
+# threads (the fold-wino mode's convolutions) then need: 1.5x slower convolutions on 2 cores.
+# 10000 spins still bridge the gap between two back-to-back OpenMP ops. An explicit setting wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_jsonl, row_header, summarize, synchronize, time_calls  # noqa: E402
@@ -78,13 +85,16 @@ class Mode:
     channels_last: bool = False
     compile: bool = False
     graph: bool = False      # CUDA graph replay
+    winograd: bool = False   # 3x3 convolutions through NNPACK's Winograd (condseg.inference.WinogradConv2d)
     cuda_only: bool = False
+    cpu_only: bool = False
 
 
 MODES = {m.name: m for m in (
     Mode("eager"),
     Mode("fold", fold=True),
     Mode("fold-cl", fold=True, channels_last=True),
+    Mode("fold-wino", fold=True, winograd=True, cpu_only=True),
     Mode("bf16", "bfloat16", True, True),
     Mode("fp16", "float16", True, True),
     Mode("compile", fold=True, channels_last=True, compile=True),
@@ -99,7 +109,7 @@ MODES = {m.name: m for m in (
 DEFAULT_MODES = {
     "cuda": (["eager", "fold", "fold-cl", "bf16", "fp16", "graph", "bf16-graph", "fp16-graph"],
              ["eager", "fold-cl", "bf16", "graph", "bf16-graph", "fp16-graph"]),
-    "cpu": (["eager", "fold", "fold-cl"], ["eager", "fold", "fold-cl"]),
+    "cpu": (["eager", "fold", "fold-cl", "fold-wino"], ["eager", "fold", "fold-cl", "fold-wino"]),
 }
 COMPILE_MODES = {"cuda": ["bf16-compile-graph"], "cpu": ["compile"]}
 DEFAULT_THROUGHPUT_MODES = {"cuda": (["eager", "bf16", "bf16-graph"], ["eager", "bf16-graph"]),
@@ -221,7 +231,8 @@ def make_runner(base, mode, backend, x, device, compile_kwargs=None):
     # On CUDA trace the folding with the benchmark's own shape: cuDNN has tuned it already.
     example = x[:1] if device.type == "cuda" else None
     model = prepare_for_inference(model, fold_bn=mode.fold, channels_last=mode.channels_last,
-                                  dtype=None if dtype == torch.float32 else dtype, example_input=example)
+                                  dtype=None if dtype == torch.float32 else dtype, example_input=example,
+                                  winograd=mode.winograd)
     x = x.to(dtype).contiguous(memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
     fn = model
     if mode.compile:
@@ -366,6 +377,9 @@ def inference_rows(base, modes, batch, size, device, warmup, iters, kind, budget
         mode = MODES[name]
         if mode.cuda_only and device.type != "cuda":
             log(f"  skip {name}: needs CUDA")
+            continue
+        if mode.cpu_only and device.type != "cpu":
+            log(f"  skip {name}: a CPU mode")
             continue
         if budget.left() < (COMPILE_RESERVE_S if mode.compile else 0):
             log(f"  skip {kind} {name}: --budget spent")
@@ -846,7 +860,8 @@ def main(argv=None):
     header = row_header(BENCH, device, "benchmarks/fps.py", argv)
     if inductor_options:
         header["inductor_options"] = inductor_options
-    header.update(_flags() if kind == "cuda" else {"threads": torch.get_num_threads()})
+    header.update(_flags() if kind == "cuda" else {"threads": torch.get_num_threads(),
+                                                   "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")})
     info = condseg_ops.build_info() or {}
     header["ops_compiled"] = ",".join(info.get("backends", [])) or "none"
     header.update({"model": f"ConDSeg-{args.encoder}", "decoder_channels": args.decoder_channels,
@@ -868,7 +883,8 @@ def main(argv=None):
         print("WARNING: the automatic backend is the reference here (no compiled kernels for this "
               "device): both columns measure the same thing", file=sys.stderr)
     if kind == "cpu":
-        print(f"CPU threads {torch.get_num_threads()}, load average {header.get('load_avg_1m')}")
+        print(f"CPU threads {torch.get_num_threads()}, load average {header.get('load_avg_1m')}, "
+              f"GOMP_SPINCOUNT {header['gomp_spincount']}")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         load = header.get("load_avg_1m") or 0.0
         if torch.get_num_threads() > 1 and load + torch.get_num_threads() > cores + 0.5:

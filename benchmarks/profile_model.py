@@ -19,10 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fps  # noqa: E402
+import fps  # noqa: E402  (first: it sets GOMP_SPINCOUNT before torch loads)
+import torch  # noqa: E402
 from _common import device_name, synchronize  # noqa: E402
 
 
@@ -49,7 +48,8 @@ def parse_args(argv=None):
 
 
 # The aten ops that stand for one layer each (their callees are nested inside them).
-LAYER_OPS = ("aten::convolution", "aten::upsample_bilinear2d", "aten::linear", "aten::addmm",
+LAYER_OPS = ("aten::convolution", "aten::_nnpack_spatial_convolution", "aten::upsample_bilinear2d",
+             "aten::linear", "aten::addmm", "aten::bmm", "aten::copy_",
              "condseg_ops::contrast_aggregate", "aten::max_pool2d", "aten::adaptive_avg_pool2d",
              "aten::adaptive_max_pool2d", "aten::mean", "aten::amax", "aten::max", "aten::cat",
              "aten::mul", "aten::add", "aten::relu", "aten::relu_", "aten::sigmoid",
@@ -83,7 +83,7 @@ def main(argv=None):
     args.mode = args.mode or "bf16"
     mode = fps.MODES[args.mode]
     if device.type == "cpu" and mode.dtype != "float32" and not args.train:
-        raise SystemExit(f"--mode {args.mode}: reduced-precision modes are for CUDA; on CPU use eager, fold or fold-cl")
+        raise SystemExit(f"--mode {args.mode}: reduced-precision modes are for CUDA; on CPU use eager, fold, fold-cl or fold-wino")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     base = fps.build_model(args.encoder, args.decoder_channels, device=device)

@@ -1,4 +1,5 @@
-"""Inference helpers: BatchNorm folding, memory format and dtype preparation, CDFA backend choice.
+"""Inference helpers: BatchNorm folding, memory format and dtype preparation, Winograd
+convolutions on the CPU, CDFA backend choice.
 
 ``prepare_for_inference(model)`` returns an eval-mode copy that computes the same function as
 ``model.eval()`` with fewer kernels: every Conv2d -> BatchNorm2d pair folded into one Conv2d.
@@ -7,7 +8,9 @@ output of a convolution that runs once and feeds nothing else), not from module 
 folding is correct for any encoder; a pair that cannot be proven is left alone.
 """
 import copy
+import functools
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -17,7 +20,8 @@ from torch.overrides import TorchFunctionMode
 from condseg_ops import ContrastAggregation
 from condseg_ops.backends import check_name
 
-__all__ = ["fold_batchnorm", "prepare_for_inference", "set_cdfa_backend"]
+__all__ = ["WinogradConv2d", "fold_batchnorm", "prepare_for_inference", "set_cdfa_backend",
+           "use_winograd_convolutions"]
 
 
 class _CountUses(TorchFunctionMode):
@@ -153,6 +157,76 @@ def fold_batchnorm(model, example_input=None, inplace=False):
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def nnpack_ready():
+    """Whether this torch has NNPACK; the first call also initialises it (its convolution fails
+    until ``torch.backends.nnpack.is_available()`` has run once in the process)."""
+    return torch.backends.nnpack.is_available()
+
+
+class WinogradConv2d(nn.Conv2d):
+    """A Conv2d that runs its 3x3, stride-1 float32 CPU convolutions on large maps through
+    NNPACK's Winograd algorithm (F(6x6, 3x3): about 5x fewer multiplications than the direct
+    convolution; 1.7-2x faster than oneDNN's on a 2-core AMD EPYC at 64x64 and above), and
+    everything else through :class:`torch.nn.Conv2d`. Inference only: it falls back whenever a
+    gradient is wanted. The Winograd transforms round differently: about 1e-5 of the output's
+    scale in float32, against 1e-6 for the direct convolution.
+
+    NNPACK keeps its own thread pool, sized by ``torch.get_num_threads()`` at its first use in
+    the process: set the thread count before the first inference.
+    """
+
+    MIN_PIXELS = 64 * 64  # below this output size NNPACK is no faster (slower at 16x16)
+
+    @classmethod
+    def from_conv(cls, conv):
+        """A WinogradConv2d sharing ``conv``'s parameters (no copy), or ``conv`` itself when its
+        shape never suits the Winograd path."""
+        eligible = (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+                    and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+                    and not isinstance(conv.padding, str) and max(conv.padding) < 3)  # NNPACK: padding < kernel
+        if not eligible:
+            return conv
+        new = cls(conv.in_channels, conv.out_channels, 3, padding=conv.padding, bias=False, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        new.train(conv.training)
+        return new
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32
+                and (x.shape[2] + 2 * self.padding[0] - 2) * (x.shape[3] + 2 * self.padding[1] - 2) >= self.MIN_PIXELS
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and nnpack_ready()):
+            # NNPACK reads NCHW: a channels-last input (a CDFA layer's output is one) is copied once,
+            # and the NCHW output keeps the layers after it in NCHW.
+            try:
+                return torch._nnpack_spatial_convolution(x.contiguous(), self.weight.contiguous(), self.bias,
+                                                         list(self.padding))
+            except RuntimeError:  # NNPACK's refusals give no reason: let the direct path run (or explain)
+                pass
+        return super().forward(x)
+
+
+def use_winograd_convolutions(model, inplace=False):
+    """Returns a copy of ``model`` (``inplace=True`` changes ``model``) whose 3x3 stride-1
+    convolutions are :class:`WinogradConv2d`: faster float32 inference on the CPU (NCHW: a
+    channels-last input is copied to NCHW first). Parameters and state_dict keys stay the same.
+    Warns and changes nothing when this torch build lacks NNPACK."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    if not nnpack_ready():
+        warnings.warn("use_winograd_convolutions: this torch build has no NNPACK "
+                      "(torch.backends.nnpack.is_available() is False); the convolutions stay as they are",
+                      stacklevel=2)
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d:
+                setattr(parent, name, WinogradConv2d.from_conv(child))
+    return model
+
+
 def set_cdfa_backend(model, backend):
     """Forces the condseg_ops backend (``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``, or
     None for automatic) of every ContrastAggregation layer in ``model``; returns ``model``.
@@ -166,7 +240,8 @@ def set_cdfa_backend(model, backend):
     return model
 
 
-def prepare_for_inference(model, fold_bn=True, channels_last=False, dtype=None, example_input=None):
+def prepare_for_inference(model, fold_bn=True, channels_last=False, dtype=None, example_input=None,
+                          winograd=False):
     """An eval-mode copy of ``model`` ready for fast inference (gradients off).
 
     fold_bn: fold BatchNorm into the preceding convolutions (:func:`fold_batchnorm`).
@@ -174,8 +249,15 @@ def prepare_for_inference(model, fold_bn=True, channels_last=False, dtype=None, 
     dtype: cast parameters and buffers (e.g. torch.float16 / torch.bfloat16 on CUDA); inputs must
         then have that dtype. Folding happens first, in the original precision.
     example_input: the input :func:`fold_batchnorm` traces (default: a guessed 1 x C x 64 x 64).
+    winograd: on the CPU, float32 only: run 3x3 convolutions through NNPACK's Winograd algorithm
+        (:func:`use_winograd_convolutions`). NNPACK reads NCHW, so not with ``channels_last``.
     """
+    if winograd and (channels_last or dtype not in (None, torch.float32)):
+        raise ValueError("prepare_for_inference: winograd=True runs float32 NCHW convolutions; pass "
+                         "channels_last=False and no reduced dtype")
     model = fold_batchnorm(model, example_input) if fold_bn else copy.deepcopy(model).eval()
+    if winograd:
+        model = use_winograd_convolutions(model, inplace=True)
     model.requires_grad_(False)
     if dtype is not None:
         model = model.to(dtype=dtype)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import condseg
-from condseg.inference import fold_batchnorm, prepare_for_inference, set_cdfa_backend
+from condseg.inference import (WinogradConv2d, fold_batchnorm, prepare_for_inference, set_cdfa_backend,
+                               use_winograd_convolutions)
 from conftest import load_benchmark, requires_cuda
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +152,120 @@ def test_prepare_for_inference_channels_last_and_dtype():
     assert half.encoder.conv1.weight.dtype == torch.float64
 
 
+requires_nnpack = pytest.mark.skipif(not torch.backends.nnpack.is_available(),
+                                     reason="this torch build has no NNPACK")
+
+
+@pytest.fixture
+def nnpack_calls(monkeypatch):
+    """Counts the convolutions that take NNPACK's Winograd path."""
+    calls = []
+    real = torch._nnpack_spatial_convolution
+
+    def counted(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
+    return calls
+
+
+@requires_nnpack
+@pytest.mark.parametrize("shape, padding, bias, channels_last", [
+    ((2, 5, 64, 70), 1, True, False),
+    ((1, 16, 66, 66), 0, False, False),
+    ((1, 8, 64, 64), 2, True, True),
+])
+def test_winograd_conv_matches_the_float64_convolution(nnpack_calls, shape, padding, bias, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(shape[1], 7, 3, padding=padding, bias=bias)
+    fast = WinogradConv2d.from_conv(conv)
+    assert type(fast) is WinogradConv2d and fast.weight is conv.weight and fast.bias is conv.bias
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    truth = nn.functional.conv2d(x.double(), conv.weight.double(),
+                                 None if conv.bias is None else conv.bias.double(), padding=padding)
+    with torch.no_grad():
+        out = fast(x)
+    assert nnpack_calls == [shape]
+    # Winograd rounds worse than the direct convolution (about 1e-5 against 1e-6 of the scale).
+    torch.testing.assert_close(out.double(), truth, rtol=0, atol=1e-4 * truth.abs().max().item())
+
+
+@requires_nnpack
+def test_winograd_conv_falls_back_where_nnpack_does_not_apply(nnpack_calls):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    fast = WinogradConv2d.from_conv(conv)
+    small, large = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 64, 64, requires_grad=True)
+    fast64 = copy.deepcopy(fast).double()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(small), conv(small))  # output below MIN_PIXELS
+        torch.testing.assert_close(fast64(large.double()), copy.deepcopy(conv).double()(large.double()))  # not float32
+    out = fast(large)  # a gradient is wanted
+    out.sum().backward()
+    assert large.grad is not None and nnpack_calls == []
+    for other in (nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 1),
+                  nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding=3)):
+        assert WinogradConv2d.from_conv(other) is other
+
+
+@requires_nnpack
+def test_winograd_conv_takes_the_direct_path_when_nnpack_refuses(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("NNPACK SpatialConvolution_updateOutput failed")
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 64, 64)
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", refuse)
+    with torch.no_grad():
+        torch.testing.assert_close(WinogradConv2d.from_conv(conv)(x), conv(x))
+
+
+@requires_nnpack
+def test_winograd_model_matches_eager_and_keeps_its_state_dict(nnpack_calls):
+    model = _small_model()
+    x = torch.randn(1, 3, 128, 128)
+    fast = prepare_for_inference(model, winograd=True)
+    folded = prepare_for_inference(model)
+    assert fast.state_dict().keys() == folded.state_dict().keys()
+    assert sum(isinstance(m, WinogradConv2d) for m in fast.modules()) > 10
+    assert not any(isinstance(m, WinogradConv2d) for m in model.modules())  # the original is untouched
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+    assert nnpack_calls  # the 64x64 and 128x128 maps take the Winograd path
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-3 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="winograd=True runs float32 NCHW"):
+        prepare_for_inference(model, winograd=True, channels_last=True)
+
+
+def test_winograd_without_nnpack_warns_and_keeps_the_convolutions(monkeypatch):
+    monkeypatch.setattr("condseg.inference.nnpack_ready", lambda: False)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    with pytest.warns(UserWarning, match="no NNPACK"):
+        kept = use_winograd_convolutions(model)
+    assert type(kept[0]) is nn.Conv2d
+
+
+@requires_nnpack
+def test_winograd_conv_initialises_nnpack_in_a_fresh_process():
+    """NNPACK's convolution fails ("SpatialConvolution_updateOutput failed") until
+    torch.backends.nnpack.is_available() has run once in the process: the layer sees to it."""
+    import subprocess
+    import sys
+    code = ("import torch; from torch import nn; from condseg.inference import WinogradConv2d; "
+            "conv = WinogradConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1)); "
+            "x = torch.randn(1, 2, 64, 64)\n"
+            "with torch.no_grad(): d = (conv(x) - nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)).abs().max()\n"
+            "assert d < 1e-4, d; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_set_cdfa_backend():
     model = _small_model()
     x = torch.randn(1, 3, 32, 32)
@@ -177,7 +292,7 @@ def test_runner_modes_match_eager_on_cpu():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = base(x)
-    for name in ("eager", "fold", "fold-cl"):
+    for name in ("eager", "fold", "fold-cl", "fold-wino"):
         for backend in fps.BACKENDS:
             run, _ = fps.make_runner(base, fps.MODES[name], backend, x, "cpu")
             check = fps.check_output(run(), ref)
