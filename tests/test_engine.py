@@ -253,6 +253,31 @@ def test_predict_keeps_each_input_size(trained, tmp_path):
         predict(trained.best_checkpoint, [single], tmp_path / "o3", threshold=2, workers=0)
 
 
+@pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="this torch build has no NNPACK")
+def test_predict_on_cpu_takes_winograd_convolutions(trained, tmp_path, monkeypatch):
+    """CPU predictions run the 3x3 convolutions of 64x64 maps and more through NNPACK, and agree
+    with the ordinary convolutions' to the probability maps' 8-bit resolution."""
+    state = load_checkpoint(trained.best_checkpoint)
+    state["image_size"] = [64, 64]  # the network is fully convolutional; 32x32 has no map that large
+    checkpoint = tmp_path / "at64.pt"
+    torch.save(state, checkpoint)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90, 3), np.uint8)).save(image)
+    calls = []
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = predict(checkpoint, [image], tmp_path / "fast", probabilities=True, workers=0, device="cpu")
+    winograd_calls = len(calls)
+    assert winograd_calls
+    monkeypatch.setattr(importlib.import_module("condseg.engine.predict"), "nnpack_ready", lambda: False)
+    plain = predict(checkpoint, [image], tmp_path / "plain", probabilities=True, workers=0, device="cpu")
+    assert len(calls) == winograd_calls  # the ordinary convolutions this time
+    p_fast, p_plain = (np.array(Image.open(r[0]["probability"])).astype(int) for r in (fast, plain))
+    assert np.abs(p_fast - p_plain).max() <= 1
+    m_fast, m_plain = (np.array(Image.open(r[0]["mask"])) for r in (fast, plain))
+    assert (m_fast != m_plain).mean() <= 0.01
+
+
 def test_predict_never_writes_into_a_folder_of_inputs(trained, tmp_path):
     """p1.jpg's mask would be p1.png, an image of the folder, whether the folder or only p1.jpg is the
     input (the single-file case once overwrote p1.png); a folder once written to would also hand
