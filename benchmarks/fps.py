@@ -20,6 +20,7 @@ scale marks the row WRONG and keeps it out of the best-mode figures. Modes (``--
     fold       + BatchNorm folded into the convolutions
     fold-cl    + channels_last weights and input
     fold-wino  fold in NCHW, 3x3 convolutions through NNPACK's Winograd algorithm (CPU only)
+    wino       eager with those Winograd convolutions: what ``condseg predict`` runs on a CPU
     bf16/fp16  fold-cl with weights and input cast to bfloat16 / float16 (no autocast)
     compile    fold-cl, torch.compile (inductor, weights frozen)
     graph, bf16-graph, fp16-graph       fold-cl replayed as one CUDA graph (CUDA only)
@@ -95,6 +96,7 @@ MODES = {m.name: m for m in (
     Mode("fold", fold=True),
     Mode("fold-cl", fold=True, channels_last=True),
     Mode("fold-wino", fold=True, winograd=True, cpu_only=True),
+    Mode("wino", winograd=True, cpu_only=True),
     Mode("bf16", "bfloat16", True, True),
     Mode("fp16", "float16", True, True),
     Mode("compile", fold=True, channels_last=True, compile=True),

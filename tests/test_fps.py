@@ -292,7 +292,7 @@ def test_runner_modes_match_eager_on_cpu():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = base(x)
-    for name in ("eager", "fold", "fold-cl", "fold-wino"):
+    for name in ("eager", "fold", "fold-cl", "fold-wino", "wino"):
         for backend in fps.BACKENDS:
             run, _ = fps.make_runner(base, fps.MODES[name], backend, x, "cpu")
             check = fps.check_output(run(), ref)

@@ -144,7 +144,7 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
         raise ValueError(f"predict: threshold is a foreground probability in [0, 1], got {threshold}")
     device = resolve_device(device)
     model, state = load_model(checkpoint, device)
-    if device.type == "cpu" and nnpack_ready():  # 1.1-1.5x faster CPU inferences (README)
+    if device.type == "cpu" and nnpack_ready():  # up to 1.4x faster CPU inferences (README)
         model = use_winograd_convolutions(model, inplace=True)
     mcfg = state["model_config"]
     classes = mcfg.get("classes", 1)
