@@ -167,7 +167,7 @@ def nnpack_ready():
 class WinogradConv2d(nn.Conv2d):
     """A Conv2d that runs its 3x3, stride-1 float32 CPU convolutions on large maps through
     NNPACK's Winograd algorithm (F(6x6, 3x3): about 5x fewer multiplications than the direct
-    convolution; 1.7-2x faster than oneDNN's on a 2-core AMD EPYC at 64x64 and above), and
+    convolution; about 2x faster than oneDNN's on a 2-core AMD EPYC at 64x64 and above), and
     everything else through :class:`torch.nn.Conv2d`. Inference only: it falls back whenever a
     gradient is wanted. The Winograd transforms round differently: about 1e-5 of the output's
     scale in float32, against 1e-6 for the direct convolution.
