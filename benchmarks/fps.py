@@ -58,7 +58,9 @@ from pathlib import Path
 # an OpenMP thread spins some 7 ms after each parallel region, on the cores that NNPACK's own
 # threads (the fold-wino mode's convolutions) then need: 1.5x slower convolutions on 2 cores.
 # 10000 spins still bridge the gap between two back-to-back OpenMP ops. An explicit setting wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# Where torch loaded first (fps imported as a module), the setting in force is the one it found.
+GOMP_SPINCOUNT = os.environ.get("GOMP_SPINCOUNT") if "torch" in sys.modules else \
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import torch  # noqa: E402
 
@@ -863,7 +865,7 @@ def main(argv=None):
     if inductor_options:
         header["inductor_options"] = inductor_options
     header.update(_flags() if kind == "cuda" else {"threads": torch.get_num_threads(),
-                                                   "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")})
+                                                   "gomp_spincount": GOMP_SPINCOUNT})
     info = condseg_ops.build_info() or {}
     header["ops_compiled"] = ",".join(info.get("backends", [])) or "none"
     header.update({"model": f"ConDSeg-{args.encoder}", "decoder_channels": args.decoder_channels,

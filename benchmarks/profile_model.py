@@ -49,7 +49,7 @@ def parse_args(argv=None):
 
 # The aten ops that stand for one layer each (their callees are nested inside them).
 LAYER_OPS = ("aten::convolution", "aten::_nnpack_spatial_convolution", "aten::upsample_bilinear2d",
-             "aten::linear", "aten::addmm", "aten::bmm", "aten::copy_",
+             "aten::linear", "aten::addmm",
              "condseg_ops::contrast_aggregate", "aten::max_pool2d", "aten::adaptive_avg_pool2d",
              "aten::adaptive_max_pool2d", "aten::mean", "aten::amax", "aten::max", "aten::cat",
              "aten::mul", "aten::add", "aten::relu", "aten::relu_", "aten::sigmoid",

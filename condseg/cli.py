@@ -132,6 +132,9 @@ def _commands(argv):
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image-reading workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-winograd", action="store_true",
+                   help="on a CPU, keep the model's ordinary 3x3 convolutions (by default those of maps of "
+                        "64x64 and more run NNPACK's Winograd algorithm: faster, rounding slightly differently)")
     commands["predict"] = p
 
     p = sub.add_parser("data", help="dataset tools")
@@ -195,7 +198,7 @@ def _predict(a):
     from .engine import predict
     records = predict(a.checkpoint, a.inputs, a.out, overlay=a.overlay, probabilities=a.probabilities,
                       uncertainty=a.uncertainty, device=a.device, batch_size=a.batch_size, workers=a.workers,
-                      threshold=a.threshold, overwrite=a.overwrite)
+                      threshold=a.threshold, overwrite=a.overwrite, winograd=not a.no_winograd)
     print(f"{len(records)} mask(s) written to {a.out}")
 
 

@@ -353,3 +353,17 @@ def test_refusals_name_flags_the_command_line_takes(tmp_path, capsys):
     assert main(["train", str(root), "--out", str(tmp_path / "r2"), "--stage1-checkpoint", "s1.pt", *TINY]) == 1
     err = capsys.readouterr().err
     assert "--stage1-checkpoint is for --stage 2: with --stage both the run" in err and "='" not in err
+
+
+@pytest.mark.parametrize("flags, winograd", [([], True), (["--no-winograd"], False)])
+def test_predict_passes_the_winograd_choice(tmp_path, monkeypatch, capsys, flags, winograd):
+    import condseg.engine
+    seen = {}
+
+    def fake_predict(checkpoint, inputs, out, **kwargs):
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(condseg.engine, "predict", fake_predict)
+    assert main(["predict", "model.pt", "photo.png", "--out", str(tmp_path / "masks"), *flags]) == 0
+    assert seen["winograd"] is winograd

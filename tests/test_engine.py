@@ -265,12 +265,18 @@ def test_predict_on_cpu_takes_winograd_convolutions(trained, tmp_path, monkeypat
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90, 3), np.uint8)).save(image)
     calls = []
     real = torch._nnpack_spatial_convolution
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted(*args):
+        out = real(*args)
+        calls.append(1)  # recorded once NNPACK has returned
+        return out
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
     fast = predict(checkpoint, [image], tmp_path / "fast", probabilities=True, workers=0, device="cpu")
     winograd_calls = len(calls)
     assert winograd_calls
-    monkeypatch.setattr(importlib.import_module("condseg.engine.predict"), "nnpack_ready", lambda: False)
-    plain = predict(checkpoint, [image], tmp_path / "plain", probabilities=True, workers=0, device="cpu")
+    plain = predict(checkpoint, [image], tmp_path / "plain", probabilities=True, workers=0, device="cpu",
+                    winograd=False)
     assert len(calls) == winograd_calls  # the ordinary convolutions this time
     p_fast, p_plain = (np.array(Image.open(r[0]["probability"])).astype(int) for r in (fast, plain))
     assert np.abs(p_fast - p_plain).max() <= 1

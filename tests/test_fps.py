@@ -158,70 +158,110 @@ requires_nnpack = pytest.mark.skipif(not torch.backends.nnpack.is_available(),
 
 @pytest.fixture
 def nnpack_calls(monkeypatch):
-    """Counts the convolutions that take NNPACK's Winograd path."""
+    """The input shapes of the NNPACK convolutions that ran (recorded once they returned)."""
     calls = []
     real = torch._nnpack_spatial_convolution
 
     def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
         calls.append(tuple(args[0].shape))
-        return real(*args, **kwargs)
+        return out
 
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
     return calls
+
+
+def _conv64(conv, x):
+    """conv's convolution of x in float64: the expectation."""
+    x, padding = x.double(), conv.padding
+    if conv.padding_mode != "zeros":
+        x = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    return nn.functional.conv2d(x, conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                                conv.stride, padding, conv.dilation, conv.groups)
+
+
+def _assert_near(out, truth, tol):
+    """out within tol of truth's scale (float32 rounding: 1e-6 direct, 1e-5 Winograd)."""
+    torch.testing.assert_close(out.double(), truth, rtol=0, atol=tol * truth.abs().max().item())
 
 
 @requires_nnpack
 @pytest.mark.parametrize("shape, padding, bias, channels_last", [
     ((2, 5, 64, 70), 1, True, False),
     ((1, 16, 66, 66), 0, False, False),
-    ((1, 8, 64, 64), 2, True, True),
+    ((1, 8, 64, 64), (2, 1), True, True),
 ])
 def test_winograd_conv_matches_the_float64_convolution(nnpack_calls, shape, padding, bias, channels_last):
     torch.manual_seed(0)
     conv = nn.Conv2d(shape[1], 7, 3, padding=padding, bias=bias)
-    fast = WinogradConv2d.from_conv(conv)
-    assert type(fast) is WinogradConv2d and fast.weight is conv.weight and fast.bias is conv.bias
+    weight = conv.weight
+    assert WinogradConv2d.from_conv(conv) is conv and type(conv) is WinogradConv2d and conv.weight is weight
     x = torch.randn(shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    truth = nn.functional.conv2d(x.double(), conv.weight.double(),
-                                 None if conv.bias is None else conv.bias.double(), padding=padding)
     with torch.no_grad():
-        out = fast(x)
-    assert nnpack_calls == [shape]
-    # Winograd rounds worse than the direct convolution (about 1e-5 against 1e-6 of the scale).
-    torch.testing.assert_close(out.double(), truth, rtol=0, atol=1e-4 * truth.abs().max().item())
+        out = conv(x)
+    assert nnpack_calls == [(1,) + shape[1:]] * shape[0]  # one image at a time
+    _assert_near(out, _conv64(conv, x), 1e-4)  # Winograd: about 1e-5 of the scale
 
 
 @requires_nnpack
 def test_winograd_conv_falls_back_where_nnpack_does_not_apply(nnpack_calls):
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 4, 3, padding=1)
-    fast = WinogradConv2d.from_conv(conv)
+    conv = WinogradConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))
     small, large = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 64, 64, requires_grad=True)
-    fast64 = copy.deepcopy(fast).double()
+    checks = [(conv, small)]  # output below MIN_PIXELS
+    checks.append((copy.deepcopy(conv).double(), large.detach().double()))  # not float32
+    # built directly with shapes NNPACK has no Winograd path for
+    checks += [(WinogradConv2d(4, 4, 3, **kw), large.detach()) for kw in (
+        dict(stride=2, padding=1), dict(dilation=2, padding=2), dict(padding=1, padding_mode="reflect"),
+        dict(padding=3), dict(padding=1, groups=2), dict(padding="same"))]
     with torch.no_grad():
-        torch.testing.assert_close(fast(small), conv(small))  # output below MIN_PIXELS
-        torch.testing.assert_close(fast64(large.double()), copy.deepcopy(conv).double()(large.double()))  # not float32
-    out = fast(large)  # a gradient is wanted
+        for module, x in checks:
+            _assert_near(module(x), _conv64(module, x), 1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(large.detach()).dtype == torch.bfloat16
+    out = conv(large)  # a gradient is wanted
     out.sum().backward()
     assert large.grad is not None and nnpack_calls == []
     for other in (nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 1),
                   nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding=3)):
-        assert WinogradConv2d.from_conv(other) is other
+        assert type(WinogradConv2d.from_conv(other)) is nn.Conv2d
 
 
 @requires_nnpack
-def test_winograd_conv_takes_the_direct_path_when_nnpack_refuses(monkeypatch):
+def test_winograd_conv_keeps_hooks_and_compiles(nnpack_calls):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    conv.register_forward_pre_hook(lambda module, args: (2 * args[0],))
+    WinogradConv2d.from_conv(conv)
+    x = torch.randn(1, 2, 64, 64)
+    with torch.no_grad():
+        out = conv(x)
+        assert nnpack_calls
+        _assert_near(out, _conv64(conv, 2 * x), 1e-4)
+        compiled = torch.compile(conv, backend="eager")  # traced through the ordinary convolution
+        _assert_near(compiled(x), _conv64(conv, 2 * x), 1e-5)
+
+
+@requires_nnpack
+def test_winograd_conv_takes_the_direct_path_once_nnpack_refuses(monkeypatch):
+    attempts = []
+
     def refuse(*args, **kwargs):
+        attempts.append(1)
         raise RuntimeError("NNPACK SpatialConvolution_updateOutput failed")
 
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 4, 3, padding=1)
+    conv = WinogradConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))
     x = torch.randn(1, 4, 64, 64)
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", refuse)
     with torch.no_grad():
-        torch.testing.assert_close(WinogradConv2d.from_conv(conv)(x), conv(x))
+        with pytest.warns(UserWarning, match="NNPACK refused a \\(1, 4, 64, 64\\) input"):
+            _assert_near(conv(x), _conv64(conv, x), 1e-5)
+        _assert_near(conv(x), _conv64(conv, x), 1e-5)
+    assert attempts == [1]
 
 
 @requires_nnpack
@@ -256,11 +296,14 @@ def test_winograd_conv_initialises_nnpack_in_a_fresh_process():
     torch.backends.nnpack.is_available() has run once in the process: the layer sees to it."""
     import subprocess
     import sys
-    code = ("import torch; from torch import nn; from condseg.inference import WinogradConv2d; "
-            "conv = WinogradConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1)); "
-            "x = torch.randn(1, 2, 64, 64)\n"
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "import torch; from torch import nn; from condseg.inference import WinogradConv2d\n"
+            "real, ran = torch._nnpack_spatial_convolution, []\n"
+            "def counted(*a): out = real(*a); ran.append(1); return out\n"
+            "torch._nnpack_spatial_convolution = counted\n"
+            "conv = WinogradConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1)); x = torch.randn(1, 2, 64, 64)\n"
             "with torch.no_grad(): d = (conv(x) - nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)).abs().max()\n"
-            "assert d < 1e-4, d; print('ok')")
+            "assert ran and d < 1e-4, (ran, d); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
@@ -287,16 +330,18 @@ def condseg_ops_layer():
 # ---- benchmark code paths ------------------------------------------------------------------------
 
 
-def test_runner_modes_match_eager_on_cpu():
+def test_runner_modes_match_eager_on_cpu(nnpack_calls):
     base = fps.build_model(**SMALL)
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, 64, 64)  # 64x64: the output convolution has a Winograd path
     with torch.no_grad():
         ref = base(x)
     for name in ("eager", "fold", "fold-cl", "fold-wino", "wino"):
         for backend in fps.BACKENDS:
+            before = len(nnpack_calls)
             run, _ = fps.make_runner(base, fps.MODES[name], backend, x, "cpu")
             check = fps.check_output(run(), ref)
             assert check["finite"] and check["max_rel_diff"] < 1e-3, (name, backend, check)
+            assert (len(nnpack_calls) > before) == fps.MODES[name].winograd, (name, backend)
 
 
 def test_fps_main_smoke(tmp_path, capsys):
