@@ -197,7 +197,7 @@ class WinogradConv2d(nn.Conv2d):
     def _takes_nnpack(self, x):
         wants_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, self.weight, self.bias))
-        return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+        return (x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > 0 and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not wants_grad and self.suits_nnpack()
                 and (x.shape[2] + 2 * self.padding[0] - 2) * (x.shape[3] + 2 * self.padding[1] - 2) >= self.MIN_PIXELS
                 and not getattr(self, "_nnpack_refused", False)

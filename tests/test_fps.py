@@ -183,7 +183,8 @@ def _conv64(conv, x):
 
 def _assert_near(out, truth, tol):
     """out within tol of truth's scale (float32 rounding: 1e-6 direct, 1e-5 Winograd)."""
-    torch.testing.assert_close(out.double(), truth, rtol=0, atol=tol * truth.abs().max().item())
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    torch.testing.assert_close(out.double(), truth, rtol=0, atol=tol * scale)
 
 
 @requires_nnpack
@@ -211,7 +212,7 @@ def test_winograd_conv_falls_back_where_nnpack_does_not_apply(nnpack_calls):
     torch.manual_seed(0)
     conv = WinogradConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))
     small, large = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 64, 64, requires_grad=True)
-    checks = [(conv, small)]  # output below MIN_PIXELS
+    checks = [(conv, small), (conv, torch.randn(0, 4, 64, 64))]  # output below MIN_PIXELS; no image
     checks.append((copy.deepcopy(conv).double(), large.detach().double()))  # not float32
     # built directly with shapes NNPACK has no Winograd path for
     checks += [(WinogradConv2d(4, 4, 3, **kw), large.detach()) for kw in (

@@ -133,7 +133,8 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
     Each input is resized to the training size, segmented, and the logits are resized back to the
     input's size. On the CPU, unless ``winograd`` is False, the 3x3 convolutions on maps of 64x64
     and more run through NNPACK's Winograd algorithm
-    (:func:`condseg.inference.use_winograd_convolutions`; logits within about 1e-5 of their scale). Writes to ``out_dir``: ``<stem>.png`` (binary mask 0/255, or class indices),
+    (:func:`condseg.inference.use_winograd_convolutions`; logits within about 1e-5 of their scale).
+    Writes to ``out_dir``: ``<stem>.png`` (binary mask 0/255, or class indices),
     and optionally ``<stem>_overlay.png``, ``<stem>_prob.png`` (foreground probability x 255) and
     ``<stem>_uncertainty.png`` (the SID uncertainty branch's map, stage-2 checkpoints only).
     A file of those names already in ``out_dir`` is an error unless ``overwrite``; ``out_dir``
