@@ -336,11 +336,11 @@ if TRITON_AVAILABLE:
                 row_ok = mask & (qy >= 0) & (qy < H)
                 for px in tl.static_range(K):
                     if (px + dxi >= K - 1) & (px + dxi < 2 * K - 1):  # and along x
-                            qx = x - dil * (px - R)
-                            # Mt plane of (p, s) is p * K2 + s, and s = p + (d_y * K + d_x)
-                            plane = (py * K + px) * (K2 + 1) + (dyi - (K - 1)) * K + (dxi - (K - 1))
-                            total += tl.load(m_ptr + (plane * hw + (qy * W + qx)),
-                                             mask=row_ok & (qx >= 0) & (qx < W), other=0.0)
+                        qx = x - dil * (px - R)
+                        # Mt plane of (p, s) is p * K2 + s, and s = p + (d_y * K + d_x)
+                        plane = (py * K + px) * (K2 + 1) + (dyi - (K - 1)) * K + (dxi - (K - 1))
+                        total += tl.load(m_ptr + (plane * hw + (qy * W + qx)),
+                                         mask=row_ok & (qx >= 0) & (qx < W), other=0.0)
         return total
 
     @_tuned("weight", key=["HW", "K"])

@@ -23,6 +23,24 @@ def kvasir_root():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_nnpack = pytest.mark.skipif(not torch.backends.nnpack.is_available(),
+                                     reason="this torch build has no NNPACK")
+
+
+@pytest.fixture
+def nnpack_calls(monkeypatch):
+    """The input shapes of the NNPACK convolutions (condseg.inference.WinogradConv2d) that ran,
+    recorded once they returned."""
+    calls = []
+    real = torch._nnpack_spatial_convolution
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(tuple(args[0].shape))
+        return out
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
+    return calls
 
 
 def _load_script(path, module_name):

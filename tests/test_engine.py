@@ -22,6 +22,7 @@ from condseg.engine import (CheckpointError, TrainingDiverged, evaluate, load_ch
 from condseg.engine import checkpoints as ckpt_module
 from condseg.engine import loops, runlog
 from condseg.engine.evaluate import evaluation_files
+from conftest import requires_nnpack
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, batch_size=4, encoder="resnet18", decoder_channels=16, epochs=2, stage1_epochs=1,
@@ -253,8 +254,8 @@ def test_predict_keeps_each_input_size(trained, tmp_path):
         predict(trained.best_checkpoint, [single], tmp_path / "o3", threshold=2, workers=0)
 
 
-@pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="this torch build has no NNPACK")
-def test_predict_on_cpu_takes_winograd_convolutions(trained, tmp_path, monkeypatch):
+@requires_nnpack
+def test_predict_on_cpu_takes_winograd_convolutions(trained, tmp_path, nnpack_calls):
     """CPU predictions run the 3x3 convolutions of 64x64 maps and more through NNPACK, and agree
     with the ordinary convolutions' to the probability maps' 8-bit resolution."""
     state = load_checkpoint(trained.best_checkpoint)
@@ -263,21 +264,12 @@ def test_predict_on_cpu_takes_winograd_convolutions(trained, tmp_path, monkeypat
     torch.save(state, checkpoint)
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90, 3), np.uint8)).save(image)
-    calls = []
-    real = torch._nnpack_spatial_convolution
-
-    def counted(*args):
-        out = real(*args)
-        calls.append(1)  # recorded once NNPACK has returned
-        return out
-
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
     fast = predict(checkpoint, [image], tmp_path / "fast", probabilities=True, workers=0, device="cpu")
-    winograd_calls = len(calls)
+    winograd_calls = len(nnpack_calls)
     assert winograd_calls
     plain = predict(checkpoint, [image], tmp_path / "plain", probabilities=True, workers=0, device="cpu",
                     winograd=False)
-    assert len(calls) == winograd_calls  # the ordinary convolutions this time
+    assert len(nnpack_calls) == winograd_calls  # the ordinary convolutions this time
     p_fast, p_plain = (np.array(Image.open(r[0]["probability"])).astype(int) for r in (fast, plain))
     assert np.abs(p_fast - p_plain).max() <= 1
     m_fast, m_plain = (np.array(Image.open(r[0]["mask"])) for r in (fast, plain))

@@ -13,7 +13,7 @@ from torch import nn
 import condseg
 from condseg.inference import (WinogradConv2d, fold_batchnorm, prepare_for_inference, set_cdfa_backend,
                                use_winograd_convolutions)
-from conftest import load_benchmark, requires_cuda
+from conftest import load_benchmark, requires_cuda, requires_nnpack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,25 +150,6 @@ def test_prepare_for_inference_channels_last_and_dtype():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     half = prepare_for_inference(model, dtype=torch.float64)
     assert half.encoder.conv1.weight.dtype == torch.float64
-
-
-requires_nnpack = pytest.mark.skipif(not torch.backends.nnpack.is_available(),
-                                     reason="this torch build has no NNPACK")
-
-
-@pytest.fixture
-def nnpack_calls(monkeypatch):
-    """The input shapes of the NNPACK convolutions that ran (recorded once they returned)."""
-    calls = []
-    real = torch._nnpack_spatial_convolution
-
-    def counted(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(tuple(args[0].shape))
-        return out
-
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
-    return calls
 
 
 def _conv64(conv, x):
