@@ -408,12 +408,21 @@ def inference_rows(base, modes, batch, size, device, warmup, iters, kind, budget
     return rows
 
 
-# name -> (channels_last, torch.compile's mode or None); the compiled modes take minutes to set
-# up, so they run only on request. reduce-overhead replays the compiled forward and backward as
-# CUDA graphs (torch.compile's cudagraph trees; the Adam step stays outside them).
-TRAIN_MODES = {"train": (False, None), "train-cl": (True, None), "train-compile": (True, "default"),
-               "train-compile-graph": (True, "reduce-overhead")}
-DEFAULT_TRAIN_MODES = {"cuda": ["train", "train-cl"], "cpu": ["train"]}
+@dataclasses.dataclass(frozen=True)
+class TrainMode:
+    channels_last: bool
+    compile: str = None   # torch.compile's mode ("default", "reduce-overhead"), None: eager
+    graph: bool = False   # the whole step (forward, loss, backward, Adam) replayed as one CUDA graph
+
+
+# The compiled modes take minutes to set up, so they run only on request. reduce-overhead replays
+# the compiled forward and backward as CUDA graphs (torch.compile's cudagraph trees; the Adam step
+# stays outside them); the graph modes capture the eager step whole, in seconds.
+TRAIN_MODES = {"train": TrainMode(False), "train-cl": TrainMode(True),
+               "train-graph": TrainMode(False, graph=True), "train-cl-graph": TrainMode(True, graph=True),
+               "train-compile": TrainMode(True, "default"),
+               "train-compile-graph": TrainMode(True, "reduce-overhead")}
+DEFAULT_TRAIN_MODES = {"cuda": ["train", "train-cl", "train-graph", "train-cl-graph"], "cpu": ["train"]}
 
 
 def train_batch(base, batch, size, device, channels_last):
@@ -434,19 +443,27 @@ def train_amp(device):
     return amp, str(amp).replace("torch.", "") if amp else "float32"
 
 
-def make_train_step(base, backend, x, y, channels_last, compile_mode=None):
+def make_train_step(base, backend, x, y, channels_last, compile_mode=None, graph=False):
     """One stage-2 training step of a copy of ``base`` on ``backend`` as a callable: forward with
     the auxiliary head, stage-2 loss, backward, Adam step with the engine's stage-2 learning rates;
     autocast with :func:`train_amp`'s dtype (float16 with a gradient scaler); with a
     ``compile_mode``, the network's forward and backward through torch.compile in that mode
-    ("default" is what ``condseg train --compile`` does).
+    ("default" is what ``condseg train --compile`` does). With ``graph`` (CUDA, not float16) the
+    step is ``condseg train --cuda-graph``'s: :class:`~condseg.engine.graphed.GraphedTrainStep`,
+    captured here after its warm-up steps, replayed at each call.
     ``step.loss`` holds the last loss (a tensor: reading it later keeps the step free of host
     syncs)."""
     from condseg.engine.builders import make_optimizer
+    from condseg.engine.graphed import GraphedTrainStep
     from condseg.losses import stage2_loss
 
     device = x.device
     amp, _ = train_amp(device)
+    if graph and device.type != "cuda":
+        raise ValueError(f"make_train_step: graph=True captures a CUDA graph; the batch is on {device}")
+    if graph and amp == torch.float16:
+        raise ValueError("make_train_step: graph=True needs bfloat16 autocast: float16's gradient scaler "
+                         "reads its overflow flag on the host at every step")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     model = set_cdfa_backend(copy.deepcopy(base), forced(backend)).train().requires_grad_(True)
     if channels_last:
@@ -456,12 +473,25 @@ def make_train_step(base, backend, x, y, channels_last, compile_mode=None):
     if compile_mode:
         forward = torch.compile(model, dynamic=False, **({} if compile_mode == "default" else {"mode": compile_mode}))
 
+    def compute(inp, target):
+        # a capture must not keep autocast's cached weight casts
+        with torch.autocast(device.type, dtype=amp, cache_enabled=not graph) if amp else contextlib.nullcontext():
+            out = forward(inp, return_aux=True)
+        return stage2_loss(condseg.ConDSegOutput(*(o.float() for o in out)), target)
+
+    if graph:
+        graphed = GraphedTrainStep(compute, optimizer)
+
+        def step():
+            step.loss = graphed(x, y)[0]
+
+        for _ in range(graphed.warmup + 1):  # eager warm-up steps, then the capture and its first replay
+            step()
+        return step
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-            out = forward(x, return_aux=True)
-        out = condseg.ConDSegOutput(*(o.float() for o in out))
-        loss, _ = stage2_loss(out, y)
+        loss, _ = compute(x, y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -473,18 +503,22 @@ def make_train_step(base, backend, x, y, channels_last, compile_mode=None):
 
 def train_rows(base, batch, size, device, warmup, iters, emit, log=print, mode="train"):
     """images/s of one stage-2 training step (:func:`make_train_step`) at ``batch`` for both
-    backends. Mode "train" is the engine's step in NCHW; "train-cl" the same in channels_last;
+    backends, in one of :data:`TRAIN_MODES`: "train" is the engine's step in NCHW; "train-cl" the
+    same in channels_last; "train-graph" and "train-cl-graph" those replayed as one CUDA graph;
     "train-compile" channels_last through torch.compile, "train-compile-graph" also replayed as
     CUDA graphs (for those two the first step, which compiles, is timed apart as compile_s)."""
-    channels_last, compile_mode = TRAIN_MODES[mode]
-    compiled = compile_mode is not None
+    spec = TRAIN_MODES[mode]
+    compiled = spec.compile is not None
     device = torch.device(device)
-    x, y = train_batch(base, batch, size, device, channels_last)
     _, dtype = train_amp(device)
+    if spec.graph and device.type != "cuda":
+        log(f"  skip train {mode}: needs CUDA")
+        return []
+    x, y = train_batch(base, batch, size, device, spec.channels_last)
     steps, compile_s, rows = {}, {}, []
     try:
         for backend in BACKENDS:
-            steps[backend] = make_train_step(base, backend, x, y, channels_last, compile_mode)
+            steps[backend] = make_train_step(base, backend, x, y, spec.channels_last, spec.compile, spec.graph)
             if compiled:  # the first call compiles the forward and the backward
                 start = time.perf_counter()
                 steps[backend]()
@@ -494,15 +528,16 @@ def train_rows(base, batch, size, device, warmup, iters, emit, log=print, mode="
         times = time_calls(steps, iters, warmup, device, launches)
         for backend in BACKENDS:
             row = {"kind": "train", "mode": mode, "backend": resolved_backend(backend, device),
-                   "backend_choice": backend, "dtype": dtype, "channels_last": channels_last,
-                   "compiled": compiled, "amp": dtype != "float32", "batch": batch, "size": size,
-                   "warmup": warmup, "loss": round(float(steps[backend].loss), 5)}
+                   "backend_choice": backend, "dtype": dtype, "channels_last": spec.channels_last,
+                   "compiled": compiled, "graph": spec.graph, "amp": dtype != "float32", "batch": batch,
+                   "size": size, "warmup": warmup, "loss": round(float(steps[backend].loss), 5)}
             if compiled:
-                row["compile_s"], row["compile_mode"] = compile_s[backend], compile_mode
+                row["compile_s"], row["compile_mode"] = compile_s[backend], spec.compile
             row.update(summarize(times[backend], batch))
             if device.type == "cuda":
                 # host time to queue a step; ~median_ms = bound by launches, not by the GPU
                 row["launch_ms"] = round(1000 * statistics.median(launches[backend]), 4)
+            if device.type == "cuda" and not spec.graph:  # a replay allocates nothing
                 # activation memory of one step (beyond weights and Adam state)
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
@@ -852,7 +887,7 @@ def main(argv=None):
     tp_modes = _split(args.throughput_modes) if args.throughput_modes else DEFAULT_THROUGHPUT_MODES[kind][quick]
     budget = Budget(args.budget)
     if any(MODES[m].compile for m in modes + (tp_modes if tp_batch else [])) or \
-            (args.train and any(TRAIN_MODES[m][1] for m in train_modes)):
+            (args.train and any(TRAIN_MODES[m].compile for m in train_modes)):
         import torch._dynamo.config as dynamo_config
         for limit in ("cache_size_limit", "recompile_limit"):  # one entry per model copy and mode
             if hasattr(dynamo_config, limit):
@@ -932,7 +967,7 @@ def main(argv=None):
         print(f"train: batch {args.train_batch}, {args.size}x{args.size}, warm-up {iters['train'][0]}, "
               f"{iters['train'][1]} timed steps per backend, modes {', '.join(train_modes)}", flush=True)
         for name in train_modes:
-            if TRAIN_MODES[name][1] and budget.left() < COMPILE_RESERVE_S:
+            if TRAIN_MODES[name].compile and budget.left() < COMPILE_RESERVE_S:
                 print(f"  skip train {name}: --budget spent")
                 continue
             train_rows(base, args.train_batch, args.size, device, *iters["train"], emit, mode=name)

@@ -11,7 +11,8 @@
 # SKIP_BUILD=1 (the package is installed already: the build stage only checks it), GPU_CHECK_TESTS
 # (default "cuda triton": which of tests/test_cuda.py and tests/test_triton.py run; "cuda" alone
 # saves the Triton tests' two minutes when only the CUDA kernels changed; with the Triton tests
-# comes a stage that times the Triton forward fused and split).
+# comes a stage that times the Triton forward fused and split; "fps" adds the CUDA tests
+# of tests/test_fps.py and tests/test_graphed.py).
 # Output: $OUT/summary.txt (the op and fps tables and the stages: the console's tail may be all a
 # caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl, profile_bf16.txt and
 # profile_train.txt (when benchmarks/fps.py exists), and logs.tar.gz with build.log, op_bench.log, fps.log and
@@ -87,8 +88,7 @@ run_stage build 240 150 bash -c build
 
 # 2. Tests. -P keeps the source tree off sys.path: the installed package (with its _C) is tested.
 pytest_stage() {
-  local file=$1
-  $PY -P -m pytest -q -rfEs -m "not slow" "$file" 2>&1 | (trap '' INT; exec tee -a "$OUT/tests.log")
+  $PY -P -m pytest -q -rfEs -m "not slow" "$@" 2>&1 | (trap '' INT; exec tee -a "$OUT/tests.log")
   return "${PIPESTATUS[0]}"
 }
 export -f pytest_stage
@@ -99,6 +99,9 @@ if [[ $TESTS == *" cuda "* ]]; then
 fi
 if [[ $TESTS == *" triton "* && -f tests/test_triton.py ]]; then
   run_stage triton-tests 200 130 bash -c "pytest_stage tests/test_triton.py"
+fi
+if [[ $TESTS == *" fps "* ]]; then  # CUDA tests of fps.py and of the captured training step
+  run_stage fps-tests 120 130 bash -c "pytest_stage tests/test_fps.py tests/test_graphed.py -k cuda"
 fi
 
 # 3. Op benchmark: ConDSeg's four levels at B=12 (the bars' shape is 12x128x128x128), fp32 and bf16.

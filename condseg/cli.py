@@ -79,6 +79,8 @@ def _train_parser(sub):
         action=argparse.BooleanOptionalAction)
     opt("--compile", "torch.compile the training step's forward and backward (the first step of each stage "
         "compiles: minutes; validation stays eager)", action=argparse.BooleanOptionalAction)
+    opt("--cuda-graph", "replay each training step (forward, loss, backward, Adam) as one CUDA graph: no "
+        "per-kernel launches from Python; CUDA, bf16 autocast or none", action=argparse.BooleanOptionalAction)
     opt("--workers", "data-loader workers", type=int, shown_default="0 when the data fits in memory, else 4")
     opt("--val-split", "split name or split file used for validation")
     opt("--skip-missing", "leave out split ids whose files are missing", action=argparse.BooleanOptionalAction)

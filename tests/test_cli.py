@@ -140,10 +140,11 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, capsys, tmp_path):
     assert f"interrupted; continue with: condseg train 'my data' --out {run} --resume" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, expected", [([], None), (["--compile"], True), (["--no-compile"], False)])
-def test_train_compile_flag_reaches_the_trainer(flags, expected, monkeypatch, capsys, tmp_path):
-    """--compile sets TrainConfig.compile; left out, the trainer's default (or, with --resume, the
-    run's own setting) decides."""
+@pytest.mark.parametrize("option", ["compile", "cuda_graph"])
+@pytest.mark.parametrize("flags, expected", [([], None), (["--{}"], True), (["--no-{}"], False)])
+def test_train_compile_flags_reach_the_trainer(option, flags, expected, monkeypatch, capsys, tmp_path):
+    """--compile and --cuda-graph set TrainConfig.compile and .cuda_graph; left out, the trainer's
+    default (or, with --resume, the run's own setting) decides."""
     import condseg.engine
     seen = []
 
@@ -152,8 +153,8 @@ def test_train_compile_flag_reaches_the_trainer(flags, expected, monkeypatch, ca
         raise KeyboardInterrupt
 
     monkeypatch.setattr(condseg.engine, "train", record)
-    main(["train", "data", "--out", str(tmp_path / "run"), *flags])
-    assert seen[0].get("compile") is expected
+    main(["train", "data", "--out", str(tmp_path / "run"), *(f.format(option.replace("_", "-")) for f in flags)])
+    assert seen[0].get(option) is expected
 
 
 def test_a_compile_failure_is_a_message(tmp_path, monkeypatch, capsys):

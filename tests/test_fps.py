@@ -607,6 +607,38 @@ def test_make_train_step_trains_the_chosen_backend():
     assert all(p.grad is None for p in base.parameters())  # the base model is left untouched
 
 
+def test_train_graph_modes_are_cuda_only():
+    base = fps.build_model(**SMALL)
+    rows = fps.train_rows(base, 2, 32, "cpu", 0, 1, emit=lambda row: None, log=lambda line: None,
+                          mode="train-graph")
+    assert rows == []
+    x, y = fps.train_batch(base, 2, 32, torch.device("cpu"), channels_last=False)
+    with pytest.raises(ValueError, match="graph=True captures a CUDA graph"):
+        fps.make_train_step(base, "auto", x, y, channels_last=False, graph=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_train_graph_step_replays_what_the_eager_step_computes(channels_last):
+    """The captured step (three eager warm-up steps, then the capture) against the eager step of
+    the same copy of the weights: the losses of the following steps agree, and replays train."""
+    base = fps.build_model(**SMALL).cuda()
+    x, y = fps.train_batch(base, 2, 64, torch.device("cuda"), channels_last)
+    torch.manual_seed(0)
+    eager = fps.make_train_step(base, "auto", x, y, channels_last)
+    graphed = fps.make_train_step(base, "auto", x, y, channels_last, graph=True)
+    eager_losses = []
+    for _ in range(6):  # the graph's warm-up took three steps and the capture is not a step
+        eager()
+        eager_losses.append(float(eager.loss))
+    graph_losses = []
+    for _ in range(3):
+        graphed()
+        graph_losses.append(float(graphed.loss))
+    assert graph_losses[-1] < graph_losses[0]
+    assert graph_losses == pytest.approx(eager_losses[3:], rel=2e-2), (graph_losses, eager_losses)
+
+
 def test_op_calls_runs_every_pass_on_cpu(capsys):
     load_benchmark("op_calls").main(["--device", "cpu", "--size", "6", "--backends", "cpu,reference",
                                      "--dtypes", "float32"])

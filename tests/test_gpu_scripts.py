@@ -75,6 +75,14 @@ def test_gpu_check_runs_the_chosen_tests_and_stages(tmp_path):
     assert "op-bench       ok" in proc.stdout and "fps" not in proc.stdout.split("=== gpu_check stages")[1]
 
 
+def test_gpu_check_runs_the_fps_cuda_tests_on_request(tmp_path):
+    proc, calls = run_gpu_check(tmp_path, GPU_CHECK_TESTS="cuda fps", FPS_LIMIT_S="0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tests = [c for c in calls if "-m pytest" in c]
+    assert [t.split("not slow ")[1] for t in tests] == ["tests/test_cuda.py", "tests/test_fps.py tests/test_graphed.py -k cuda"]
+    assert "fps-tests      ok" in proc.stdout
+
+
 def test_gpu_check_runs_both_test_files_by_default(tmp_path):
     proc, calls = run_gpu_check(tmp_path, FPS_LIMIT_S="0")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -40,6 +40,7 @@ class TrainConfig:
     amp: str = "auto"                    # "auto" (CUDA: bf16, else fp16; CPU: off), "bf16", "fp16" (CUDA), "off"
     channels_last: bool = True           # NHWC weights and activations: faster convolutions, CPU and CUDA
     compile: bool = False                # torch.compile the training forward and backward (validation stays eager)
+    cuda_graph: bool = False             # replay each training step as one CUDA graph (CUDA; bf16 or no autocast)
     device: str = "auto"
     workers: int = None                  # data-loader workers; None: 0 when preloaded, else 4
     preload: str = "auto"                # decode the dataset into memory: "auto", True, False
@@ -93,6 +94,9 @@ class TrainConfig:
             raise ValueError(f"stage1_checkpoint is for stage='2' (CLI: --stage 2): with stage={self.stage!r} "
                              f"(CLI: --stage {self.stage}) the run trains its own stage 1 and stage 2 starts "
                              f"from that")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph and compile are two ways to the same end: pass one of them "
+                             "(CLI: --cuda-graph or --compile)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: pass one of them")
 

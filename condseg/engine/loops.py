@@ -7,6 +7,7 @@ from .. import losses
 from ..data import augment
 from ..metrics import MetricTracker
 from ..models import ConDSegOutput
+from .graphed import GraphedTrainStep
 from .runlog import Progress
 from .runtime import any_rank, autocast
 
@@ -34,46 +35,60 @@ def memory_format(cfg):
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
+def loss_function(model, stage, cfg, device, amp, cache=True):
+    """``compute(x, fg, target) -> (loss, parts)``: the network on the prepared batch ``x`` and
+    the stage's objective (stage 1 on ``fg``, ``x`` holding the images and their strong
+    augmentations; stage 2 on ``target``). ``cache``: autocast's weight-cast cache."""
+    def compute(x, fg, target):
+        with autocast(device, amp, cache):
+            out = model(x) if stage == 1 else model(x, return_aux=True)
+        if stage == 1:
+            a, b = out.float().chunk(2)
+            return losses.stage1_loss(a, b, fg, cfg.consistency_threshold), {}
+        return losses.stage2_loss(ConDSegOutput(*(o.float() for o in out)), target)
+    return compute
+
+
 def train_epoch(model, loader, optimizer, scaler, stage, cfg, device, amp, ctx, label=""):
     """Train one epoch; returns the mean loss and, in stage 2, its parts. Raises TrainingDiverged
-    (on every rank) as soon as a loss is not finite, before it reaches the weights."""
+    (on every rank) as soon as a loss is not finite, before it reaches the weights. With
+    ``cfg.cuda_graph`` the steps replay one CUDA graph (:class:`GraphedTrainStep`, captured anew
+    each epoch, since the scheduler may have changed the learning rates)."""
     model.train()
     totals, steps = {}, 0
     progress = Progress(len(loader), label, enabled=cfg.progress and ctx.is_main)
-    for batch in loader:
-        images = batch["image"].to(device, non_blocking=True).float().div_(255)
-        masks = batch["mask"].to(device, non_blocking=True)
-        images, masks = augment.geometric(images, masks, rotation=cfg.rotation, labels=cfg.classes > 1)
-        fg, target = _targets(masks, cfg.classes)
-        if stage == 1:
-            x = augment.normalize(torch.cat([images, augment.strong(images)]))
+    compute = loss_function(model, stage, cfg, device, amp, cache=not cfg.cuda_graph)
+    graphed = GraphedTrainStep(compute, optimizer) if cfg.cuda_graph else None
+    try:
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True).float().div_(255)
+            masks = batch["mask"].to(device, non_blocking=True)
+            images, masks = augment.geometric(images, masks, rotation=cfg.rotation, labels=cfg.classes > 1)
+            fg, target = _targets(masks, cfg.classes)
+            x = augment.normalize(torch.cat([images, augment.strong(images)]) if stage == 1 else images)
             x = x.contiguous(memory_format=memory_format(cfg))
-            with autocast(device, amp):
-                logits = model(x)
-            a, b = logits.float().chunk(2)
-            loss = losses.stage1_loss(a, b, fg, cfg.consistency_threshold)
-            parts = {}
-        else:
-            x = augment.normalize(images).contiguous(memory_format=memory_format(cfg))
-            with autocast(device, amp):
-                out = model(x, return_aux=True)
-            out = ConDSegOutput(*(o.float() for o in out))
-            loss, parts = losses.stage2_loss(out, target)
-        value = float(loss.detach())
-        if any_rank(ctx, not math.isfinite(value), device):
-            progress.close()
-            raise TrainingDiverged(f"{label}: the loss became {value} at step {steps + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        steps += 1
-        totals["train_loss"] = totals.get("train_loss", 0.0) + value
-        for k in ("mask", "fg", "bg", "compl"):
-            if k in parts:
-                totals[f"loss_{k}"] = totals.get(f"loss_{k}", 0.0) + float(parts[k])
-        progress.update(loss=totals["train_loss"] / steps)
-    progress.close()
+            if graphed is not None:  # a loss that is not finite skipped its update on the device
+                loss, parts = graphed(x, fg, target)
+            else:
+                loss, parts = compute(x, fg, target)
+            value = float(loss.detach())
+            if any_rank(ctx, not math.isfinite(value), device):
+                raise TrainingDiverged(f"{label}: the loss became {value} at step {steps + 1}")
+            if graphed is None:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            steps += 1
+            totals["train_loss"] = totals.get("train_loss", 0.0) + value
+            for k in ("mask", "fg", "bg", "compl"):
+                if k in parts:
+                    totals[f"loss_{k}"] = totals.get(f"loss_{k}", 0.0) + float(parts[k])
+            progress.update(loss=totals["train_loss"] / steps)
+    finally:
+        progress.close()
+        if graphed is not None:
+            graphed.close()
     return {k: v / max(1, steps) for k, v in totals.items()}
 
 

@@ -44,10 +44,12 @@ def amp_dtype(amp, device):
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def autocast(device, dtype):
+def autocast(device, dtype, cache=True):
+    """Autocast to ``dtype`` (None: off). ``cache=False`` re-casts the weights at every use, as a
+    CUDA-graph capture needs (cached casts would outlive it)."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def flushing_denormals():

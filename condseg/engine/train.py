@@ -124,6 +124,8 @@ class _Trainer:
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.run_dir = Path(cfg.out)
         self.amp = amp_dtype(cfg.amp, device)
+        if cfg.cuda_graph:
+            self._check_cuda_graph()
         existing = sorted(self.run_dir.glob("stage*_last.pt"))
         if existing and not (cfg.resume or cfg.overwrite):
             raise FileExistsError(f"{self.run_dir} already holds a run ({existing[0].name}); pass "
@@ -320,6 +322,16 @@ class _Trainer:
         model.load_stage1_encoder(state["model"])
         self.log.info(f"stage 2: encoder initialised from {source} (epoch {state['epoch']})")
         return True
+
+    def _check_cuda_graph(self):
+        """cuda_graph=True needs one CUDA device and no gradient scaler (float16's reads its
+        overflow flag on the host at every step)."""
+        problem = ("needs a CUDA device, the run has " + str(self.device) if self.device.type != "cuda" else
+                   "runs in one process, not with several (DistributedDataParallel)" if self.ctx.enabled else
+                   "needs bf16 autocast or none: float16's gradient scaler reads the host at every step "
+                   "(amp='bf16' or 'off', CLI: --amp bf16)" if self.amp == torch.float16 else None)
+        if problem:
+            raise ValueError(f"cuda_graph=True (CLI: --cuda-graph) {problem}")
 
     def _check_resume_options(self, saved):
         """Stops a resume given another network, image size or recipe than the run's (``saved``),
