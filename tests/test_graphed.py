@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from condseg.data import make_synthetic_dataset
 from condseg.engine import TrainConfig, train
 from condseg.engine.builders import build_model, make_optimizer, model_config
 from condseg.engine.graphed import GraphedTrainStep, make_capturable, train_step
@@ -16,6 +17,13 @@ from condseg.inference import set_cdfa_backend
 from conftest import requires_cuda
 
 CFG = types.SimpleNamespace(consistency_threshold=0.5)
+TINY = dict(image_size=32, batch_size=4, encoder="resnet18", decoder_channels=16, epochs=2, stage1_epochs=1,
+            progress=False, tensorboard=False, stage1_lr=1e-3, lr=1e-3, encoder_lr=1e-4)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "data", train=8, val=4, size=32, seed=0)
 
 
 class HostReads(TorchDispatchMode):
@@ -163,3 +171,65 @@ def test_cuda_graphed_step_trains_like_the_eager_step(stage):
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
     graphed.close()
     assert not hasattr(graphed.optimizer, "found_inf")
+
+
+class EagerStandIn:
+    """GraphedTrainStep's interface on a CPU: what the trainer's loop does with it (one per epoch,
+    the step's (loss, parts), the non-finite skip, close) runs without a GPU."""
+    made = []
+
+    def __init__(self, compute_loss, optimizer):
+        self.compute_loss, self.optimizer, self.calls, self.closed = compute_loss, optimizer, 0, False
+        make_capturable(optimizer)
+        EagerStandIn.made.append(self)
+
+    def __call__(self, *inputs):
+        self.calls += 1
+        return train_step(self.compute_loss, self.optimizer, inputs)
+
+    def close(self):
+        del self.optimizer.found_inf
+        self.closed = True
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    import importlib
+    from condseg.engine import loops
+    trainer = importlib.import_module("condseg.engine.train")._Trainer  # the package exports train()
+    monkeypatch.setattr(loops, "GraphedTrainStep", EagerStandIn)
+    monkeypatch.setattr(trainer, "_check_cuda_graph", lambda self: None)
+    EagerStandIn.made = []
+    return EagerStandIn
+
+
+def test_trainer_loop_takes_the_graphed_step(synth, stand_in, tmp_path):
+    """With cuda_graph the loop trains through the step object (one per epoch, closed after it)
+    and ends where the eager loop ends."""
+    options = dict(data_root=str(synth), **TINY)
+    graphed = train(out=str(tmp_path / "graphed"), cuda_graph=True, **options)
+    assert len(stand_in.made) == 3 and all(s.closed and s.calls == 2 for s in stand_in.made)  # 1 + 2 epochs
+    eager = train(out=str(tmp_path / "eager"), **options)
+    assert len(stand_in.made) == 3
+    for row, expected in zip(graphed.history, eager.history):
+        assert row["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-4)
+        assert row["val_mDSC"] == pytest.approx(expected["val_mDSC"], abs=1e-3)
+
+
+def test_trainer_stops_on_a_non_finite_graphed_step(synth, stand_in, tmp_path, monkeypatch):
+    from condseg.engine import TrainingDiverged, load_checkpoint, loops
+    real, calls = loops.losses.stage1_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss  # epoch 1 has 2 steps
+
+    monkeypatch.setattr(loops.losses, "stage1_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="nan"):
+        train(data_root=str(synth), out=str(out), cuda_graph=True, **{**TINY, "stage1_epochs": 3})
+    assert stand_in.made[-1].closed  # the loop closed the step on its way out
+    state = load_checkpoint(out / "stage1_last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
