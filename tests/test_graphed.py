@@ -124,6 +124,21 @@ def test_a_non_finite_loss_leaves_weights_and_adam_state_alone():
     assert found_inf.item() == 0 and optimizer.state_dict()["state"][0]["step"].item() == 2
 
 
+def test_the_skip_flag_is_float32_whatever_the_default_dtype():
+    """The fused kernel reads found_inf as a 0-dim float32: a flag made under a float64 default
+    dtype would fail the step."""
+    model = small(2)
+    optimizer = make_optimizer(model, lr=1e-3)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        found_inf = make_capturable(optimizer)
+    finally:
+        torch.set_default_dtype(default)
+    assert found_inf.dtype == torch.float32 and found_inf.dim() == 0
+    train_step(loss_function(model, 2, CFG, torch.device("cpu"), None), optimizer, batch(2))
+
+
 def test_graphed_step_refuses_what_it_cannot_capture():
     model = small(2)
     with pytest.raises(ValueError, match="one CUDA device, got \\['cpu'\\]"):

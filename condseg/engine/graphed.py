@@ -4,6 +4,8 @@ A ConDSeg training step issues some 4,000 kernels (forward, loss, backward, Adam
 host queues each one, and on an H200 that took 124 ms of a 127 ms step at batch 12: the GPU
 waited on Python. A replayed graph launches them all at once.
 """
+import warnings
+
 import torch
 
 
@@ -17,20 +19,25 @@ def make_capturable(optimizer):
     for group in optimizer.param_groups:
         group["capturable"] = True
     device = optimizer.param_groups[0]["params"][0].device
-    optimizer.found_inf = torch.zeros((), device=device)  # read by the fused Adam at every step
+    # 0-dim float32, as a gradient scaler's: the fused kernel reads it as a float
+    optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=device)
     return optimizer.found_inf
 
 
-def train_step(compute_loss, optimizer, inputs):
+def train_step(compute_loss, optimizer, inputs, set_to_none=True):
     """One step as a CUDA graph can hold it: no host reads. ``compute_loss(*inputs)`` gives (loss,
     parts); a loss that is not finite sets the optimizer's ``found_inf`` (see
-    :func:`make_capturable`), so the update is skipped and the weights stay as they were.
+    :func:`make_capturable`), so the update is skipped: the weights and Adam's state stay as they
+    were (BatchNorm's running statistics took the forward's batch, as in any training step).
+    ``set_to_none=False`` zeroes the existing gradients in place instead of dropping them.
     Returns (loss, parts), detached."""
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
     loss, parts = compute_loss(*inputs)
     loss.backward()
     optimizer.found_inf.copy_(~torch.isfinite(loss.detach()))
-    optimizer.step()
+    with warnings.catch_warnings():  # warm-up and odd-sized steps run uncaptured on purpose
+        warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+        optimizer.step()
     return loss.detach(), {name: value.detach() for name, value in parts.items()}
 
 
@@ -39,11 +46,14 @@ class GraphedTrainStep:
     returns ``compute_loss(*inputs)``'s (loss, parts), as tensors.
 
     ``compute_loss`` runs the network and the loss under autocast without its weight-cast cache
-    (``torch.autocast(..., cache_enabled=False)``: casts made during a capture must not outlive
-    it). The first ``warmup`` calls run eagerly on a side stream, so that cuDNN's autotuning,
-    Adam's state and other lazy set-up stay out of the capture; the next call captures the step,
-    and from then on every call copies its inputs into the graph's own and replays it. Inputs of
-    other shapes or memory layouts (an epoch's last, smaller batch) train eagerly.
+    (``torch.autocast(..., cache_enabled=False)``, as PyTorch asks of autocast in CUDA graphs).
+    The first ``warmup`` calls run eagerly on a side stream, so that cuDNN's autotuning, Adam's
+    state and other lazy set-up stay out of the capture; the next call captures the step (its
+    inputs' shapes become the graph's), and from then on every call copies its inputs into the
+    graph's own and replays it. The tensors it
+    returns are the graph's: the next replay overwrites them. Inputs of other shapes or memory
+    layouts (say, a smaller last batch; the trainer drops those) train eagerly, into the graph's
+    gradient tensors.
 
     The optimizer must be a fused Adam (``condseg.engine.builders.make_optimizer`` makes one on
     CUDA; see :func:`make_capturable`): a step whose loss is not finite leaves the weights and
@@ -72,6 +82,10 @@ class GraphedTrainStep:
 
     def __call__(self, *inputs):
         self.calls += 1
+        with torch.cuda.device(self.device):  # the capture runs on the current device's streams
+            return self._step(inputs)
+
+    def _step(self, inputs):
         if self.graph is None and self.calls <= self.warmup:
             self._side = self._side or torch.cuda.Stream(self.device)
             self._side.wait_stream(torch.cuda.current_stream(self.device))
@@ -82,7 +96,7 @@ class GraphedTrainStep:
         if self.graph is None:
             self._capture(inputs)
         if self._layout(inputs) != self._layout(self.static_inputs):
-            return train_step(self.compute_loss, self.optimizer, inputs)
+            return train_step(self.compute_loss, self.optimizer, inputs, set_to_none=False)
         for static, new in zip(self.static_inputs, inputs):
             static.copy_(new)
         self.graph.replay()
@@ -96,7 +110,8 @@ class GraphedTrainStep:
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread allocating pinned buffers meanwhile must
         # neither break the capture nor be refused (the default, global mode does both).
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        capture = torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device), capture_error_mode="thread_local")
+        with capture:
             self.static_outputs = train_step(self.compute_loss, self.optimizer, self.static_inputs)
 
     def close(self):
