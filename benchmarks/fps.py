@@ -27,9 +27,11 @@ scale marks the row WRONG and keeps it out of the best-mode figures. Modes (``--
     bf16-compile-graph                  torch.compile'd bf16 fold-cl in a CUDA graph (CUDA only)
 
 Training rows (``--train``, ``--train-modes``): ``train`` is the trainer's stage-2 step in NCHW,
-``train-cl`` in channels_last (the trainer's default), ``train-compile`` channels_last through
-torch.compile (``condseg train --compile``), ``train-compile-graph`` the same in torch.compile's
-reduce-overhead mode (CUDA graphs); the compiles, minutes on a GPU, are timed apart.
+``train-cl`` in channels_last (the trainer's default), ``train-graph`` and ``train-cl-graph`` those
+steps captured whole as one CUDA graph and replayed (``condseg train --cuda-graph``; CUDA only),
+``train-compile`` channels_last through torch.compile (``condseg train --compile``),
+``train-compile-graph`` the same in torch.compile's reduce-overhead mode (CUDA graphs); the
+compiles, minutes on a GPU, are timed apart.
 
 On CUDA the order is: the batch-1 rows the bars need (eager, bf16-graph, graph, fold-cl), training rows,
 torch.compile rows (optional, slow to compile; with ``--budget`` they start only while 45 s of it
@@ -771,7 +773,7 @@ def parse_args(argv=None):
     p.add_argument("--train", action="store_true", help="also time one stage-2 training step per backend")
     p.add_argument("--train-batch", type=int, default=12)
     p.add_argument("--train-modes", help=f"comma-separated from {', '.join(TRAIN_MODES)} "
-                                         "(default: train and train-cl on CUDA, train on CPU; "
+                                         "(default: train, train-cl and the two graph modes on CUDA, train on CPU; "
                                          "the train-compile modes compile for minutes)")
     p.add_argument("--quick", action="store_true", help="fewer iterations (fits a short GPU check)")
     p.add_argument("--warmup", type=int, help="untimed calls per row (default by device and --quick)")
