@@ -476,7 +476,7 @@ def make_train_step(base, backend, x, y, channels_last, compile_mode=None, graph
         forward = torch.compile(model, dynamic=False, **({} if compile_mode == "default" else {"mode": compile_mode}))
 
     def compute(inp, target):
-        # a capture must not keep autocast's cached weight casts
+        # no weight-cast cache inside a CUDA-graph capture, as PyTorch asks
         with torch.autocast(device.type, dtype=amp, cache_enabled=not graph) if amp else contextlib.nullcontext():
             out = forward(inp, return_aux=True)
         return stage2_loss(condseg.ConDSegOutput(*(o.float() for o in out)), target)

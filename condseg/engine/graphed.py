@@ -50,10 +50,9 @@ class GraphedTrainStep:
     The first ``warmup`` calls run eagerly on a side stream, so that cuDNN's autotuning, Adam's
     state and other lazy set-up stay out of the capture; the next call captures the step (its
     inputs' shapes become the graph's), and from then on every call copies its inputs into the
-    graph's own and replays it. The tensors it
-    returns are the graph's: the next replay overwrites them. Inputs of other shapes or memory
-    layouts (say, a smaller last batch; the trainer drops those) train eagerly, into the graph's
-    gradient tensors.
+    graph's own and replays it. The tensors it returns are the graph's: the next replay
+    overwrites them. Inputs of other shapes or memory layouts (say, a smaller last batch; the
+    trainer drops those) train eagerly, into the graph's gradient tensors.
 
     The optimizer must be a fused Adam (``condseg.engine.builders.make_optimizer`` makes one on
     CUDA; see :func:`make_capturable`): a step whose loss is not finite leaves the weights and
@@ -110,8 +109,8 @@ class GraphedTrainStep:
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread allocating pinned buffers meanwhile must
         # neither break the capture nor be refused (the default, global mode does both).
-        capture = torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device), capture_error_mode="thread_local")
-        with capture:
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device),
+                              capture_error_mode="thread_local"):
             self.static_outputs = train_step(self.compute_loss, self.optimizer, self.static_inputs)
 
     def close(self):

@@ -45,8 +45,8 @@ def amp_dtype(amp, device):
 
 
 def autocast(device, dtype, cache=True):
-    """Autocast to ``dtype`` (None: off). ``cache=False`` re-casts the weights at every use, as a
-    CUDA-graph capture needs (cached casts would outlive it)."""
+    """Autocast to ``dtype`` (None: off). ``cache=False`` re-casts the weights at every use, as
+    PyTorch asks of autocast inside a CUDA-graph capture."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)

@@ -326,12 +326,16 @@ class _Trainer:
     def _check_cuda_graph(self):
         """cuda_graph=True needs one CUDA device and no gradient scaler (float16's reads its
         overflow flag on the host at every step)."""
-        problem = ("needs a CUDA device, the run has " + str(self.device) if self.device.type != "cuda" else
-                   "runs in one process, not with several (DistributedDataParallel)" if self.ctx.enabled else
-                   "needs bf16 autocast or none: float16's gradient scaler reads the host at every step "
-                   "(amp='bf16' or 'off', CLI: --amp bf16)" if self.amp == torch.float16 else None)
-        if problem:
-            raise ValueError(f"cuda_graph=True (CLI: --cuda-graph) {problem}")
+        if self.device.type != "cuda":
+            problem = f"needs a CUDA device, the run has {self.device}"
+        elif self.ctx.enabled:
+            problem = "runs in one process, not with several (DistributedDataParallel)"
+        elif self.amp == torch.float16:
+            problem = ("needs bf16 autocast or none: float16's gradient scaler reads the host at every step "
+                       "(amp='bf16' or 'off', CLI: --amp bf16)")
+        else:
+            return
+        raise ValueError(f"cuda_graph=True (CLI: --cuda-graph) {problem}")
 
     def _check_resume_options(self, saved):
         """Stops a resume given another network, image size or recipe than the run's (``saved``),
