@@ -248,3 +248,9 @@ def test_trainer_stops_on_a_non_finite_graphed_step(synth, stand_in, tmp_path, m
     state = load_checkpoint(out / "stage1_last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
                                        if v.is_floating_point())
+
+
+def test_cli_names_the_flags(capsys, tmp_path):
+    from condseg.cli import main
+    assert main(["train", "data", "--out", str(tmp_path / "run"), "--cuda-graph", "--compile"]) != 0
+    assert "error: --cuda-graph and --compile are two ways to the same end" in capsys.readouterr().err

@@ -95,8 +95,8 @@ class TrainConfig:
                              f"(CLI: --stage {self.stage}) the run trains its own stage 1 and stage 2 starts "
                              f"from that")
         if self.cuda_graph and self.compile:
-            raise ValueError("cuda_graph and compile are two ways to the same end: pass one of them "
-                             "(CLI: --cuda-graph or --compile)")
+            raise ValueError("cuda_graph=True (CLI: --cuda-graph) and compile=True (CLI: --compile) are two "
+                             "ways to the same end: pass one of them")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: pass one of them")
 
