@@ -224,6 +224,7 @@ def test_trainer_loop_takes_the_graphed_step(synth, stand_in, tmp_path):
     options = dict(data_root=str(synth), **TINY)
     graphed = train(out=str(tmp_path / "graphed"), cuda_graph=True, **options)
     assert len(stand_in.made) == 3 and all(s.closed and s.calls == 2 for s in stand_in.made)  # 1 + 2 epochs
+    assert "each epoch's step captured as a CUDA graph" in (tmp_path / "graphed" / "train.log").read_text()
     eager = train(out=str(tmp_path / "eager"), **options)
     assert len(stand_in.made) == 3
     for row, expected in zip(graphed.history, eager.history):

@@ -460,7 +460,8 @@ class _Trainer:
         self.log.info(f"stage {stage}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                       f"epochs {start + 1}..{epochs}, device {device}"
                       + (f" x{ctx.world_size}" if ctx.enabled else "")
-                      + (f", autocast {self.amp}" if self.amp else ""))
+                      + (f", autocast {self.amp}" if self.amp else "")
+                      + (", each epoch's step captured as a CUDA graph" if cfg.cuda_graph else ""))
         for epoch in range(start, epochs):
             sampler.set_epoch(epoch)
             t0 = time.perf_counter()
