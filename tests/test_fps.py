@@ -334,7 +334,7 @@ def test_fps_main_smoke(tmp_path, capsys):
         "--train", "--train-batch", "2", "--train-iters", "1", "--modes", "eager,fold-cl",
         "--json", str(out_json), "--plot", str(out_png)])
     text = capsys.readouterr().out
-    assert "same mode, only the op differs" in text and "bar: CPU" in text
+    assert "same mode, only the op differs" in text and "bars: not judged" in text  # resnet18 at 32x32
     assert not [r for r in rows if "error" in r]
     kinds = {(r["kind"], r["mode"], r["backend_choice"]) for r in rows}
     assert kinds == {(k, m, b) for k, m in (("latency", "eager"), ("latency", "fold-cl"),
@@ -422,6 +422,11 @@ def test_summary_ratios_and_bars():
     text = "\n".join(lines)
     assert "every batch-4 mode: eager 2.00x" in text and "batch-1" not in text
     assert "RTX 4090" not in text and "500 fps" not in text and result["best_fps"] == 1200
+    # A smaller network or input than the bars' (resnet50, decoder 128, 256x256): no verdicts.
+    small = [dict(r, model="ConDSeg-resnet18", size=64) for r in rows]
+    text = "\n".join(fps.summary(small, "cuda")[0])
+    assert "bar:" not in text and "RTX 4090" not in text
+    assert "bars: not judged: they are defined for model ConDSeg-resnet50" in text
 
 
 def test_summary_names_what_bounds_float32_eager_and_training():
