@@ -618,7 +618,7 @@ def test_train_graph_modes_are_cuda_only():
                           mode="train-graph")
     assert rows == []
     x, y = fps.train_batch(base, 2, 32, torch.device("cpu"), channels_last=False)
-    with pytest.raises(ValueError, match="graph=True captures a CUDA graph"):
+    with pytest.raises(ValueError, match="CUDA graphs need the parameters on one CUDA device, got \\['cpu'\\]"):
         fps.make_train_step(base, "auto", x, y, channels_last=False, graph=True)
 
 
