@@ -10,13 +10,14 @@
 # out the fps and profile stages),
 # SKIP_BUILD=1 (the package is installed already: the build stage only checks it), GPU_CHECK_TESTS
 # (default "cuda triton": which of tests/test_cuda.py and tests/test_triton.py run; "cuda" alone
-# saves the Triton tests' two minutes when only the CUDA kernels changed; with the Triton tests
-# comes a stage that times the Triton forward fused and split; "fps" adds the CUDA tests
+# saves the Triton tests' two minutes when only the CUDA kernels changed; with the CUDA tests comes
+# a stage that times the CUDA kernels with both stagings of the logits, with the Triton tests one
+# that times the Triton forward fused and split; "fps" adds the CUDA tests
 # of tests/test_fps.py and tests/test_graphed.py).
 # Output: $OUT/summary.txt (the op and fps tables and the stages: the console's tail may be all a
 # caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl, profile_bf16.txt and
-# profile_train.txt (when benchmarks/fps.py exists), and logs.tar.gz with build.log, op_bench.log, fps.log and
-# profile.log (the device tool returns 8 files).
+# profile_train.txt (when benchmarks/fps.py exists), and logs.tar.gz with the logs of the stages
+# (build, op_bench, cuda_staging, triton_forward, fps, profile; the device tool returns 8 files).
 # Logs are written by a tee that ignores SIGINT, so a stage cut short by its limit keeps its output.
 # Every stage runs even when an earlier one failed (the benchmark still gives numbers for the
 # backends that work); the exit status is non-zero when any stage failed.
@@ -115,7 +116,27 @@ export -f bench
 rm -f "$OUT/op_bench.jsonl"
 run_stage op-bench 150 30 bash -c bench
 
-# 3b. With the Triton tests, where Triton imports: its float32 forward fused (the default) and
+# 3b. With the CUDA tests: the fused CUDA kernels with the logits staged in vectors (the default
+# where heads are a multiple of 4) and in 4-byte words, kernel by kernel (about 30 s).
+rm -f "$OUT/cuda_staging.log"
+if [[ $TESTS == *" cuda "* ]]; then
+  cuda_staging() {
+    (
+      rc=0
+      for words in 0 1; do
+        echo "--- CONDSEG_CUDA_WORD_STAGING=$words"
+        CONDSEG_CUDA_WORD_STAGING=$words $PY -P benchmarks/op_calls.py --backends cuda --dtypes float32,bfloat16 \
+          --kernels --iters 10 || rc=1
+      done
+      exit $rc
+    ) 2>&1 | (trap '' INT; exec tee "$OUT/cuda_staging.log")
+    return "${PIPESTATUS[0]}"
+  }
+  export -f cuda_staging
+  run_stage cuda-staging 60 25 bash -c cuda_staging
+fi
+
+# 3c. With the Triton tests, where Triton imports: its float32 forward fused (the default) and
 # split, kernel by kernel, to tell which should be the default (benchmarks/op_calls.py --kernels,
 # about a minute). A failed variant does not keep the other from running.
 rm -f "$OUT/triton_forward.log"
@@ -178,6 +199,11 @@ op_bench.print_bars(rows, True)
 EOF
   else
     echo "(no benchmark rows)"
+  fi
+  if [[ -s "$OUT/cuda_staging.log" ]]; then
+    echo
+    echo "=== CUDA kernels, logits staged in vectors (default) and in words (op_calls.py --kernels)"
+    grep -E "^(--- |cuda |  forward|    )" "$OUT/cuda_staging.log" || true
   fi
   if [[ -s "$OUT/triton_forward.log" ]]; then
     echo

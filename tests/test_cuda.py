@@ -2,7 +2,8 @@
 
 Two kernel families run on CUDA: the fused K = 3 / dilation 1 kernels (fp32, fp16, bf16) and the
 generic kernels (every other case, fp64 included). CONDSEG_CUDA_GENERIC=1 forces the generic ones,
-which lets the tests compare the two on the same inputs.
+which lets the tests compare the two on the same inputs (and CONDSEG_CUDA_WORD_STAGING=1 the fused
+kernels' older copies of the logits).
 """
 import pytest
 import torch
@@ -116,6 +117,20 @@ def test_fused_kernels_match_generic_kernels(dtype, dual, monkeypatch):
     for name, a, b in zip(("output", "grad_value", "grad_attn_fg", "grad_attn_bg"), fused, generic):
         if b is not None:
             assert rel_err(a, b) <= tol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dual", [True, False])
+def test_vector_and_word_logit_staging_agree(dtype, dual, monkeypatch):
+    # heads = 4: the fused kernels copy the logits in 16- or 8-byte granules; CONDSEG_CUDA_WORD_STAGING=1
+    # makes them copy 4-byte words instead. The arithmetic is the same: equal bit for bit.
+    value, fg, bg, grad_out = make_inputs(2, 32, 26, 70, 4, dual=dual, dtype=dtype, seed=9)
+    vectors = run_cuda(value, fg, bg, grad_out, scale=0.4)
+    monkeypatch.setenv("CONDSEG_CUDA_WORD_STAGING", "1")
+    words = run_cuda(value, fg, bg, grad_out, scale=0.4)
+    for name, a, b in zip(("output", "grad_value", "grad_attn_fg", "grad_attn_bg"), vectors, words):
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_close_all(vectors, run_reference(value, fg, bg, grad_out, scale=0.4), dtype, "vector staging")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -89,6 +89,70 @@ def test_unaligned_value_takes_element_copies(emulated, dtype):
     assert torch.equal(emulated.forward(shifted, fg, bg, 3, 1, 0.5), aligned)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dual", [True, False])
+def test_vector_logit_staging(emulated, dtype, dual, monkeypatch):
+    # With heads = 4 the fused kernels copy the logits in granules of 4 elements, whose rows start at
+    # a phase of (g + 9 row0) mod 4 inside them: every phase occurs. The last block holds the
+    # tensor's last matrix, whose granules reach past its end (zero-filled). The arithmetic is the
+    # word staging's: the results must be equal bit for bit, and match the reference.
+    inputs = cpu_inputs(2, 32, 19, 37, 4, dual=dual, dtype=dtype, seed=11)
+    assert emulated.logit_staging(*inputs[:3]) == "vectors"
+    vectors = run_emulated(emulated, *inputs, scale=0.6)
+    monkeypatch.setenv("CONDSEG_CUDA_WORD_STAGING", "1")
+    assert emulated.logit_staging(*inputs[:3]) == "words"
+    words = run_emulated(emulated, *inputs, scale=0.6)
+    for name, a, b in zip(("out", "grad_value", "grad_fg", "grad_bg"), vectors, words):
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_close_all(vectors, run_reference(*inputs, scale=0.6), dtype, f"{dtype} dual={dual}")
+
+
+def test_vector_logit_staging_eight_heads(emulated):
+    # heads = 8, Cg = 3: each phase occurs twice per pixel, and the value stage is one partial chunk.
+    inputs = cpu_inputs(1, 24, 14, 33, 8, dtype=torch.float32, seed=12)
+    assert emulated.logit_staging(*inputs[:3]) == "vectors"
+    got = run_emulated(emulated, *inputs, scale=0.8)
+    assert_close_all(got, run_reference(*inputs, scale=0.8), torch.float32, "heads=8")
+
+
+def test_logit_staging_choice(emulated, monkeypatch):
+    # Vector staging needs heads a multiple of 4, logits aligned to a granule (16 bytes in fp32, 8
+    # in 2-byte types) and its shared memory: 111.5 KB in fp32, more than the 99 KB of an RTX 30/40.
+    def staging(heads=4, dtype=torch.float32, shift=0):
+        value, fg, bg, _ = cpu_inputs(1, 4 * heads, 6, 8, heads, dtype=dtype)
+        if shift:
+            flat = torch.empty(fg.numel() + shift, dtype=dtype)
+            flat[shift:] = fg.reshape(-1)
+            fg = flat[shift:].view(fg.shape)
+        return emulated.logit_staging(value, fg, bg)
+
+    assert staging() == staging(heads=8) == staging(dtype=torch.bfloat16) == "vectors"
+    assert staging(heads=2) == staging(heads=3) == staging(heads=6) == "words"
+    assert staging(shift=1) == staging(shift=2) == staging(dtype=torch.float16, shift=2) == "words"
+    assert staging(shift=4) == staging(dtype=torch.bfloat16, shift=4) == "vectors"
+    monkeypatch.setenv("CONDSEG_EMU_SHARED_OPTIN_KB", "99")
+    assert staging() == "words" and staging(dtype=torch.bfloat16) == "vectors"
+    monkeypatch.setenv("CONDSEG_CUDA_GENERIC", "1")
+    assert staging() == "generic"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_logits_take_word_staging(emulated, dtype):
+    # Logits one element off a granule (heads = 4) are staged in words: the same bits as vectors.
+    inputs = cpu_inputs(1, 16, 13, 20, 4, dtype=dtype, seed=13)
+
+    def shifted(t):
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+        flat[1:] = t.reshape(-1)
+        return flat[1:].view(t.shape)
+
+    value, fg, bg, grad_out = inputs
+    assert emulated.logit_staging(value, shifted(fg), shifted(bg)) == "words"
+    got = run_emulated(emulated, value, shifted(fg), shifted(bg), grad_out)
+    for a, b in zip(got, run_emulated(emulated, *inputs)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("B, C, H, W, heads, K, dilation, dual", AWKWARD)
 def test_awkward_sizes(emulated, B, C, H, W, heads, K, dilation, dual):
     inputs = cpu_inputs(B, C, H, W, heads, K=K, dual=dual, dtype=torch.float32, seed=H * W)

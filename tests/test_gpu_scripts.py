@@ -71,7 +71,11 @@ def test_gpu_check_runs_the_chosen_tests_and_stages(tmp_path):
     assert len(tests) == 1 and tests[0].endswith("tests/test_cuda.py")  # not the Triton tests
     assert any("benchmarks/op_bench.py" in c for c in calls)
     assert not any("fps.py" in c or "profile_model.py" in c for c in calls)  # FPS_LIMIT_S=0: no fps stage
-    assert not any("op_calls.py" in c for c in calls)  # the Triton forward's stage comes with its tests
+    # the CUDA kernels timed with both stagings of the logits; the Triton forward's stage comes with its tests
+    assert [c for c in calls if "op_calls.py" in c] == [
+        "-P benchmarks/op_calls.py --backends cuda --dtypes float32,bfloat16 --kernels --iters 10"] * 2
+    assert "--- CONDSEG_CUDA_WORD_STAGING=1" in proc.stdout.split("=== CUDA kernels, logits staged")[1]
+    assert "cuda-staging   ok" in proc.stdout
     assert "op-bench       ok" in proc.stdout and "fps" not in proc.stdout.split("=== gpu_check stages")[1]
 
 

@@ -3,7 +3,8 @@
 The compiler pads a cp.async that directly follows a shared load with three no-op instructions
 (`@!PT LDS`). The fused float32 forward reads its copy offsets in batches so that a whole batch
 shares one padding; the slow test keeps it that way (before, every copy of the logits had its own).
-The 2-byte forward reads them one by one: batched, it spilled.
+The 2-byte forward reads them one by one: batched, it spilled. Vector staging (heads a multiple of
+4) copies 16- or 8-byte granules instead, in batches too.
 """
 import shutil
 
@@ -48,18 +49,23 @@ def test_fused_forward_copies_are_not_padded_one_by_one(capsys):
     # float32 only: 2-byte logits at the ends of the tensor take an element-wise path, whose
     # stores the compiler pads too.
     forward = [r for r in rows if r["name"].startswith("weights_kernel<float,")]
-    assert len(forward) == 4, f"expected the 4 float32 weights_kernel variants in {[r['name'] for r in rows]}"
+    assert len(forward) == 8, f"expected the 8 float32 weights_kernel variants in {[r['name'] for r in rows]}"
     for r in forward:
         assert r["ldgsts"] > 0 and r["bar"] > 0, r
         # every copy of the logits used to have three no-ops of its own (pad = 3 x ldgsts); now a
         # batch of four shares them (the value stage's copies still have some)
         assert r["pad"] <= 1.5 * r["ldgsts"], r
 
-    # The 2-byte forward once spilled (offsets read in batches) and ran 13% slower on an H200.
+    # The 2-byte forward once spilled (offsets read in batches) and ran 13% slower on an H200. With
+    # vector staging (the last template argument) phase 1 is a call of its own: the registers saved
+    # around it (once per block) and a word or two inside it, no more; inlined, it spilled 380 bytes.
     for r in rows:
         if r["name"].startswith(("weights_kernel<BFloat16, true", "weights_kernel<Half, true")):
-            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+            if r["name"].endswith("false>"):
+                assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+            else:
+                assert r["spill_loads"] <= 64, r
 
-    kernel_stats.print_table(rows, "weights_kernel<float, true, true>")
+    kernel_stats.print_table(rows, "weights_kernel<float, true, true, true>")
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[1].startswith("weights_kernel<float, true, true>"), lines
+    assert len(lines) == 2 and lines[1].startswith("weights_kernel<float, true, true, true>"), lines

@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace condseg_ops {
 namespace cuda {
@@ -29,6 +30,36 @@ struct Geo {
 struct alignas(16) Vec16 {
   uint32_t w[4];
 };
+struct alignas(8) Vec8 {
+  uint32_t w[2];
+};
+
+__device__ __forceinline__ float float_of_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+// A device function compiled on its own, with its own register allocation (CUDA only).
+#if defined(__CUDACC__)
+#define CONDSEG_NOINLINE __noinline__
+#else
+#define CONDSEG_NOINLINE
+#endif
+
+// The pointer itself, as a value the compiler cannot recompute: under register pressure it would
+// otherwise rebuild an address from the kernel's arguments at every use (six instructions a copy in
+// the fused forward's logit copies) instead of keeping it in two registers.
+__device__ __forceinline__ const char* keep_in_register(const char* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("mov.b64 %0, %0;" : "+l"(p));
+#endif
+  return p;
+}
 
 // Asynchronous global -> shared copies (sm_80+); plain copies on older architectures.
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
@@ -42,20 +73,30 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
 #endif
 }
 
-// 16-byte asynchronous copy (both addresses 16-byte aligned) that writes zeros instead when `fill`
-// is false (cp.async's source size 0: nothing is read, so gmem only has to be a valid address).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool fill) {
+// Asynchronous copy of N = 8 or 16 bytes (both addresses N-byte aligned) that reads only the first
+// `src_bytes` of them and writes zeros for the rest (cp.async's source size: with 0 nothing is read,
+// so gmem only has to be a valid address).
+template <int N>
+__device__ __forceinline__ void cp_async_zfill(void* smem, const void* gmem, int src_bytes) {
+  static_assert(N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(fill ? 16 : 0)
-               : "memory");
+  if constexpr (N == 16)  // .cg: through L2 only
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+  else  // .cg takes 16 bytes only
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
 #elif defined(CONDSEG_CUDA_EMULATION)
-  ::emu::cp_async_16(smem, gmem, fill);
+  ::emu::cp_async_zfill(smem, gmem, N, src_bytes);
 #else
-  auto* d = static_cast<uint32_t*>(smem);
-  const auto* s = static_cast<const uint32_t*>(gmem);
-  for (int w = 0; w < 4; ++w) d[w] = fill ? s[w] : 0u;
+  auto* d = static_cast<unsigned char*>(smem);
+  const auto* s = static_cast<const unsigned char*>(gmem);
+  for (int i = 0; i < N; ++i) d[i] = i < src_bytes ? s[i] : 0;
 #endif
+}
+
+// 16-byte asynchronous copy that writes zeros instead when `fill` is false.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool fill) {
+  cp_async_zfill<16>(smem, gmem, fill ? 16 : 0);
 }
 
 __device__ __forceinline__ void cp_async_commit() {

@@ -8,7 +8,8 @@
 // dilation != 1, fp64, sizes past int32 tiles, or a device without the shared memory the fused
 // kernels need) runs the generic kernels. Both are gathers: deterministic, no atomics;
 // accumulation in fp32 (fp64 for fp64 inputs). CONDSEG_CUDA_GENERIC=1 forces the generic kernels
-// (the tests compare both).
+// (the tests compare both). With heads a multiple of 4, the fused kernels copy the logits in 16- or
+// 8-byte granules (CONDSEG_CUDA_WORD_STAGING=1: in 4-byte words, as on other head counts).
 //
 // Inputs may be non-contiguous (copied once); outputs are contiguous. Everything is queued on the
 // current CUDA stream of the inputs' device, under a device guard.
@@ -54,9 +55,15 @@ Geo make_geo(const Geometry& geo) {
   return g;
 }
 
-bool generic_forced() {
-  const char* flag = std::getenv("CONDSEG_CUDA_GENERIC");
+bool env_flag(const char* name) {
+  const char* flag = std::getenv(name);
   return flag != nullptr && flag[0] != '\0' && std::strcmp(flag, "0") != 0;
+}
+
+int shared_optin(const at::Tensor& value) {
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, value.get_device()));
+  return optin;
 }
 
 // Whether the fused K = 3 kernels run this call.
@@ -65,11 +72,16 @@ bool use_fused(const Geo& g, const at::Tensor& value) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
-    if (g.K != 3 || g.dil != 1 || generic_forced() || !cuda::fused_sizes_ok(g)) return false;
-    int optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, value.get_device()));
-    return cuda::fused_shared_memory_bytes<T>() <= optin;
+    if (g.K != 3 || g.dil != 1 || env_flag("CONDSEG_CUDA_GENERIC") || !cuda::fused_sizes_ok(g)) return false;
+    return cuda::fused_shared_memory_bytes<T>() <= shared_optin(value);
   }
+}
+
+// Whether the fused kernels stage the logits in vectors; CONDSEG_CUDA_WORD_STAGING=1 keeps 4-byte
+// words (the tests compare both, bit for bit).
+template <typename T>
+bool vector_logits(const Geo& g, const at::Tensor& value, const T* fg, const T* bg) {
+  return !env_flag("CONDSEG_CUDA_WORD_STAGING") && cuda::fused_vector_logits_ok<T>(g, fg, bg, shared_optin(value));
 }
 
 template <typename T>
@@ -95,7 +107,8 @@ void forward_impl(const Geo& g, const at::Tensor& value, const at::Tensor& fg, c
   if constexpr (!std::is_same_v<T, double>) {
     if (use_fused<T>(g, value)) {
       C10_CUDA_CHECK(cuda::fused_weights<T>(g, ptr<T>(value), ptr<T>(fg), ptr<T>(bg), ptr<T>(out), nullptr,
-                                            log2_scale(scale), stream));
+                                            log2_scale(scale), vector_logits(g, value, ptr<T>(fg), ptr<T>(bg)),
+                                            stream));
       return;
     }
   }
@@ -127,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Geo& g, const at::Tensor&
       {
         at::Tensor weights = at::empty({g.B, g.heads, 25, g.H, g.W}, f32);
         C10_CUDA_CHECK(cuda::fused_weights<T>(g, ptr<T>(value), ptr<T>(fg), ptr<T>(bg), nullptr, ptr<float>(weights),
-                                              log2_scale(scale), stream));
+                                              log2_scale(scale), vector_logits(g, value, ptr<T>(fg), ptr<T>(bg)),
+                                              stream));
         C10_CUDA_CHECK(cuda::fused_value_grad<T>(g, ptr<T>(grad_out), ptr<T>(value), ptr<float>(weights),
                                                  ptr<T>(grad_value), ptr<float>(grad_weights), stream));
       }  // Wt goes back to the caching allocator (stream-ordered) before the logit gradients

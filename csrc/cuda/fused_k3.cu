@@ -3,6 +3,8 @@
 #include "launch.cuh"
 
 #include <climits>
+#include <cstdint>
+#include <type_traits>
 
 namespace condseg_ops {
 namespace cuda {
@@ -45,8 +47,17 @@ int fused_shared_memory_bytes() {
 }
 
 template <typename T>
+bool fused_vector_logits_ok(const Geo& g, const T* fg, const T* bg, int shared_optin) {
+  const auto misaligned = [](const T* p) {
+    return (reinterpret_cast<uintptr_t>(p) % k3::granule_bytes<T>()) != 0;
+  };
+  return g.heads % 4 == 0 && !misaligned(fg) && (bg == nullptr || !misaligned(bg)) &&
+         k3::weights_smem_bytes<T, true, true>() <= shared_optin;
+}
+
+template <typename T>
 cudaError_t fused_weights(const Geo& g, const T* value, const T* fg, const T* bg, T* out, float* weights, float sl2,
-                          cudaStream_t stream) {
+                          bool vector_logits, cudaStream_t stream) {
   const Tiles tiles = tiles_of(g, k3::TH, k3::TW);
   const long long attn_numel = g.B * g.HW * g.heads * g.k4;
   auto launch = [&](auto kernel, int smem) {
@@ -58,13 +69,18 @@ cudaError_t fused_weights(const Geo& g, const T* value, const T* fg, const T* bg
         attn_numel, sl2);
     return cudaGetLastError();
   };
-  const bool dual = bg != nullptr, apply = out != nullptr;
   // Without APPLY (the backward's first step) the kernel needs no value stage: less shared memory.
-  constexpr int with_apply = k3::weights_smem_bytes<T, true>(), without = k3::weights_smem_bytes<T, false>();
-  if (dual && apply) return launch(k3::weights_kernel<T, true, true>, with_apply);
-  if (dual) return launch(k3::weights_kernel<T, true, false>, without);
-  if (apply) return launch(k3::weights_kernel<T, false, true>, with_apply);
-  return launch(k3::weights_kernel<T, false, false>, without);
+  auto run = [&](auto vlog) {
+    constexpr bool VLOG = decltype(vlog)::value;
+    constexpr int with_apply = k3::weights_smem_bytes<T, true, VLOG>();
+    constexpr int without = k3::weights_smem_bytes<T, false, VLOG>();
+    const bool dual = bg != nullptr, apply = out != nullptr;
+    if (dual && apply) return launch(k3::weights_kernel<T, true, true, VLOG>, with_apply);
+    if (dual) return launch(k3::weights_kernel<T, true, false, VLOG>, without);
+    if (apply) return launch(k3::weights_kernel<T, false, true, VLOG>, with_apply);
+    return launch(k3::weights_kernel<T, false, false, VLOG>, without);
+  };
+  return vector_logits ? run(std::true_type{}) : run(std::false_type{});
 }
 
 template <typename T>
@@ -97,7 +113,9 @@ cudaError_t fused_logit_grad(const Geo& g, const T* fg, const T* bg, const float
 
 #define CONDSEG_FUSED_INSTANTIATE(T)                                                                              \
   template int fused_shared_memory_bytes<T>();                                                                    \
-  template cudaError_t fused_weights<T>(const Geo&, const T*, const T*, const T*, T*, float*, float, cudaStream_t); \
+  template bool fused_vector_logits_ok<T>(const Geo&, const T*, const T*, int);                                   \
+  template cudaError_t fused_weights<T>(const Geo&, const T*, const T*, const T*, T*, float*, float, bool,        \
+                                        cudaStream_t);                                                            \
   template cudaError_t fused_value_grad<T>(const Geo&, const T*, const T*, const float*, T*, float*, cudaStream_t); \
   template cudaError_t fused_logit_grad<T>(const Geo&, const T*, const T*, const float*, T*, T*, float, float,     \
                                            cudaStream_t);

@@ -9,7 +9,8 @@
 // weights_kernel<APPLY=true> is the whole forward in one pass over the inputs: a block owns a
 // 12 x 32 output tile of one (batch, head). Phase 1 computes M for the tile plus a one-pixel ring
 // (14 x 34 = 476 window centres, two passes of 256 threads, one centre per thread), the logits
-// staged through shared memory with cp.async in rounds of 3 matrix rows (double-buffered), and
+// staged through shared memory with cp.async in rounds of 3 matrix rows (double-buffered; in 4-byte
+// words, or with heads a multiple of 4 in granules of 4 elements: issue_round_vectors), and
 // scatters the rows of M into Wt of the tile in shared memory (one slot p at a time, so the writes
 // of a round never collide: deterministic, no atomics). Phase 2 stages value with a 2-pixel ring, 8
 // channels at a time (cp.async; while one chunk is applied, two more are in flight for fp32, one
@@ -88,19 +89,41 @@ constexpr int converted_bytes() {
   return sizeof(T) == 4 ? 0 : CC * VH * (TW + 4) * 4;
 }
 
+// Vector staging of the logits (phase 1, heads a multiple of 4; see issue_round_vectors): a slot
+// holds GRANULES granules of 4 elements (16 bytes in fp32, 8 in 2-byte types) per round, at a stride
+// that lets each group of threads that shared memory serves together (8 reading 16 bytes, 16
+// reading 8) hit distinct banks.
+constexpr int GRANULES = 8;  // a round's 27 elements and a phase of up to 3
+template <typename T>
+constexpr int granule_bytes() {
+  return 4 * static_cast<int>(sizeof(T));
+}
+template <typename T>
+constexpr int vector_slot_bytes() {
+  return sizeof(T) == 4 ? 144 : 72;
+}
+// Granules that hold a round's elements when its first one sits `phase` elements into a granule.
+constexpr int round_granules(int phase) {
+  return (RPR * K2 + phase + 3) / 4;
+}
+static_assert(round_granules(3) <= GRANULES && GRANULES * 16 <= 144 && GRANULES * 8 <= 72, "a round must fit its slot");
+
 // Shared memory of weights_kernel: Wt of the tile, then the centre table and the phase-1 copy
-// buffers, whose place phase 2 (APPLY only) reuses for value.
-template <typename T, bool APPLY>
+// buffers (4-byte words, or granules with VLOG), whose place phase 2 (APPLY only) reuses for value.
+template <typename T, bool APPLY, bool VLOG = false>
 constexpr int weights_smem_bytes() {
   constexpr int wt = D * TP * 4;
-  constexpr int phase1 = PASSES * NT * 4 + 2 * NT * slot_words<T>() * 4;
+  constexpr int slot_bytes = VLOG ? vector_slot_bytes<T>() : slot_words<T>() * 4;
+  constexpr int phase1 = PASSES * NT * 4 + 2 * NT * slot_bytes;
   constexpr int values = value_stages<T>() * value_chunk_bytes<T>() + converted_bytes<T>();
   return wt + (APPLY && values > phase1 ? values : phase1);
 }
 // The RTX 30 and 40 series (sm_86, sm_89) allow 99 KB per block: above it they would run the
-// generic kernels instead of these.
+// generic kernels instead of these. (Vector staging takes 111.5 KB in fp32: the host keeps such
+// devices on word staging.)
 static_assert(weights_smem_bytes<float, true>() <= 99 * 1024 && weights_smem_bytes<uint16_t, true>() <= 99 * 1024,
               "the fused forward must fit in 99 KB of shared memory");
+static_assert(weights_smem_bytes<uint16_t, true, true>() <= 99 * 1024, "2-byte vector staging must fit in 99 KB");
 
 // Element offset of a chunk inside its first word (0 for 4-byte types, 0 or 1 for 2-byte ones).
 template <typename T>
@@ -165,6 +188,72 @@ __device__ __forceinline__ void issue_round(uint32_t* buf, const T* base, const 
   }
 }
 
+// Vector staging: with heads a multiple of 4, matrix n = pixel * heads + g starts at element 81 n,
+// and 81 n = g (mod 4), so every slot of a block finds its round's first element (row0 of the
+// matrix) at the same place inside a granule of 4 elements: phase = (g + 9 row0) mod 4. Each lane
+// copies one granule of a slot (8 lanes per slot, 4 slots per warp iteration): 7 or 8 copies per
+// slot and round, against 27 (fp32) or 14 (2-byte) of 4-byte words, and the rows are read back with
+// three vector loads each (granule_row). Every granule copied holds an element of the round, and the
+// tensor (81 * pixels * heads elements, from an aligned address) starts and ends on granule
+// boundaries: no copy reaches outside it.
+template <typename T>
+__device__ __forceinline__ void issue_round_vectors(unsigned char* buf, const T* base, const int* offsets, int row0,
+                                                    int phase) {
+  constexpr int GB = granule_bytes<T>(), SB = vector_slot_bytes<T>();
+  constexpr int SPI = 32 / GRANULES, STEP = NWARPS * SPI, BATCH = 4;
+  static_assert(NT % (BATCH * STEP) == 0, "batches must cover the slots exactly");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane / GRANULES, c = lane - sub * GRANULES;
+  if (c >= round_granules(phase)) return;
+  // The round's first granule starts `phase` elements before row0 (a byte offset, as base may lie
+  // before the tensor: the block's first window centre can be outside the image).
+  const char* lane_src = keep_in_register(reinterpret_cast<const char*>(base) +
+                                          (row0 * K2 - phase) * static_cast<int>(sizeof(T)) + c * GB);
+  unsigned char* lane_dst = buf + c * GB;
+#pragma unroll 1
+  for (int slot0 = warp * SPI + sub; slot0 < NT; slot0 += BATCH * STEP) {
+    int off[BATCH];
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) off[u] = offsets[slot0 + u * STEP];
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u)
+      if (off[u] >= 0) cp_async_zfill<GB>(lane_dst + (slot0 + u * STEP) * SB, lane_src + static_cast<unsigned>(off[u]), GB);
+  }
+}
+
+// The 4 elements of a staged granule as floats (one 16-byte or 8-byte shared-memory load).
+template <typename T>
+__device__ __forceinline__ void load_granule(const unsigned char* p, float* x) {
+  if constexpr (sizeof(T) == 4) {
+    const Vec16 v = *reinterpret_cast<const Vec16*>(p);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) x[k] = float_of_bits(v.w[k]);
+  } else {
+    const Vec8 v = *reinterpret_cast<const Vec8*>(p);
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      x[k] = static_cast<float>(T(static_cast<uint16_t>(v.w[k / 2] >> (16 * (k % 2))), T::from_bits()));
+  }
+}
+
+// Row elements [first, first + 9) of a slot's staged granules; `first` must fold to a constant
+// (the phase and the row are compile-time), or x would live in local memory.
+template <typename T>
+__device__ __forceinline__ void granule_row(const unsigned char* slot, int first, float (&x)[K2]) {
+  float raw[12];
+#pragma unroll
+  for (int k = 0; k < 3; ++k) load_granule<T>(slot + ((first >> 2) + k) * granule_bytes<T>(), raw + 4 * k);
+#pragma unroll
+  for (int j = 0; j < K2; ++j) x[j] = raw[(first & 3) + j];
+}
+
+// Row elements [0, 9) at a (word-staged) row in shared memory, as floats.
+template <typename T>
+__device__ __forceinline__ void word_row(const T* a, float (&x)[K2]) {
+#pragma unroll
+  for (int j = 0; j < K2; ++j) x[j] = static_cast<float>(a[j]);
+}
+
 // Maximum and sum of 9 values as trees, four dependent steps instead of a chain of eight: the
 // softmaxes of the fused kernels are bound by instruction latency, not by throughput.
 __device__ __forceinline__ float max9(const float (&v)[K2]) {
@@ -174,19 +263,21 @@ __device__ __forceinline__ float sum9(const float (&v)[K2]) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + ((v[6] + v[7]) + v[8]));
 }
 
-// Unnormalised softmax of one row of 9 logits in base 2: e[j] = exp2(sl2 * a[j] - max); returns 1/sum.
-template <typename T>
-__device__ __forceinline__ float softmax_row(const T* a, float sl2, float (&e)[K2]) {
-  float x[K2], scaled[K2];
+// Unnormalised softmax of one row of 9 logits in base 2: e[j] = exp2(sl2 * x[j] - max); returns 1/sum.
+__device__ __forceinline__ float softmax_row(const float (&x)[K2], float sl2, float (&e)[K2]) {
+  float scaled[K2];
 #pragma unroll
-  for (int j = 0; j < K2; ++j) {
-    x[j] = static_cast<float>(a[j]);
-    scaled[j] = sl2 * x[j];
-  }
+  for (int j = 0; j < K2; ++j) scaled[j] = sl2 * x[j];
   const float top = max9(scaled);
 #pragma unroll
   for (int j = 0; j < K2; ++j) e[j] = exp2f(fmaf(x[j], sl2, -top));
   return 1.f / sum9(e);
+}
+template <typename T>
+__device__ __forceinline__ float softmax_row(const T* a, float sl2, float (&e)[K2]) {
+  float x[K2];
+  word_row(a, x);
+  return softmax_row(x, sl2, e);
 }
 
 // The (batch, head, tile) of this block: heads vary fastest, so the blocks reading the same
@@ -222,53 +313,34 @@ __device__ __forceinline__ float row_lse(const T* a, float sl2) {
   return top + log2f(sum9(e));
 }
 
-template <typename T, bool DUAL, bool APPLY>
-__global__ void __launch_bounds__(NT, 2)
-    weights_kernel(const T* __restrict__ value, const T* __restrict__ fg, const T* __restrict__ bg,
-                   T* __restrict__ out, float* __restrict__ weights, int H, int W, int heads, int C, int Cg,
-                   int tiles_x, int tiles_y, long long attn_numel, float sl2) {
-  constexpr int WPS = slot_words<T>();
+// Phase 1 of weights_kernel: Wt of the tile into wt_s (zeroed), from the logits of the window
+// centres in `table`. G4 = g mod 4 with vector staging (a compile-time phase for every round), -1
+// with word staging.
+template <typename T, bool DUAL, int G4>
+__device__ CONDSEG_NOINLINE void tile_weights(float* wt_s, const int* table, unsigned char* rounds, const T* fg_base,
+                                             const T* bg_base, const T* fg, const T* bg, long long attn_numel,
+                                             bool checked, float sl2) {
+  constexpr bool VEC = G4 >= 0;
   constexpr int NRP = DUAL ? 6 : 3;  // copy rounds per pass (bg rows first)
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* wt_s = reinterpret_cast<float*>(smem);                                   // [D][TP]
-  int* table = reinterpret_cast<int*>(smem + D * TP * 4);                         // [PASSES][NT]
-  uint32_t* rounds = reinterpret_cast<uint32_t*>(smem + D * TP * 4 + PASSES * NT * 4);  // [2][NT][WPS]
-
+  constexpr int SLOT = VEC ? vector_slot_bytes<T>() : slot_words<T>() * 4;  // bytes per slot and round
   const int tid = threadIdx.x;
-  const BlockTile tile = block_tile(heads, tiles_x, tiles_y, TH, TW);
-  const int b = tile.b, g = tile.g, oy0 = tile.oy0, ox0 = tile.ox0;
-
-  for (int i = tid; i < D * TP; i += NT) wt_s[i] = 0.f;
-  // Window centre e of the block is pixel (oy0 - 1 + e / EW, ox0 - 1 + e % EW); its matrix is at
-  // byte base + table[e] of the logits (int32: the host checks that the tile's span fits).
-  for (int e = tid; e < PASSES * NT; e += NT) {
-    const int ey = e / EW, ex = e - ey * EW, qy = oy0 - 1 + ey, qx = ox0 - 1 + ex;
-    const bool inside = e < EP && qy >= 0 && qy < H && qx >= 0 && qx < W;
-    table[e] = inside ? (ey * W + ex) * heads * K4 * static_cast<int>(sizeof(T)) : -1;
-  }
-  const long long base_off = ((((long long)b * H + (oy0 - 1)) * W + (ox0 - 1)) * heads + g) * K4;
-  const T* fg_base = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(fg) + base_off * (long long)sizeof(T));
-  const T* bg_base =
-      DUAL ? reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(bg) + base_off * (long long)sizeof(T)) : nullptr;
-  // 2-byte logits are copied in 4-byte words, which may reach one element past a chunk: only the
-  // blocks holding the tensor's first or last matrix need bounds checks.
-  const int fy = max(oy0 - 1, 0), fx = max(ox0 - 1, 0), ly = min(oy0 + TH, H - 1), lx = min(ox0 + TW, W - 1);
-  const long long first_el = ((((long long)b * H + fy) * W + fx) * heads + g) * K4;
-  const long long end_el = ((((long long)b * H + ly) * W + lx) * heads + g + 1) * K4;
-  const bool checked = sizeof(T) < 4 && (first_el == 0 || end_el == attn_numel);
-  __syncthreads();
-
-  auto issue = [&](int t) {
-    const int pass = t / NRP, r = t % NRP;
+  // Where a round's rows start inside their first granule (vector staging).
+  auto phase_of = [](int row0) { return (G4 + row0 * K2) & 3; };
+  auto issue = [&](int pass, int r) {
     const bool is_bg = DUAL && r < 3;
     const T* lo = is_bg ? bg : fg;
-    issue_round<T>(rounds + (t & 1) * NT * WPS, is_bg ? bg_base : fg_base, table + pass * NT, (r % 3) * RPR,
-                   checked, reinterpret_cast<const char*>(lo), reinterpret_cast<const char*>(lo + attn_numel));
+    const T* base = is_bg ? bg_base : fg_base;
+    unsigned char* buf = rounds + ((pass * NRP + r) & 1) * NT * SLOT;
+    const int row0 = (r % 3) * RPR;
+    if constexpr (VEC)
+      issue_round_vectors<T>(buf, base, table + pass * NT, row0, phase_of(row0));
+    else
+      issue_round<T>(reinterpret_cast<uint32_t*>(buf), base, table + pass * NT, row0, checked,
+                     reinterpret_cast<const char*>(lo), reinterpret_cast<const char*>(lo + attn_numel));
     cp_async_commit();
   };
 
-  // ---- phase 1: Wt of the tile --------------------------------------------------------------
-  issue(0);
+  issue(0, 0);
   for (int pass = 0; pass < PASSES; ++pass) {
     const int e = pass * NT + tid;
     const int my_off = table[e];
@@ -278,9 +350,11 @@ __global__ void __launch_bounds__(NT, 2)
     float inv_bg[DUAL ? K2 : 1];  // 1 / row sums of pbg
 #pragma unroll
     for (int r = 0; r < NRP; ++r) {
-      const int t = pass * NRP + r;
-      if (t + 1 < PASSES * NRP) {
-        issue(t + 1);
+      if (r + 1 < NRP) {
+        issue(pass, r + 1);
+        cp_async_wait<1>();
+      } else if (pass + 1 < PASSES) {
+        issue(pass + 1, 0);
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
@@ -288,16 +362,24 @@ __global__ void __launch_bounds__(NT, 2)
       __syncthreads();
       const bool is_bg = DUAL && r < 3;
       const int row0 = (r % 3) * RPR;
-      const T* src =
-          reinterpret_cast<const T*>(reinterpret_cast<const char*>(is_bg ? bg_base : fg_base) + (valid ? my_off : 0)) +
-          row0 * K2;
-      const T* rows = reinterpret_cast<const T*>(rounds + (t & 1) * NT * WPS + tid * WPS) + word_phase(src);
+      const unsigned char* slot = rounds + ((pass * NRP + r) & 1) * NT * SLOT + tid * SLOT;
+      // Row rr of this round, as floats.
+      auto load_row = [&](int rr, float (&x)[K2]) {
+        if constexpr (VEC) {
+          granule_row<T>(slot, phase_of(row0) + rr * K2, x);
+        } else {
+          const T* src = reinterpret_cast<const T*>(reinterpret_cast<const char*>(is_bg ? bg_base : fg_base) +
+                                                    (valid ? my_off : 0)) + row0 * K2;
+          word_row(reinterpret_cast<const T*>(slot) + word_phase(src) + rr * K2, x);
+        }
+      };
       if (is_bg) {
         if (valid) {
 #pragma unroll
           for (int rr = 0; rr < RPR; ++rr) {
-            float e9[K2];
-            inv_bg[DUAL ? row0 + rr : 0] = softmax_row(rows + rr * K2, sl2, e9);
+            float x[K2], e9[K2];
+            load_row(rr, x);
+            inv_bg[DUAL ? row0 + rr : 0] = softmax_row(x, sl2, e9);
 #pragma unroll
             for (int s = 0; s < K2; ++s) pbg[DUAL ? (row0 + rr) * K2 + s : 0] = e9[s];
           }
@@ -310,8 +392,9 @@ __global__ void __launch_bounds__(NT, 2)
         const int p = row0 + rr, py = p / 3, px = p % 3;
         const int ry = ey + py - 2, rx = ex + px - 2;  // destination r = q + off(p), tile coordinates
         if (valid && ry >= 0 && ry < TH && rx >= 0 && rx < TW) {
-          float ef[K2], row[K2];
-          const float inv = softmax_row(rows + rr * K2, sl2, ef);
+          float x[K2], ef[K2], row[K2];
+          load_row(rr, x);
+          const float inv = softmax_row(x, sl2, ef);
           if (DUAL) {
 #pragma unroll
             for (int s = 0; s < K2; ++s) row[s] = 0.f;
@@ -335,6 +418,55 @@ __global__ void __launch_bounds__(NT, 2)
         __syncthreads();  // the next slot's rows land on other pixels' Wt: keep slots apart
       }
     }
+  }
+}
+
+// VLOG: vector staging of the logits in phase 1 (heads a multiple of 4, logits aligned to a
+// granule, and weights_smem_bytes<T, APPLY, true>() of shared memory; the host decides).
+template <typename T, bool DUAL, bool APPLY, bool VLOG>
+__global__ void __launch_bounds__(NT, 2)
+    weights_kernel(const T* __restrict__ value, const T* __restrict__ fg, const T* __restrict__ bg,
+                   T* __restrict__ out, float* __restrict__ weights, int H, int W, int heads, int C, int Cg,
+                   int tiles_x, int tiles_y, long long attn_numel, float sl2) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* wt_s = reinterpret_cast<float*>(smem);                     // [D][TP]
+  int* table = reinterpret_cast<int*>(smem + D * TP * 4);           // [PASSES][NT]
+  unsigned char* rounds = smem + D * TP * 4 + PASSES * NT * 4;      // [2][NT][slot]
+
+  const int tid = threadIdx.x;
+  const BlockTile tile = block_tile(heads, tiles_x, tiles_y, TH, TW);
+  const int b = tile.b, g = tile.g, oy0 = tile.oy0, ox0 = tile.ox0;
+
+  for (int i = tid; i < D * TP; i += NT) wt_s[i] = 0.f;
+  // Window centre e of the block is pixel (oy0 - 1 + e / EW, ox0 - 1 + e % EW); its matrix is at
+  // byte base + table[e] of the logits (int32: the host checks that the tile's span fits).
+  for (int e = tid; e < PASSES * NT; e += NT) {
+    const int ey = e / EW, ex = e - ey * EW, qy = oy0 - 1 + ey, qx = ox0 - 1 + ex;
+    const bool inside = e < EP && qy >= 0 && qy < H && qx >= 0 && qx < W;
+    table[e] = inside ? (ey * W + ex) * heads * K4 * static_cast<int>(sizeof(T)) : -1;
+  }
+  const long long base_off = ((((long long)b * H + (oy0 - 1)) * W + (ox0 - 1)) * heads + g) * K4;
+  const T* fg_base = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(fg) + base_off * (long long)sizeof(T));
+  const T* bg_base =
+      DUAL ? reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(bg) + base_off * (long long)sizeof(T)) : nullptr;
+  // 2-byte logits staged in 4-byte words may reach one element past a chunk: only the blocks
+  // holding the tensor's first or last matrix need bounds checks.
+  const int fy = max(oy0 - 1, 0), fx = max(ox0 - 1, 0), ly = min(oy0 + TH, H - 1), lx = min(ox0 + TW, W - 1);
+  const long long first_el = ((((long long)b * H + fy) * W + fx) * heads + g) * K4;
+  const long long end_el = ((((long long)b * H + ly) * W + lx) * heads + g + 1) * K4;
+  const bool checked = !VLOG && sizeof(T) < 4 && (first_el == 0 || end_el == attn_numel);
+  __syncthreads();
+
+  // ---- phase 1: Wt of the tile --------------------------------------------------------------
+  if constexpr (VLOG) {
+    switch (g & 3) {  // uniform per block
+      case 0: tile_weights<T, DUAL, 0>(wt_s, table, rounds, fg_base, bg_base, fg, bg, attn_numel, checked, sl2); break;
+      case 1: tile_weights<T, DUAL, 1>(wt_s, table, rounds, fg_base, bg_base, fg, bg, attn_numel, checked, sl2); break;
+      case 2: tile_weights<T, DUAL, 2>(wt_s, table, rounds, fg_base, bg_base, fg, bg, attn_numel, checked, sl2); break;
+      default: tile_weights<T, DUAL, 3>(wt_s, table, rounds, fg_base, bg_base, fg, bg, attn_numel, checked, sl2);
+    }
+  } else {
+    tile_weights<T, DUAL, -1>(wt_s, table, rounds, fg_base, bg_base, fg, bg, attn_numel, checked, sl2);
   }
 
   const int HW = H * W;

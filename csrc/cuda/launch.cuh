@@ -30,11 +30,17 @@ bool fused_sizes_ok(const Geo& g);
 template <typename T>
 int fused_shared_memory_bytes();
 
+// Whether fused_weights can stage the logits in vectors (k3_kernels.cuh, issue_round_vectors): heads
+// a multiple of 4, logits aligned to 4 elements, and the shared memory (shared_optin bytes per block).
+template <typename T>
+bool fused_vector_logits_ok(const Geo& g, const T* fg, const T* bg, int shared_optin);
+
 // With out != nullptr: the whole forward. Otherwise Wt (fp32, (B, heads, 25, H, W)) into weights.
-// bg == nullptr means the single-softmax form. sl2 = scale * log2(e).
+// bg == nullptr means the single-softmax form. sl2 = scale * log2(e). vector_logits: stage the
+// logits in vectors (only where fused_vector_logits_ok), else in 4-byte words.
 template <typename T>
 cudaError_t fused_weights(const Geo& g, const T* value, const T* fg, const T* bg, T* out, float* weights, float sl2,
-                          cudaStream_t stream);
+                          bool vector_logits, cudaStream_t stream);
 
 // grad_value and gWt (fp32, (B, heads, 25, H, W)) from grad_out, value and Wt.
 template <typename T>

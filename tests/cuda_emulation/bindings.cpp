@@ -3,6 +3,8 @@
 // include/cuda_runtime.h.
 #include <torch/extension.h>
 
+#include <string>
+
 #include "contrast_aggregate.cpp"
 #include "cuda/fused_k3.cu"
 #include "cuda/generic.cu"
@@ -47,6 +49,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_i
   return condseg_ops::backward_cuda(grad, value, fg, maybe(bg), kernel_size, dilation, scale);
 }
 
+// How the backend would stage the logits of a K = 3 call on these inputs: "vectors", "words", or
+// "generic" (no fused kernels).
+std::string logit_staging(const at::Tensor& value, const at::Tensor& fg, const std::optional<at::Tensor>& bg) {
+  const condseg_ops::cuda::Geo g = condseg_ops::make_geo(condseg_ops::check_inputs(value, fg, bg, 3, 1));
+  std::string staging;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "logit_staging", [&] {
+    if (!condseg_ops::use_fused<scalar_t>(g, value)) {
+      staging = "generic";
+    } else {
+      const scalar_t* bg_ptr = bg.has_value() ? bg->data_ptr<scalar_t>() : nullptr;
+      staging = condseg_ops::vector_logits<scalar_t>(g, value, fg.data_ptr<scalar_t>(), bg_ptr) ? "vectors" : "words";
+    }
+  });
+  return staging;
+}
+
 // One thread copies the 4 bytes at t's data + offset with cp.async, t registered as the only
 // input: the tests check that copies from outside the inputs are refused.
 void copy_word_at(const at::Tensor& t, int64_t offset) {
@@ -66,5 +84,6 @@ void copy_word_at(const at::Tensor& t, int64_t offset) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "the CUDA backend's forward, emulated");
   m.def("backward", &backward, "the CUDA backend's backward, emulated");
+  m.def("logit_staging", &logit_staging, "how the fused kernels would stage the logits of these inputs");
   m.def("copy_word_at", &copy_word_at, "a cp.async of 4 bytes from t's data + offset (emulation check)");
 }

@@ -21,6 +21,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -58,8 +60,19 @@ inline auto max(A a, B b) -> decltype(a + b) {
 
 namespace emu {
 
-// The emulated device: an H100's opt-in shared memory per block.
-constexpr int kSharedMemoryOptin = 227 * 1024;
+// The emulated device's opt-in shared memory per block: an H100's 227 KB, or
+// CONDSEG_EMU_SHARED_OPTIN_KB (99 for an RTX 40, whose blocks the fused kernels must also fit).
+inline int shared_memory_optin() {
+  const char* kb = std::getenv("CONDSEG_EMU_SHARED_OPTIN_KB");
+  return (kb != nullptr && kb[0] != '\0' ? std::atoi(kb) : 227) * 1024;
+}
+
+// One pending cp.async (or the zero-filled part of one: src == nullptr).
+struct Copy {
+  unsigned char* dst;
+  const unsigned char* src;
+  size_t bytes;
+};
 
 struct Block {
   dim3 thread_idx, block_idx, block_dim, grid_dim;
@@ -69,8 +82,8 @@ struct Block {
   std::vector<int> barriers;   // barriers reached per thread
   std::vector<bool> finished;
   // cp.async per thread: copies issued since the last commit, and committed groups (oldest first)
-  std::vector<std::vector<std::pair<uint32_t*, const uint32_t*>>> open_copies;
-  std::vector<std::deque<std::vector<std::pair<uint32_t*, const uint32_t*>>>> copy_groups;
+  std::vector<std::vector<Copy>> open_copies;
+  std::vector<std::deque<std::vector<Copy>>> copy_groups;
   ucontext_t scheduler;
   std::function<void()> body;  // the kernel call, run by every thread
   int current = 0;
@@ -107,19 +120,21 @@ inline void cp_async_4(void* smem, const void* gmem) {
               "emulated CUDA: cp.async of 4 bytes between addresses that are not 4-byte aligned");
   check_readable(gmem, 4);
   Block& b = block();
-  b.open_copies[b.current].emplace_back(static_cast<uint32_t*>(smem), static_cast<const uint32_t*>(gmem));
+  b.open_copies[b.current].push_back({static_cast<unsigned char*>(smem), static_cast<const unsigned char*>(gmem), 4});
 }
 
-// cp.async of 16 bytes; with fill false it lands zeros (source size 0), also at the wait.
-inline void cp_async_16(void* smem, const void* gmem, bool fill) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(smem) % 16 == 0 && reinterpret_cast<uintptr_t>(gmem) % 16 == 0,
-              "emulated CUDA: cp.async of 16 bytes between addresses that are not 16-byte aligned");
-  if (fill) check_readable(gmem, 16);
-  static const uint32_t zero = 0;
+// cp.async of `bytes` (8 or 16) that reads the first src_bytes and lands zeros for the rest, also at the wait.
+inline void cp_async_zfill(void* smem, const void* gmem, int bytes, int src_bytes) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(smem) % bytes == 0 && reinterpret_cast<uintptr_t>(gmem) % bytes == 0,
+              "emulated CUDA: cp.async of ", bytes, " bytes between addresses that are not ", bytes, "-byte aligned");
+  TORCH_CHECK(src_bytes >= 0 && src_bytes <= bytes, "emulated CUDA: cp.async source size ", src_bytes, " of ", bytes);
+  if (src_bytes > 0) check_readable(gmem, static_cast<size_t>(src_bytes));
   Block& b = block();
-  for (int w = 0; w < 4; ++w)
-    b.open_copies[b.current].emplace_back(static_cast<uint32_t*>(smem) + w,
-                                          fill ? static_cast<const uint32_t*>(gmem) + w : &zero);
+  auto* dst = static_cast<unsigned char*>(smem);
+  if (src_bytes > 0)
+    b.open_copies[b.current].push_back({dst, static_cast<const unsigned char*>(gmem), static_cast<size_t>(src_bytes)});
+  if (src_bytes < bytes)
+    b.open_copies[b.current].push_back({dst + src_bytes, nullptr, static_cast<size_t>(bytes - src_bytes)});
 }
 
 inline void cp_async_commit() {
@@ -132,7 +147,12 @@ inline void cp_async_wait(int pending) {
   Block& b = block();
   auto& groups = b.copy_groups[b.current];
   while (static_cast<int>(groups.size()) > pending) {
-    for (const auto& [dst, src] : groups.front()) *dst = *src;
+    for (const Copy& c : groups.front()) {
+      if (c.src != nullptr)
+        std::memcpy(c.dst, c.src, c.bytes);
+      else
+        std::memset(c.dst, 0, c.bytes);
+    }
     groups.pop_front();
   }
 }
@@ -208,7 +228,7 @@ struct Launch {
   template <typename... Args>
   void operator()(Args... args) const {
     TORCH_CHECK(grid.y == 1 && grid.z == 1 && threads.y == 1 && threads.z == 1, "emulated CUDA: 1-D launches only");
-    TORCH_CHECK(shared_bytes <= kSharedMemoryOptin, "emulated CUDA: ", shared_bytes, " bytes of shared memory");
+    TORCH_CHECK(shared_bytes <= shared_memory_optin(), "emulated CUDA: ", shared_bytes, " bytes of shared memory");
     Block& b = block();
     b.grid_dim = grid;
     b.block_dim = threads;
@@ -239,12 +259,12 @@ inline void __syncthreads() { ::emu::syncthreads(); }
 
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel*, cudaFuncAttribute, int bytes) {
-  return bytes <= emu::kSharedMemoryOptin ? cudaSuccess : 1;
+  return bytes <= emu::shared_memory_optin() ? cudaSuccess : 1;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = emu::kSharedMemoryOptin;
+  *value = emu::shared_memory_optin();
   return cudaSuccess;
 }
 
