@@ -133,6 +133,15 @@ def test_vector_and_word_logit_staging_agree(dtype, dual, monkeypatch):
     assert_close_all(vectors, run_reference(value, fg, bg, grad_out, scale=0.4), dtype, "vector staging")
 
 
+@pytest.mark.parametrize("scale", [-0.7, 0.0])
+def test_scales_other_than_positive(scale):
+    # The fused kernels take scale > 0 (their softmaxes scale the row maximum); others run the
+    # generic kernels, with the same results as the reference.
+    inputs = make_inputs(1, 8, 9, 12, 4, seed=14)
+    got = run_cuda(*inputs, scale=scale)
+    assert_close_all(got, run_reference(*inputs, scale=scale), torch.float32, f"scale={scale}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kernel_size, dilation", [(3, 1), (5, 2)])
 def test_matches_compiled_cpu(dtype, kernel_size, dilation):

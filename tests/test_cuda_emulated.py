@@ -136,6 +136,16 @@ def test_logit_staging_choice(emulated, monkeypatch):
     assert staging() == "generic"
 
 
+@pytest.mark.parametrize("scale", [-0.7, 0.0])
+def test_scales_other_than_positive_run_the_generic_kernels(emulated, scale):
+    # The fused softmaxes scale the row maximum instead of every logit, which needs scale > 0.
+    inputs = cpu_inputs(1, 8, 9, 12, 4, seed=14)
+    assert emulated.logit_staging(*inputs[:3], scale=scale) == "generic"
+    assert emulated.logit_staging(*inputs[:3], scale=0.3) == "vectors"
+    got = run_emulated(emulated, *inputs, scale=scale)
+    assert_close_all(got, run_reference(*inputs, scale=scale), torch.float32, f"scale={scale}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_misaligned_logits_take_word_staging(emulated, dtype):
     # Logits one element off a granule (heads = 4) are staged in words: the same bits as vectors.

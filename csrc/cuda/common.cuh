@@ -54,11 +54,15 @@ __device__ __forceinline__ float float_of_bits(uint32_t bits) {
 // The pointer itself, as a value the compiler cannot recompute: under register pressure it would
 // otherwise rebuild an address from the kernel's arguments at every use (six instructions a copy in
 // the fused forward's logit copies) instead of keeping it in two registers.
-__device__ __forceinline__ const char* keep_in_register(const char* p) {
+template <typename P>
+__device__ __forceinline__ P* keep_in_register(P* p) {
 #if defined(__CUDA_ARCH__)
-  asm volatile("mov.b64 %0, %0;" : "+l"(p));
-#endif
+  uint64_t bits = reinterpret_cast<uintptr_t>(p);
+  asm volatile("mov.b64 %0, %0;" : "+l"(bits));
+  return reinterpret_cast<P*>(bits);
+#else
   return p;
+#endif
 }
 
 // Asynchronous global -> shared copies (sm_80+); plain copies on older architectures.

@@ -5,8 +5,8 @@
 // K = 3, dilation 1 in fp32/fp16/bf16 (ConDSeg's setting) runs the fused kernels: the forward is
 // one kernel (logits and value in, output out); the backward is three kernels with two fp32 scratch
 // tensors, Wt and its gradient (25 floats per pixel and head each). Every other case (K != 3,
-// dilation != 1, fp64, sizes past int32 tiles, or a device without the shared memory the fused
-// kernels need) runs the generic kernels. Both are gathers: deterministic, no atomics;
+// dilation != 1, fp64, a scale <= 0, sizes past int32 tiles, or a device without the shared memory
+// the fused kernels need) runs the generic kernels. Both are gathers: deterministic, no atomics;
 // accumulation in fp32 (fp64 for fp64 inputs). CONDSEG_CUDA_GENERIC=1 forces the generic kernels
 // (the tests compare both). With heads a multiple of 4, the fused kernels copy the logits in 16- or
 // 8-byte granules (CONDSEG_CUDA_WORD_STAGING=1: in 4-byte words, as on other head counts).
@@ -66,13 +66,15 @@ int shared_optin(const at::Tensor& value) {
   return optin;
 }
 
-// Whether the fused K = 3 kernels run this call.
+// Whether the fused K = 3 kernels run this call. Their softmaxes take the maximum before scaling,
+// which needs scale > 0 (k3_kernels.cuh, softmax_row).
 template <typename T>
-bool use_fused(const Geo& g, const at::Tensor& value) {
+bool use_fused(const Geo& g, const at::Tensor& value, double scale) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
-    if (g.K != 3 || g.dil != 1 || env_flag("CONDSEG_CUDA_GENERIC") || !cuda::fused_sizes_ok(g)) return false;
+    if (g.K != 3 || g.dil != 1 || !(scale > 0) || env_flag("CONDSEG_CUDA_GENERIC") || !cuda::fused_sizes_ok(g))
+      return false;
     return cuda::fused_shared_memory_bytes<T>() <= shared_optin(value);
   }
 }
@@ -105,7 +107,7 @@ template <typename T>
 void forward_impl(const Geo& g, const at::Tensor& value, const at::Tensor& fg, const at::Tensor& bg,
                   const at::Tensor& out, double scale, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, double>) {
-    if (use_fused<T>(g, value)) {
+    if (use_fused<T>(g, value, scale)) {
       C10_CUDA_CHECK(cuda::fused_weights<T>(g, ptr<T>(value), ptr<T>(fg), ptr<T>(bg), ptr<T>(out), nullptr,
                                             log2_scale(scale), vector_logits(g, value, ptr<T>(fg), ptr<T>(bg)),
                                             stream));
@@ -134,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Geo& g, const at::Tensor&
                            bg.defined() ? at::empty(bg.sizes(), bg.options()) : at::Tensor());
   };
   if constexpr (!std::is_same_v<T, double>) {
-    if (use_fused<T>(g, value)) {
+    if (use_fused<T>(g, value, scale)) {
       const auto f32 = value.options().dtype(at::kFloat);
       at::Tensor grad_weights = at::empty({g.B, g.heads, 25, g.H, g.W}, f32);
       {

@@ -264,11 +264,10 @@ __device__ __forceinline__ float sum9(const float (&v)[K2]) {
 }
 
 // Unnormalised softmax of one row of 9 logits in base 2: e[j] = exp2(sl2 * x[j] - max); returns 1/sum.
+// sl2 > 0 (the host runs other scales on the generic kernels), so the maximum of the scaled logits
+// is the scaled maximum, bit for bit (rounding is monotonic): one multiply instead of nine.
 __device__ __forceinline__ float softmax_row(const float (&x)[K2], float sl2, float (&e)[K2]) {
-  float scaled[K2];
-#pragma unroll
-  for (int j = 0; j < K2; ++j) scaled[j] = sl2 * x[j];
-  const float top = max9(scaled);
+  const float top = sl2 * max9(x);
 #pragma unroll
   for (int j = 0; j < K2; ++j) e[j] = exp2f(fmaf(x[j], sl2, -top));
   return 1.f / sum9(e);
@@ -297,17 +296,12 @@ __device__ __forceinline__ BlockTile block_tile(int heads, int tiles_x, int tile
   return t;
 }
 
-// log2-sum-exp2 of one row of 9 logits scaled by sl2.
+// log2-sum-exp2 of one row of 9 logits scaled by sl2 (> 0).
 template <typename T>
 __device__ __forceinline__ float row_lse(const T* a, float sl2) {
-  float x[K2], scaled[K2];
-#pragma unroll
-  for (int j = 0; j < K2; ++j) {
-    x[j] = static_cast<float>(a[j]);
-    scaled[j] = sl2 * x[j];
-  }
-  const float top = max9(scaled);
-  float e[K2];
+  float x[K2], e[K2];
+  word_row(a, x);
+  const float top = sl2 * max9(x);
 #pragma unroll
   for (int j = 0; j < K2; ++j) e[j] = exp2f(fmaf(x[j], sl2, -top));
   return top + log2f(sum9(e));

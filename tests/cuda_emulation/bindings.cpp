@@ -51,11 +51,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_i
 
 // How the backend would stage the logits of a K = 3 call on these inputs: "vectors", "words", or
 // "generic" (no fused kernels).
-std::string logit_staging(const at::Tensor& value, const at::Tensor& fg, const std::optional<at::Tensor>& bg) {
+std::string logit_staging(const at::Tensor& value, const at::Tensor& fg, const std::optional<at::Tensor>& bg,
+                          double scale) {
   const condseg_ops::cuda::Geo g = condseg_ops::make_geo(condseg_ops::check_inputs(value, fg, bg, 3, 1));
   std::string staging;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "logit_staging", [&] {
-    if (!condseg_ops::use_fused<scalar_t>(g, value)) {
+    if (!condseg_ops::use_fused<scalar_t>(g, value, scale)) {
       staging = "generic";
     } else {
       const scalar_t* bg_ptr = bg.has_value() ? bg->data_ptr<scalar_t>() : nullptr;
@@ -84,6 +85,7 @@ void copy_word_at(const at::Tensor& t, int64_t offset) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "the CUDA backend's forward, emulated");
   m.def("backward", &backward, "the CUDA backend's backward, emulated");
-  m.def("logit_staging", &logit_staging, "how the fused kernels would stage the logits of these inputs");
+  m.def("logit_staging", &logit_staging, "how the fused kernels would stage the logits of these inputs",
+        py::arg("value"), py::arg("fg"), py::arg("bg"), py::arg("scale") = 1.0);
   m.def("copy_word_at", &copy_word_at, "a cp.async of 4 bytes from t's data + offset (emulation check)");
 }
