@@ -93,9 +93,9 @@ def test_unaligned_value_takes_element_copies(emulated, dtype):
 @pytest.mark.parametrize("dual", [True, False])
 def test_vector_logit_staging(emulated, dtype, dual, monkeypatch):
     # With heads = 4 the fused kernels copy the logits in granules of 4 elements, whose rows start at
-    # a phase of (g + 9 row0) mod 4 inside them: every phase occurs. The last block holds the
-    # tensor's last matrix, whose granules reach past its end (zero-filled). The arithmetic is the
-    # word staging's: the results must be equal bit for bit, and match the reference.
+    # a phase of (g + 9 row0) mod 4 inside them: every phase occurs, and the granules reach into the
+    # neighbouring matrices (the emulation checks that none reads outside the tensors). The
+    # arithmetic is the word staging's: the results must be equal bit for bit, and match the reference.
     inputs = cpu_inputs(2, 32, 19, 37, 4, dual=dual, dtype=dtype, seed=11)
     assert emulated.logit_staging(*inputs[:3]) == "vectors"
     vectors = run_emulated(emulated, *inputs, scale=0.6)
@@ -129,6 +129,10 @@ def test_logit_staging_choice(emulated, monkeypatch):
     assert staging() == staging(heads=8) == staging(dtype=torch.bfloat16) == "vectors"
     assert staging(heads=2) == staging(heads=3) == staging(heads=6) == "words"
     assert staging(shift=1) == staging(shift=2) == staging(dtype=torch.float16, shift=2) == "words"
+    value, fg, bg, _ = cpu_inputs(1, 16, 6, 8, 4)
+    flat = torch.empty(bg.numel() + 1)
+    flat[1:] = bg.reshape(-1)
+    assert emulated.logit_staging(value, fg, flat[1:].view(bg.shape)) == "words"  # bg alone off a granule
     assert staging(shift=4) == staging(dtype=torch.bfloat16, shift=4) == "vectors"
     monkeypatch.setenv("CONDSEG_EMU_SHARED_OPTIN_KB", "99")
     assert staging() == "words" and staging(dtype=torch.bfloat16) == "vectors"

@@ -84,16 +84,20 @@ def compile_cubin(nvcc, source, arch, workdir):
 
 
 def ptxas_resources(text):
-    """{mangled kernel name: (registers, spill store bytes, spill load bytes, stack bytes)}."""
-    out, current, spills = {}, None, (0, 0, 0)
+    """{mangled kernel name: (registers, spill store bytes, spill load bytes, stack bytes)}. The
+    spills of the functions a kernel calls (ptxas lists them after the kernel) count as its own."""
+    out, current, last, spills = {}, None, None, (0, 0, 0)
     for line in text.splitlines():
         if m := re.search(r"Compiling entry function '(\w+)'", line):
-            current = m.group(1)
+            current, last = m.group(1), None
         elif m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
             spills = (int(m.group(2)), int(m.group(3)), int(m.group(1)))
+            if last is not None:  # a called function's, after its kernel's "Used" line
+                regs, stores, loads, stack = out[last]
+                out[last] = (regs, stores + spills[0], loads + spills[1], stack)
         elif (m := re.search(r"Used (\d+) registers", line)) and current:
             out[current] = (int(m.group(1)),) + spills
-            current, spills = None, (0, 0, 0)
+            current, last, spills = None, current, (0, 0, 0)
     return out
 
 

@@ -44,6 +44,15 @@ __device__ __forceinline__ float float_of_bits(uint32_t bits) {
 #endif
 }
 
+// a * b rounded to float, never contracted into a multiply-add with what follows.
+__device__ __forceinline__ float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // A device function compiled on its own, with its own register allocation (CUDA only).
 #if defined(__CUDACC__)
 #define CONDSEG_NOINLINE __noinline__
@@ -92,9 +101,13 @@ __device__ __forceinline__ void cp_async_zfill(void* smem, const void* gmem, int
 #elif defined(CONDSEG_CUDA_EMULATION)
   ::emu::cp_async_zfill(smem, gmem, N, src_bytes);
 #else
-  auto* d = static_cast<unsigned char*>(smem);
-  const auto* s = static_cast<const unsigned char*>(gmem);
-  for (int i = 0; i < N; ++i) d[i] = i < src_bytes ? s[i] : 0;
+  if (src_bytes == N) {  // whole words (a plain copy on GPUs before sm_80)
+    for (int w = 0; w < N / 4; ++w) static_cast<uint32_t*>(smem)[w] = static_cast<const uint32_t*>(gmem)[w];
+  } else {
+    auto* d = static_cast<unsigned char*>(smem);
+    const auto* s = static_cast<const unsigned char*>(gmem);
+    for (int i = 0; i < N; ++i) d[i] = i < src_bytes ? s[i] : 0;
+  }
 #endif
 }
 

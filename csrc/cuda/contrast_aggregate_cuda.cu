@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -66,14 +67,20 @@ int shared_optin(const at::Tensor& value) {
   return optin;
 }
 
+float log2_scale(double scale) {
+  return static_cast<float>(scale * cuda::kLog2e);
+}
+
 // Whether the fused K = 3 kernels run this call. Their softmaxes take the maximum before scaling,
-// which needs scale > 0 (k3_kernels.cuh, softmax_row).
+// which needs a finite scale * log2(e) > 0 in float (k3_kernels.cuh, softmax_row).
 template <typename T>
 bool use_fused(const Geo& g, const at::Tensor& value, double scale) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
-    if (g.K != 3 || g.dil != 1 || !(scale > 0) || env_flag("CONDSEG_CUDA_GENERIC") || !cuda::fused_sizes_ok(g))
+    const float sl2 = log2_scale(scale);
+    if (g.K != 3 || g.dil != 1 || !(sl2 > 0 && std::isfinite(sl2)) || env_flag("CONDSEG_CUDA_GENERIC") ||
+        !cuda::fused_sizes_ok(g))
       return false;
     return cuda::fused_shared_memory_bytes<T>() <= shared_optin(value);
   }
@@ -99,9 +106,6 @@ at::TensorOptions acc_options(const at::Tensor& t) {
   return t.options().dtype(c10::CppTypeToScalarType<acc_t<T>>::value);
 }
 
-float log2_scale(double scale) {
-  return static_cast<float>(scale * cuda::kLog2e);
-}
 
 template <typename T>
 void forward_impl(const Geo& g, const at::Tensor& value, const at::Tensor& fg, const at::Tensor& bg,

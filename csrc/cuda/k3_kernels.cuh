@@ -92,7 +92,8 @@ constexpr int converted_bytes() {
 // Vector staging of the logits (phase 1, heads a multiple of 4; see issue_round_vectors): a slot
 // holds GRANULES granules of 4 elements (16 bytes in fp32, 8 in 2-byte types) per round, at a stride
 // that lets each group of threads that shared memory serves together (8 reading 16 bytes, 16
-// reading 8) hit distinct banks.
+// reading 8) hit distinct banks. (Where a row uses only part of a granule the compiler may load
+// less of it: such a load conflicts, but costs no more cycles than the whole granule's.)
 constexpr int GRANULES = 8;  // a round's 27 elements and a phase of up to 3
 template <typename T>
 constexpr int granule_bytes() {
@@ -267,7 +268,7 @@ __device__ __forceinline__ float sum9(const float (&v)[K2]) {
 // sl2 > 0 (the host runs other scales on the generic kernels), so the maximum of the scaled logits
 // is the scaled maximum, bit for bit (rounding is monotonic): one multiply instead of nine.
 __device__ __forceinline__ float softmax_row(const float (&x)[K2], float sl2, float (&e)[K2]) {
-  const float top = sl2 * max9(x);
+  const float top = mul_rn(sl2, max9(x));
 #pragma unroll
   for (int j = 0; j < K2; ++j) e[j] = exp2f(fmaf(x[j], sl2, -top));
   return 1.f / sum9(e);
@@ -301,7 +302,7 @@ template <typename T>
 __device__ __forceinline__ float row_lse(const T* a, float sl2) {
   float x[K2], e[K2];
   word_row(a, x);
-  const float top = sl2 * max9(x);
+  const float top = mul_rn(sl2, max9(x));  // rounded on its own, never fused with the addition below
 #pragma unroll
   for (int j = 0; j < K2; ++j) e[j] = exp2f(fmaf(x[j], sl2, -top));
   return top + log2f(sum9(e));
