@@ -28,7 +28,8 @@ cudaError_t allow_shared_memory(Kernel* kernel, int bytes) {
 }  // namespace
 
 bool fused_sizes_ok(const Geo& g) {
-  if (g.HW > INT_MAX || g.C > INT_MAX || g.heads > INT_MAX) return false;
+  // int32 offsets of a value chunk's elements from its first channel plane, too
+  if (g.HW * k3::CC > INT_MAX || g.C > INT_MAX || g.heads > INT_MAX) return false;
   // byte offsets of the window centres of one weights_kernel tile from its first one (int32; 4-byte
   // elements, the widest the fused kernels take)
   if (((k3::EH + 1) * g.W + k3::EW) * g.heads * k3::K4 * 4 > INT_MAX) return false;
