@@ -91,7 +91,7 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
 // so gmem only has to be a valid address).
 template <int N>
 __device__ __forceinline__ void cp_async_zfill(void* smem, const void* gmem, int src_bytes) {
-  static_assert(N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
+  static_assert(N == 8 || N == 16, "cp_async_zfill copies 8 or 16 bytes (cp_async_4 copies 4)");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   if constexpr (N == 16)  // .cg: through L2 only

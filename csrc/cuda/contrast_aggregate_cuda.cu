@@ -106,7 +106,6 @@ at::TensorOptions acc_options(const at::Tensor& t) {
   return t.options().dtype(c10::CppTypeToScalarType<acc_t<T>>::value);
 }
 
-
 template <typename T>
 void forward_impl(const Geo& g, const at::Tensor& value, const at::Tensor& fg, const at::Tensor& bg,
                   const at::Tensor& out, double scale, cudaStream_t stream) {

@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(NT, 2)
   const T* vplane = value + ((long long)b * C + (long long)g * Cg) * HW;    // channel 0 of the head
   const bool vectors = W % VEC == 0 && (reinterpret_cast<uintptr_t>(value) & 15) == 0;
   // With vectors, a thread stages the same VITEMS vectors of every chunk (only the chunk's first
-  // channel moves), so their places are decoded once: decoding one took about 60 instructions.
+  // channel moves), so their places are decoded once: decoding one took about 70 instructions.
   constexpr int VITEMS = CC * VH * NV / NT;
   static_assert(CC * VH * NV % NT == 0 && CHUNK < (1 << 16), "vector items must split evenly and fit 16 bits");
   int item_src[VITEMS];  // element offset from the chunk's first channel plane; -1: outside the image
