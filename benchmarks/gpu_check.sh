@@ -116,45 +116,35 @@ export -f bench
 rm -f "$OUT/op_bench.jsonl"
 run_stage op-bench 150 30 bash -c bench
 
-# 3b. With the CUDA tests: the fused CUDA kernels with the logits staged in vectors (the default
-# where heads are a multiple of 4) and in 4-byte words, kernel by kernel (about 30 s).
-rm -f "$OUT/cuda_staging.log"
+# 3b. Kernel by kernel (benchmarks/op_calls.py --kernels), variants side by side:
+# variants LOG VAR "VALUES" ARGS...: one op_calls.py run per value of the environment variable VAR,
+# into $OUT/LOG.log; a failed variant does not keep the others from running.
+variants() {
+  local log=$1 var=$2 values=$3
+  shift 3
+  (
+    rc=0
+    for value in $values; do
+      echo "--- $var=$value"
+      env "$var=$value" $PY -P benchmarks/op_calls.py "$@" --kernels || rc=1
+    done
+    exit $rc
+  ) 2>&1 | (trap '' INT; exec tee "$OUT/$log.log")
+  return "${PIPESTATUS[0]}"
+}
+export -f variants
+rm -f "$OUT/cuda_staging.log" "$OUT/triton_forward.log"
+# With the CUDA tests: the fused kernels with the logits staged in granules (the default where heads
+# are a multiple of 4) and in 4-byte words (about 30 s).
 if [[ $TESTS == *" cuda "* ]]; then
-  cuda_staging() {
-    (
-      rc=0
-      for words in 0 1; do
-        echo "--- CONDSEG_CUDA_WORD_STAGING=$words"
-        CONDSEG_CUDA_WORD_STAGING=$words $PY -P benchmarks/op_calls.py --backends cuda --dtypes float32,bfloat16 \
-          --kernels --iters 10 || rc=1
-      done
-      exit $rc
-    ) 2>&1 | (trap '' INT; exec tee "$OUT/cuda_staging.log")
-    return "${PIPESTATUS[0]}"
-  }
-  export -f cuda_staging
-  run_stage cuda-staging 60 25 bash -c cuda_staging
+  run_stage cuda-staging 60 25 bash -c \
+    'variants cuda_staging CONDSEG_CUDA_WORD_STAGING "0 1" --backends cuda --dtypes float32,bfloat16 --iters 10'
 fi
-
-# 3c. With the Triton tests, where Triton imports: its float32 forward fused (the default) and
-# split, kernel by kernel, to tell which should be the default (benchmarks/op_calls.py --kernels,
-# about a minute). A failed variant does not keep the other from running.
-rm -f "$OUT/triton_forward.log"
+# With the Triton tests, where Triton imports: its float32 forward fused (the default) and split, to
+# tell which should be the default (about a minute).
 if [[ $TESTS == *" triton "* ]] && $PY -c "import triton" 2>/dev/null; then
-  triton_forward() {
-    (
-      rc=0
-      for fused in 1 0; do
-        echo "--- CONDSEG_TRITON_FUSED_FORWARD=$fused"
-        CONDSEG_TRITON_FUSED_FORWARD=$fused $PY -P benchmarks/op_calls.py --backends triton --dtypes float32 \
-          --kernels || rc=1
-      done
-      exit $rc
-    ) 2>&1 | (trap '' INT; exec tee "$OUT/triton_forward.log")
-    return "${PIPESTATUS[0]}"
-  }
-  export -f triton_forward
-  run_stage triton-forward 100 25 bash -c triton_forward
+  run_stage triton-forward 100 25 bash -c \
+    'variants triton_forward CONDSEG_TRITON_FUSED_FORWARD "1 0" --backends triton --dtypes float32'
 fi
 
 # 4. End-to-end benchmark: only when benchmarks/fps.py exists (its arguments: FPS_ARGS).

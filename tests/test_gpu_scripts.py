@@ -50,12 +50,12 @@ exit 0
 """
 
 
-def run_gpu_check(tmp_path, **env):
+def run_gpu_check(tmp_path, stub_text=PYTHON_STUB, **env):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.txt"
     stub = bin_dir / "python3"
-    stub.write_text(PYTHON_STUB.format(log=log))
+    stub.write_text(stub_text.format(log=log))
     stub.chmod(0o755)
     environ = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), SKIP_BUILD="1",
                    **env)
@@ -73,10 +73,19 @@ def test_gpu_check_runs_the_chosen_tests_and_stages(tmp_path):
     assert not any("fps.py" in c or "profile_model.py" in c for c in calls)  # FPS_LIMIT_S=0: no fps stage
     # the CUDA kernels timed with both stagings of the logits; the Triton forward's stage comes with its tests
     assert [c for c in calls if "op_calls.py" in c] == [
-        "-P benchmarks/op_calls.py --backends cuda --dtypes float32,bfloat16 --kernels --iters 10"] * 2
+        "-P benchmarks/op_calls.py --backends cuda --dtypes float32,bfloat16 --iters 10 --kernels"] * 2
     assert "--- CONDSEG_CUDA_WORD_STAGING=1" in proc.stdout.split("=== CUDA kernels, logits staged")[1]
     assert "cuda-staging   ok" in proc.stdout
     assert "op-bench       ok" in proc.stdout and "fps" not in proc.stdout.split("=== gpu_check stages")[1]
+
+
+def test_a_failed_variant_fails_its_stage_and_the_next_variant_still_runs(tmp_path):
+    failing_granules = PYTHON_STUB.replace(
+        "exit 0", 'case "$*" in *op_calls.py*) [ "$CONDSEG_CUDA_WORD_STAGING" = 0 ] && exit 1;; esac\nexit 0')
+    proc, calls = run_gpu_check(tmp_path, failing_granules, GPU_CHECK_TESTS="cuda", FPS_LIMIT_S="0")
+    assert proc.returncode != 0
+    assert len([c for c in calls if "op_calls.py" in c]) == 2
+    assert "cuda-staging   FAILED (rc=1)" in proc.stdout and "op-bench       ok" in proc.stdout
 
 
 def test_gpu_check_runs_the_fps_cuda_tests_on_request(tmp_path):
