@@ -36,6 +36,13 @@ def cpu_inputs(*args, **kwargs):
     return make_inputs(*args, device="cpu", **kwargs)
 
 
+def offset_by(t, elements=1):
+    """A copy of t whose data starts `elements` elements into its storage (a misaligned pointer)."""
+    flat = torch.empty(t.numel() + elements, dtype=t.dtype)
+    flat[elements:] = t.reshape(-1)
+    return flat[elements:].view(t.shape)
+
+
 @pytest.mark.parametrize("dual", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_matches_reference(emulated, dtype, dual):
@@ -81,9 +88,7 @@ def test_unaligned_value_takes_element_copies(emulated, dtype):
     # A value tensor that is not 16-byte aligned is staged element by element: the same result,
     # bit for bit, as the vector copies of an aligned one.
     value, fg, bg, grad_out = cpu_inputs(1, 16, 13, 40, 2, dtype=dtype, seed=8)
-    flat = torch.empty(value.numel() + 1, dtype=dtype)
-    flat[1:] = value.reshape(-1)
-    shifted = flat[1:].view(value.shape)
+    shifted = offset_by(value)
     assert shifted.data_ptr() % 16 != 0
     aligned = emulated.forward(value, fg, bg, 3, 1, 0.5)
     assert torch.equal(emulated.forward(shifted, fg, bg, 3, 1, 0.5), aligned)
@@ -118,22 +123,15 @@ def test_vector_logit_staging_eight_heads(emulated):
 def test_logit_staging_choice(emulated, monkeypatch):
     # Vector staging needs heads a multiple of 4, logits aligned to a granule (16 bytes in fp32, 8
     # in 2-byte types) and its shared memory: 111.5 KB in fp32, more than the 99 KB of an RTX 30/40.
-    def staging(heads=4, dtype=torch.float32, shift=0):
+    def staging(heads=4, dtype=torch.float32, fg_offset=0, bg_offset=0):
         value, fg, bg, _ = cpu_inputs(1, 4 * heads, 6, 8, heads, dtype=dtype)
-        if shift:
-            flat = torch.empty(fg.numel() + shift, dtype=dtype)
-            flat[shift:] = fg.reshape(-1)
-            fg = flat[shift:].view(fg.shape)
-        return emulated.logit_staging(value, fg, bg)
+        return emulated.logit_staging(value, offset_by(fg, fg_offset), offset_by(bg, bg_offset))
 
     assert staging() == staging(heads=8) == staging(dtype=torch.bfloat16) == "vectors"
     assert staging(heads=2) == staging(heads=3) == staging(heads=6) == "words"
-    assert staging(shift=1) == staging(shift=2) == staging(dtype=torch.float16, shift=2) == "words"
-    value, fg, bg, _ = cpu_inputs(1, 16, 6, 8, 4)
-    flat = torch.empty(bg.numel() + 1)
-    flat[1:] = bg.reshape(-1)
-    assert emulated.logit_staging(value, fg, flat[1:].view(bg.shape)) == "words"  # bg alone off a granule
-    assert staging(shift=4) == staging(dtype=torch.bfloat16, shift=4) == "vectors"
+    assert staging(fg_offset=1) == staging(fg_offset=2) == staging(bg_offset=1) == "words"
+    assert staging(dtype=torch.float16, fg_offset=2) == "words"
+    assert staging(fg_offset=4) == staging(dtype=torch.bfloat16, bg_offset=4) == "vectors"
     monkeypatch.setenv("CONDSEG_EMU_SHARED_OPTIN_KB", "99")
     assert staging() == "words" and staging(dtype=torch.bfloat16) == "vectors"
     monkeypatch.setenv("CONDSEG_CUDA_GENERIC", "1")
@@ -154,15 +152,9 @@ def test_scales_other_than_positive_run_the_generic_kernels(emulated, scale):
 def test_misaligned_logits_take_word_staging(emulated, dtype):
     # Logits one element off a granule (heads = 4) are staged in words: the same bits as vectors.
     inputs = cpu_inputs(1, 16, 13, 20, 4, dtype=dtype, seed=13)
-
-    def shifted(t):
-        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
-        flat[1:] = t.reshape(-1)
-        return flat[1:].view(t.shape)
-
     value, fg, bg, grad_out = inputs
-    assert emulated.logit_staging(value, shifted(fg), shifted(bg)) == "words"
-    got = run_emulated(emulated, value, shifted(fg), shifted(bg), grad_out)
+    assert emulated.logit_staging(value, offset_by(fg), offset_by(bg)) == "words"
+    got = run_emulated(emulated, value, offset_by(fg), offset_by(bg), grad_out)
     for a, b in zip(got, run_emulated(emulated, *inputs)):
         assert torch.equal(a, b)
 
@@ -191,13 +183,7 @@ def test_odd_storage_offsets_half(emulated):
     # 2-byte tensors whose data pointer is not 4-byte aligned: the fused kernels stage them through
     # 4-byte words and must neither lose nor read past an element at either end.
     inputs = cpu_inputs(1, 6, 14, 35, 2, dtype=torch.float16, seed=4)
-
-    def shifted(t):
-        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
-        flat[1:] = t.reshape(-1)
-        return flat[1:].view(t.shape)
-
-    got = run_emulated(emulated, *(shifted(t) for t in inputs))
+    got = run_emulated(emulated, *(offset_by(t) for t in inputs))
     for a, b in zip(got, run_emulated(emulated, *inputs)):
         assert torch.equal(a, b)
 
