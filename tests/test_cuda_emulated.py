@@ -52,6 +52,18 @@ def test_matches_reference(emulated, dtype, dual):
     assert_close_all(got, run_reference(*inputs, scale=0.6), dtype, f"{dtype} dual={dual}")
 
 
+@pytest.mark.parametrize("heads, dtype", [(3, torch.float32), (4, torch.float32), (4, torch.bfloat16)])
+def test_copies_landing_when_issued(emulated, heads, dtype, monkeypatch):
+    # A GPU may land a cp.async as soon as it is issued: the kernels must not refill a buffer
+    # before every thread has read it. With the copies landing at issue (the emulation's other
+    # extreme), the results are the same bits. Word (heads = 3) and vector (heads = 4) staging.
+    inputs = cpu_inputs(2, 8 * heads, 19, 40, heads, dtype=dtype, seed=15)
+    late = run_emulated(emulated, *inputs, scale=0.5)
+    monkeypatch.setenv("CONDSEG_EMU_EAGER_COPIES", "1")
+    for name, a, b in zip(("out", "grad_value", "grad_fg", "grad_bg"), run_emulated(emulated, *inputs, scale=0.5), late):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_generic_kernels_match_reference(emulated, dtype, monkeypatch):
     # Cg = 10 leaves a partial chunk of the fused kernels' 8-channel value stages.

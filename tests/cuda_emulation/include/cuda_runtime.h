@@ -9,7 +9,8 @@
 // checked; one that orders a write before another thread's read is. A thread that returns early leaves
 // the barrier count (sm_70+ semantics); reaching different numbers of barriers in one block is
 // reported as an error (undefined behaviour on a GPU). cp.async copies land only at the
-// cp_async_wait that retires their group, as on the GPU. Blocks run one after another. Dynamic
+// cp_async_wait that retires their group, as late as on the GPU (CONDSEG_EMU_EAGER_COPIES=1: when
+// issued, as early as on the GPU). Blocks run one after another. Dynamic
 // shared memory is filled with 0xFF bytes (NaN for floats) before each block, so reads of shared
 // memory nobody wrote show up in the results. The source rewrite that maps `kernel<<<...>>>(...)`
 // onto emu::launch and `extern __shared__` onto emu::dynamic_shared_memory() is in build.py.
@@ -87,6 +88,7 @@ struct Block {
   ucontext_t scheduler;
   std::function<void()> body;  // the kernel call, run by every thread
   int current = 0;
+  bool eager_copies = false;  // CONDSEG_EMU_EAGER_COPIES: cp.async lands when issued (see add_copy)
   std::exception_ptr error;  // a failed check inside a thread, rethrown by the scheduler
 };
 
@@ -115,12 +117,26 @@ inline void check_readable(const void* src, size_t bytes) {
 
 // cp.async: a 4-byte copy lands in shared memory only when a cp_async_wait leaves fewer groups
 // pending than its own, so a missing or too lax wait shows up as unwritten (NaN) shared memory.
+// Queues a copy for the wait that retires its group, or, with CONDSEG_EMU_EAGER_COPIES=1, lands it at
+// once: the earliest a GPU may land it. Then a buffer refilled before every thread has read it (a
+// missing barrier after the reads) shows up as wrong results; the default catches the opposite,
+// a buffer read before its copies were waited for.
+inline void add_copy(const Copy& c) {
+  Block& b = block();
+  if (!b.eager_copies) {
+    b.open_copies[b.current].push_back(c);
+  } else if (c.src != nullptr) {
+    std::memcpy(c.dst, c.src, c.bytes);
+  } else {
+    std::memset(c.dst, 0, c.bytes);
+  }
+}
+
 inline void cp_async_4(void* smem, const void* gmem) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(smem) % 4 == 0 && reinterpret_cast<uintptr_t>(gmem) % 4 == 0,
               "emulated CUDA: cp.async of 4 bytes between addresses that are not 4-byte aligned");
   check_readable(gmem, 4);
-  Block& b = block();
-  b.open_copies[b.current].push_back({static_cast<unsigned char*>(smem), static_cast<const unsigned char*>(gmem), 4});
+  add_copy({static_cast<unsigned char*>(smem), static_cast<const unsigned char*>(gmem), 4});
 }
 
 // cp.async of `bytes` (8 or 16) that reads the first src_bytes and lands zeros for the rest, also at the wait.
@@ -129,12 +145,9 @@ inline void cp_async_zfill(void* smem, const void* gmem, int bytes, int src_byte
               "emulated CUDA: cp.async of ", bytes, " bytes between addresses that are not ", bytes, "-byte aligned");
   TORCH_CHECK(src_bytes >= 0 && src_bytes <= bytes, "emulated CUDA: cp.async source size ", src_bytes, " of ", bytes);
   if (src_bytes > 0) check_readable(gmem, static_cast<size_t>(src_bytes));
-  Block& b = block();
   auto* dst = static_cast<unsigned char*>(smem);
-  if (src_bytes > 0)
-    b.open_copies[b.current].push_back({dst, static_cast<const unsigned char*>(gmem), static_cast<size_t>(src_bytes)});
-  if (src_bytes < bytes)
-    b.open_copies[b.current].push_back({dst + src_bytes, nullptr, static_cast<size_t>(bytes - src_bytes)});
+  if (src_bytes > 0) add_copy({dst, static_cast<const unsigned char*>(gmem), static_cast<size_t>(src_bytes)});
+  if (src_bytes < bytes) add_copy({dst + src_bytes, nullptr, static_cast<size_t>(bytes - src_bytes)});
 }
 
 inline void cp_async_commit() {
@@ -230,6 +243,8 @@ struct Launch {
     TORCH_CHECK(grid.y == 1 && grid.z == 1 && threads.y == 1 && threads.z == 1, "emulated CUDA: 1-D launches only");
     TORCH_CHECK(shared_bytes <= shared_memory_optin(), "emulated CUDA: ", shared_bytes, " bytes of shared memory");
     Block& b = block();
+    const char* eager = std::getenv("CONDSEG_EMU_EAGER_COPIES");
+    b.eager_copies = eager != nullptr && eager[0] != '\0' && eager[0] != '0';
     b.grid_dim = grid;
     b.block_dim = threads;
     Kernel* k = kernel;
