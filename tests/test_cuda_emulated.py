@@ -218,3 +218,10 @@ def test_copies_from_outside_the_inputs_are_refused(emulated):
     for offset in (32, -4):
         with pytest.raises(RuntimeError, match="outside every input tensor"):
             emulated.copy_word_at(t, offset)
+
+
+def test_writes_past_shared_memory_are_refused(emulated):
+    # A guard zone follows each block's shared memory; every kernel above ran under that check.
+    emulated.write_shared_at(64, 63)  # the last byte
+    with pytest.raises(RuntimeError, match="wrote past its 64 bytes of shared memory"):
+        emulated.write_shared_at(64, 64)

@@ -80,6 +80,16 @@ void copy_word_at(const at::Tensor& t, int64_t offset) {
   emu::launch(+kernel, dim3(1), dim3(1))(&word, src);
 }
 
+// One thread writes a byte at `offset` of a block's `shared_bytes` bytes of shared memory: the
+// tests check that a write past the end is reported.
+void write_shared_at(int64_t shared_bytes, int64_t offset) {
+  auto kernel = [](int64_t at) {
+    unsigned char* smem = emu::dynamic_shared_memory();
+    smem[at] = 1;
+  };
+  emu::launch(+kernel, dim3(1), dim3(1), static_cast<int>(shared_bytes))(offset);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -88,4 +98,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("logit_staging", &logit_staging, "how the fused kernels would stage the logits of these inputs",
         py::arg("value"), py::arg("fg"), py::arg("bg"), py::arg("scale") = 1.0);
   m.def("copy_word_at", &copy_word_at, "a cp.async of 4 bytes from t's data + offset (emulation check)");
+  m.def("write_shared_at", &write_shared_at, "a write of one byte of shared memory (emulation check)");
 }

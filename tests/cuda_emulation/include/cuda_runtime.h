@@ -6,20 +6,22 @@
 // or returns; the block scheduler resumes every live fiber in turn, so a barrier releases only once
 // all live threads of the block have reached it, as on a GPU. Fibers never interleave between two
 // barriers, so a barrier that only keeps concurrent read-modify-writes of one address apart is not
-// checked; one that orders a write before another thread's read is. A thread that returns early leaves
-// the barrier count (sm_70+ semantics); reaching different numbers of barriers in one block is
-// reported as an error (undefined behaviour on a GPU). cp.async copies land only at the
+// checked; one that orders a write before another thread's read is. A thread that returns early
+// leaves the barrier count (sm_70+ semantics); reaching different numbers of barriers in one block
+// is reported as an error (undefined behaviour on a GPU). cp.async copies land only at the
 // cp_async_wait that retires their group, as late as on the GPU (CONDSEG_EMU_EAGER_COPIES=1: when
-// issued, as early as on the GPU). Blocks run one after another. Dynamic
-// shared memory is filled with 0xFF bytes (NaN for floats) before each block, so reads of shared
-// memory nobody wrote show up in the results. The source rewrite that maps `kernel<<<...>>>(...)`
-// onto emu::launch and `extern __shared__` onto emu::dynamic_shared_memory() is in build.py.
+// issued, as early as on the GPU). Blocks run one after another. Dynamic shared memory is filled
+// with 0xFF bytes (NaN for floats) before each block, so reads of shared memory nobody wrote show
+// up in the results; a write past its end is reported. The source rewrite that maps
+// `kernel<<<...>>>(...)` onto emu::launch and `extern __shared__` onto emu::dynamic_shared_memory()
+// is in build.py.
 #pragma once
 
 #include <ucontext.h>
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -231,6 +233,9 @@ inline void run_block(int threads) {
   }
 }
 
+constexpr size_t kSharedGuard = 1024;
+constexpr unsigned char kGuardByte = 0xA5;
+
 // kernel<<<grid, block, shared_bytes, stream>>>(args...) becomes launch(kernel, grid, block, shared_bytes, stream)(args...).
 template <typename Kernel>
 struct Launch {
@@ -251,8 +256,14 @@ struct Launch {
     b.body = [=] { k(args...); };
     for (unsigned int i = 0; i < grid.x; ++i) {
       b.block_idx = dim3(i);
-      b.shared.assign(static_cast<size_t>(shared_bytes), 0xFF);
+      // A guard zone after the block's shared memory: a write past its end (plain or cp.async)
+      // is reported when the block ends.
+      b.shared.assign(static_cast<size_t>(shared_bytes) + kSharedGuard, 0xFF);
+      std::fill(b.shared.begin() + shared_bytes, b.shared.end(), kGuardByte);
       run_block(static_cast<int>(threads.x));
+      for (size_t j = shared_bytes; j < b.shared.size(); ++j)
+        TORCH_CHECK(b.shared[j] == kGuardByte, "emulated CUDA: block ", i, " wrote past its ", shared_bytes,
+                    " bytes of shared memory (at byte ", j, ")");
     }
     b.body = nullptr;
   }
