@@ -43,7 +43,6 @@ and the speed-up summary come last, with issue 7's bars judged only for the netw
 they are defined for (the defaults: resnet50, decoder 128, 256x256).
 """
 import argparse
-import contextlib
 import copy
 import dataclasses
 import math
@@ -460,7 +459,7 @@ def make_train_step(base, backend, x, y, channels_last, compile_mode=None, graph
     syncs)."""
     from condseg.engine.builders import make_optimizer
     from condseg.engine.graphed import GraphedTrainStep
-    from condseg.losses import stage2_loss
+    from condseg.engine.loops import loss_function
 
     device = x.device
     amp, _ = train_amp(device)
@@ -476,11 +475,11 @@ def make_train_step(base, backend, x, y, channels_last, compile_mode=None, graph
     if compile_mode:
         forward = torch.compile(model, dynamic=False, **({} if compile_mode == "default" else {"mode": compile_mode}))
 
+    # the trainer's stage-2 objective (no weight-cast cache inside a CUDA-graph capture)
+    stage2 = loss_function(forward, 2, None, device, amp, cache=not graph)
+
     def compute(inp, target):
-        # no weight-cast cache inside a CUDA-graph capture, as PyTorch asks
-        with torch.autocast(device.type, dtype=amp, cache_enabled=not graph) if amp else contextlib.nullcontext():
-            out = forward(inp, return_aux=True)
-        return stage2_loss(condseg.ConDSegOutput(*(o.float() for o in out)), target)
+        return stage2(inp, None, target)  # the None: stage 1's foreground target
 
     if graph:
         graphed = GraphedTrainStep(compute, optimizer)

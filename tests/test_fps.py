@@ -661,4 +661,5 @@ def test_op_calls_times_each_kernel(capsys):
     assert "Col2ImBackward0" in out[out.index("  forward+backward:"):]
     total = float(forward.split()[1])
     parts = [float(line.split()[0]) for line in forward.splitlines()[1:]]
-    assert total > 0 and total == pytest.approx(sum(parts), abs=0.002)
+    # each figure is printed rounded to 0.001 ms: the sum may be off by half of that per figure
+    assert total > 0 and total == pytest.approx(sum(parts), abs=0.0005 * (len(parts) + 1) + 1e-9)

@@ -38,7 +38,8 @@ def memory_format(cfg):
 def loss_function(model, stage, cfg, device, amp, cache=True):
     """``compute(x, fg, target) -> (loss, parts)``: the network on the prepared batch ``x`` and
     the stage's objective (stage 1 on ``fg``, ``x`` holding the images and their strong
-    augmentations; stage 2 on ``target``). ``cache``: autocast's weight-cast cache."""
+    augmentations; stage 2 on ``target``; ``cfg`` is read in stage 1 only). ``cache``: autocast's
+    weight-cast cache."""
     def compute(x, fg, target):
         with autocast(device, amp, cache):
             out = model(x) if stage == 1 else model(x, return_aux=True)

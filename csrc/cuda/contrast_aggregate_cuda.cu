@@ -61,36 +61,35 @@ bool env_flag(const char* name) {
   return flag != nullptr && flag[0] != '\0' && std::strcmp(flag, "0") != 0;
 }
 
-int shared_optin(const at::Tensor& value) {
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, value.get_device()));
-  return optin;
-}
-
 float log2_scale(double scale) {
   return static_cast<float>(scale * cuda::kLog2e);
 }
 
-// Whether the fused K = 3 kernels run this call. Their softmaxes take the maximum before scaling,
-// which needs a finite scale * log2(e) > 0 in float (k3_kernels.cuh, softmax_row).
+// How a call runs: on the fused K = 3 kernels or the generic ones, and whether the fused kernels
+// copy the logits in granules ("vector staging") or 4-byte words. The fused softmaxes take the
+// maximum before scaling, which needs a finite scale * log2(e) > 0 in float (k3_kernels.cuh,
+// softmax_row). CONDSEG_CUDA_WORD_STAGING=1 keeps words (the tests compare both, bit for bit).
+struct FusedPlan {
+  bool fused = false, vector_logits = false;
+};
+
 template <typename T>
-bool use_fused(const Geo& g, const at::Tensor& value, double scale) {
-  if constexpr (std::is_same_v<T, double>) {
-    return false;
-  } else {
+FusedPlan fused_plan(const Geo& g, const at::Tensor& value, const at::Tensor& fg, const at::Tensor& bg,
+                     double scale) {
+  FusedPlan plan;
+  if constexpr (!std::is_same_v<T, double>) {
     const float sl2 = log2_scale(scale);
     if (g.K != 3 || g.dil != 1 || !(sl2 > 0 && std::isfinite(sl2)) || env_flag("CONDSEG_CUDA_GENERIC") ||
         !cuda::fused_sizes_ok(g))
-      return false;
-    return cuda::fused_shared_memory_bytes<T>() <= shared_optin(value);
+      return plan;
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, value.get_device()));
+    plan.fused = cuda::fused_shared_memory_bytes<T>() <= optin;
+    plan.vector_logits = plan.fused && !env_flag("CONDSEG_CUDA_WORD_STAGING") &&
+                         cuda::fused_vector_logits_ok<T>(g, fg.data_ptr<T>(), bg.defined() ? bg.data_ptr<T>() : nullptr,
+                                                         optin);
   }
-}
-
-// Whether the fused kernels stage the logits in vectors; CONDSEG_CUDA_WORD_STAGING=1 keeps 4-byte
-// words (the tests compare both, bit for bit).
-template <typename T>
-bool vector_logits(const Geo& g, const at::Tensor& value, const T* fg, const T* bg) {
-  return !env_flag("CONDSEG_CUDA_WORD_STAGING") && cuda::fused_vector_logits_ok<T>(g, fg, bg, shared_optin(value));
+  return plan;
 }
 
 template <typename T>
@@ -110,10 +109,9 @@ template <typename T>
 void forward_impl(const Geo& g, const at::Tensor& value, const at::Tensor& fg, const at::Tensor& bg,
                   const at::Tensor& out, double scale, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, double>) {
-    if (use_fused<T>(g, value, scale)) {
+    if (const FusedPlan plan = fused_plan<T>(g, value, fg, bg, scale); plan.fused) {
       C10_CUDA_CHECK(cuda::fused_weights<T>(g, ptr<T>(value), ptr<T>(fg), ptr<T>(bg), ptr<T>(out), nullptr,
-                                            log2_scale(scale), vector_logits(g, value, ptr<T>(fg), ptr<T>(bg)),
-                                            stream));
+                                            log2_scale(scale), plan.vector_logits, stream));
       return;
     }
   }
@@ -139,14 +137,13 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Geo& g, const at::Tensor&
                            bg.defined() ? at::empty(bg.sizes(), bg.options()) : at::Tensor());
   };
   if constexpr (!std::is_same_v<T, double>) {
-    if (use_fused<T>(g, value, scale)) {
+    if (const FusedPlan plan = fused_plan<T>(g, value, fg, bg, scale); plan.fused) {
       const auto f32 = value.options().dtype(at::kFloat);
       at::Tensor grad_weights = at::empty({g.B, g.heads, 25, g.H, g.W}, f32);
       {
         at::Tensor weights = at::empty({g.B, g.heads, 25, g.H, g.W}, f32);
         C10_CUDA_CHECK(cuda::fused_weights<T>(g, ptr<T>(value), ptr<T>(fg), ptr<T>(bg), nullptr, ptr<float>(weights),
-                                              log2_scale(scale), vector_logits(g, value, ptr<T>(fg), ptr<T>(bg)),
-                                              stream));
+                                              log2_scale(scale), plan.vector_logits, stream));
         C10_CUDA_CHECK(cuda::fused_value_grad<T>(g, ptr<T>(grad_out), ptr<T>(value), ptr<float>(weights),
                                                  ptr<T>(grad_value), ptr<float>(grad_weights), stream));
       }  // Wt goes back to the caching allocator (stream-ordered) before the logit gradients

@@ -56,12 +56,8 @@ std::string logit_staging(const at::Tensor& value, const at::Tensor& fg, const s
   const condseg_ops::cuda::Geo g = condseg_ops::make_geo(condseg_ops::check_inputs(value, fg, bg, 3, 1));
   std::string staging;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "logit_staging", [&] {
-    if (!condseg_ops::use_fused<scalar_t>(g, value, scale)) {
-      staging = "generic";
-    } else {
-      const scalar_t* bg_ptr = bg.has_value() ? bg->data_ptr<scalar_t>() : nullptr;
-      staging = condseg_ops::vector_logits<scalar_t>(g, value, fg.data_ptr<scalar_t>(), bg_ptr) ? "vectors" : "words";
-    }
+    const auto plan = condseg_ops::fused_plan<scalar_t>(g, value, fg, contiguous(bg), scale);
+    staging = !plan.fused ? "generic" : plan.vector_logits ? "vectors" : "words";
   });
   return staging;
 }
