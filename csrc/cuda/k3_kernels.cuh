@@ -341,8 +341,7 @@ __device__ CONDSEG_NOINLINE void tile_weights(float* wt_s, const int* table, uns
     const int my_off = table[e];
     const bool valid = my_off >= 0;
     const int ey = e / EW, ex = e - ey * EW;
-    float pbg[DUAL ? K4 : 1];     // exp2 of the bg logits, rows not yet normalised
-    float inv_bg[DUAL ? K2 : 1];  // 1 / row sums of pbg
+    float pbg[DUAL ? K4 : 1];  // P_bg of this centre, normalised
 #pragma unroll
     for (int r = 0; r < NRP; ++r) {
       if (r + 1 < NRP) {
@@ -374,9 +373,9 @@ __device__ CONDSEG_NOINLINE void tile_weights(float* wt_s, const int* table, uns
           for (int rr = 0; rr < RPR; ++rr) {
             float x[K2], e9[K2];
             load_row(rr, x);
-            inv_bg[DUAL ? row0 + rr : 0] = softmax_row(x, sl2, e9);
+            const float inv = softmax_row(x, sl2, e9);
 #pragma unroll
-            for (int s = 0; s < K2; ++s) pbg[DUAL ? (row0 + rr) * K2 + s : 0] = e9[s];
+            for (int s = 0; s < K2; ++s) pbg[DUAL ? (row0 + rr) * K2 + s : 0] = e9[s] * inv;
           }
         }
         __syncthreads();
@@ -389,25 +388,26 @@ __device__ CONDSEG_NOINLINE void tile_weights(float* wt_s, const int* table, uns
         if (valid && ry >= 0 && ry < TH && rx >= 0 && rx < TW) {
           float x[K2], ef[K2], row[K2];
           load_row(rr, x);
+          // Row p of M (of P_fg when single), before its P_fg row's normalisation, which the
+          // scatter's multiply-add applies: one multiply a row element instead of one per product.
           const float inv = softmax_row(x, sl2, ef);
           if (DUAL) {
 #pragma unroll
             for (int s = 0; s < K2; ++s) row[s] = 0.f;
 #pragma unroll
             for (int j = 0; j < K2; ++j) {
-              const float coef = ef[j] * inv * inv_bg[DUAL ? j : 0];
 #pragma unroll
-              for (int s = 0; s < K2; ++s) row[s] = fmaf(coef, pbg[DUAL ? j * K2 + s : 0], row[s]);
+              for (int s = 0; s < K2; ++s) row[s] = fmaf(ef[j], pbg[DUAL ? j * K2 + s : 0], row[s]);
             }
           } else {
 #pragma unroll
-            for (int s = 0; s < K2; ++s) row[s] = ef[s] * inv;
+            for (int s = 0; s < K2; ++s) row[s] = ef[s];
           }
           float* dst = wt_s + ry * TW + rx;
 #pragma unroll
           for (int s = 0; s < K2; ++s) {
             const int d = (s / 3 - py + 2) * 5 + (s % 3 - px + 2);
-            dst[d * TP] += row[s];
+            dst[d * TP] = fmaf(row[s], inv, dst[d * TP]);
           }
         }
         __syncthreads();  // the next slot's rows land on other pixels' Wt: keep slots apart
