@@ -128,6 +128,13 @@ def test_duplicate_ids_error(folder):
         find_samples(folder, "train")
 
 
+def test_check_dataset_reports_a_missing_mask_once(folder):
+    (folder / "masks" / "a1.png").unlink()  # a1 is listed in train.txt
+    report = check_dataset(folder)
+    assert len(report.problems) == 1, str(report)
+    assert "a1.jpg: image has no mask" in str(report)
+
+
 def test_check_dataset_reports_everything_at_once(folder):
     (folder / "images" / "a0.png").write_bytes(b"garbage")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "masks" / "a1.png")

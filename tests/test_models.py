@@ -117,6 +117,15 @@ def test_bad_input_size_says_how_to_pad():
         condseg.ConDSegStage1("pvt_v2_b2")(torch.randn(1, 3, 48, 64))
 
 
+def test_wrong_channel_count_names_in_channels():
+    with pytest.raises(ValueError, match=r"ConDSeg was built for in_channels=3, got an input of 1 channels"):
+        small_model()(torch.randn(1, 1, 64, 64))
+    stage1 = condseg.ConDSegStage1("resnet18", in_channels=1)
+    with pytest.raises(ValueError, match=r"ConDSegStage1 was built for in_channels=1, got an input of 3 channels"):
+        stage1(torch.randn(2, 3, 32, 32))
+    assert stage1(torch.randn(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+
+
 def test_full_model_forward_small_input():
     model = condseg.ConDSeg().eval()
     with torch.no_grad():

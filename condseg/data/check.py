@@ -120,6 +120,8 @@ def check_dataset(root, classes=1, workers=4):
             by_split[split] = samples
         except MissingFilesError as e:
             for folder, ids in e.missing.items():
+                if folder == str(layout.mask_dir):
+                    continue  # images without a mask: each was reported above, with its file
                 report.problems.append(Problem(str(layout.split_file or folder),
                                                f"split {split!r}: {len(ids)} id(s) with no file in "
                                                f"{folder}: {', '.join(ids)}"))

@@ -20,11 +20,14 @@ class ConDSegOutput(NamedTuple):
     uc: torch.Tensor
 
 
-def check_input_size(x, multiple, name):
-    """Raises ValueError (saying how to pad) unless x is (B, C, H, W) with H, W multiples of
-    ``multiple``."""
+def check_input_size(x, multiple, channels, name):
+    """Raises ValueError unless x is (B, channels, H, W) with H, W multiples of ``multiple`` (saying
+    how to pad)."""
     if x.dim() != 4:
         raise ValueError(f"{name} expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} was built for in_channels={channels}, got an input of {x.shape[1]} channels "
+                         f"(shape {tuple(x.shape)})")
     H, W = x.shape[-2:]
     if H % multiple or W % multiple:
         ph, pw = -(-H // multiple) * multiple, -(-W // multiple) * multiple
@@ -68,6 +71,7 @@ class ConDSeg(nn.Module):
         check_decoder_channels(decoder_channels)
         as_int("ConDSeg", "classes", classes)
         self.encoder = create_encoder(encoder_name, in_channels, encoder_weights)
+        self.in_channels = in_channels
         self.encoder_name, self.classes = encoder_name, classes
         c, enc = decoder_channels, self.encoder.out_channels
         steps = len(self.encoder.reductions) - 1
@@ -91,7 +95,7 @@ class ConDSeg(nn.Module):
         self.head = OutputHead(c, classes, scale=self.encoder.reductions[0])
 
     def forward(self, x, return_aux=False):
-        check_input_size(x, self.encoder.reductions[-1], type(self).__name__)
+        check_input_size(x, self.encoder.reductions[-1], self.in_channels, type(self).__name__)
         feats = self.encoder(x)
         enhanced = [enhance(f) for enhance, f in zip(self.enhance, feats)]
         f_fg, f_bg, f_uc = self.decouple(feats[-1], with_uncertainty=return_aux)

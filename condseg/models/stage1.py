@@ -24,13 +24,14 @@ class ConDSegStage1(nn.Module):
     def __init__(self, encoder_name="resnet50", encoder_weights=None, in_channels=3, head_channels=64):
         super().__init__()
         self.encoder = create_encoder(encoder_name, in_channels, encoder_weights)
+        self.in_channels = in_channels
         self.encoder_name = encoder_name
         self.adjust = nn.ModuleList(CBR(ch, head_channels, kernel_size=1, act=False)
                                     for ch in self.encoder.out_channels)
         self.fuse = nn.Conv2d(head_channels * len(self.adjust), 1, kernel_size=1, bias=False)
 
     def forward(self, x):
-        check_input_size(x, self.encoder.reductions[-1], type(self).__name__)
+        check_input_size(x, self.encoder.reductions[-1], self.in_channels, type(self).__name__)
         feats = self.encoder(x)
         maps = [F.relu(upsample(adjust(f), r))
                 for adjust, f, r in zip(self.adjust, feats, self.encoder.reductions)]
