@@ -116,35 +116,40 @@ export -f bench
 rm -f "$OUT/op_bench.jsonl"
 run_stage op-bench 150 30 bash -c bench
 
-# 3b. Kernel by kernel (benchmarks/op_calls.py --kernels), variants side by side:
-# variants LOG VAR "VALUES" ARGS...: one op_calls.py run per value of the environment variable VAR,
-# into $OUT/LOG.log; a failed variant does not keep the others from running.
+# 3b. Variants side by side:
+# variants LOG VAR "VALUES" SCRIPT ARGS...: one run of benchmarks/SCRIPT per value of the environment
+# variable VAR, into $OUT/LOG.log; a failed variant does not keep the others from running.
 variants() {
-  local log=$1 var=$2 values=$3
-  shift 3
+  local log=$1 var=$2 values=$3 script=$4
+  shift 4
   (
     rc=0
     for value in $values; do
       echo "--- $var=$value"
-      env "$var=$value" $PY -P benchmarks/op_calls.py "$@" --kernels || rc=1
+      env "$var=$value" $PY -P "benchmarks/$script" "$@" || rc=1
     done
     exit $rc
   ) 2>&1 | (trap '' INT; exec tee "$OUT/$log.log")
   return "${PIPESTATUS[0]}"
 }
 export -f variants
-rm -f "$OUT/cuda_staging.log" "$OUT/triton_forward.log"
-# With the CUDA tests: the fused kernels with the logits staged in granules (the default where heads
-# are a multiple of 4) and in 4-byte words (about 30 s).
+rm -f "$OUT/cuda_staging.log" "$OUT/cuda_batch1.log" "$OUT/triton_forward.log"
 if [[ $TESTS == *" cuda "* ]]; then
-  run_stage cuda-staging 60 25 bash -c \
-    'variants cuda_staging CONDSEG_CUDA_WORD_STAGING "0 1" --backends cuda --dtypes float32,bfloat16 --iters 10'
+  # The fused kernels with the logits staged in granules (the default where heads are a multiple of
+  # 4) and in 4-byte words, kernel by kernel (about 30 s).
+  run_stage cuda-staging 60 25 bash -c 'variants cuda_staging CONDSEG_CUDA_WORD_STAGING "0 1" op_calls.py \
+    --backends cuda --dtypes float32,bfloat16 --iters 10 --kernels'
+  # At batch 1 (fps.py's) a fused call is one partial wave, 8 to 176 blocks, so it takes one block's
+  # latency: the fused and the generic kernels at the four levels' shapes (about 30 s).
+  run_stage cuda-batch1 60 25 bash -c 'variants cuda_batch1 CONDSEG_CUDA_GENERIC "0 1" op_bench.py \
+    --device cuda --shapes levels --batch 1 --dtypes float32,bfloat16 --backends cuda --passes forward \
+    --iters 20 --warmup 3 --no-save'
 fi
 # With the Triton tests, where Triton imports: its float32 forward fused (the default) and split, to
 # tell which should be the default (about a minute).
 if [[ $TESTS == *" triton "* ]] && $PY -c "import triton" 2>/dev/null; then
-  run_stage triton-forward 100 25 bash -c \
-    'variants triton_forward CONDSEG_TRITON_FUSED_FORWARD "1 0" --backends triton --dtypes float32'
+  run_stage triton-forward 100 25 bash -c 'variants triton_forward CONDSEG_TRITON_FUSED_FORWARD "1 0" \
+    op_calls.py --backends triton --dtypes float32 --kernels'
 fi
 
 # 4. End-to-end benchmark: only when benchmarks/fps.py exists (its arguments: FPS_ARGS).
@@ -194,6 +199,11 @@ EOF
     echo
     echo "=== CUDA kernels, logits staged in vectors (default) and in words (op_calls.py --kernels)"
     grep -E "^(--- |cuda |  forward|    )" "$OUT/cuda_staging.log" || true
+  fi
+  if [[ -s "$OUT/cuda_batch1.log" ]]; then
+    echo
+    echo "=== CUDA forward at batch 1, fused (default) and generic kernels (op_bench.py, ms per call)"
+    grep -E "^--- |^shape|cuda " "$OUT/cuda_batch1.log" || true
   fi
   if [[ -s "$OUT/triton_forward.log" ]]; then
     echo
