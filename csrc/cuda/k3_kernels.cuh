@@ -388,8 +388,8 @@ __device__ CONDSEG_NOINLINE void tile_weights(float* wt_s, const int* table, uns
         if (valid && ry >= 0 && ry < TH && rx >= 0 && rx < TW) {
           float x[K2], ef[K2], row[K2];
           load_row(rr, x);
-          // Row p of M (of P_fg when single), before its P_fg row's normalisation, which the
-          // scatter's multiply-add applies: one multiply a row element instead of one per product.
+          // Row p of M (of P_fg when single) without P_fg's 1 / row sum, which the scatter's
+          // multiply-add applies (P_bg's rows were normalised when computed): no multiply per product.
           const float inv = softmax_row(x, sl2, ef);
           if (DUAL) {
 #pragma unroll
