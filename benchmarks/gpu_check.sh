@@ -145,11 +145,11 @@ if [[ $TESTS == *" cuda "* ]]; then
     --device cuda --shapes levels --batch 1 --dtypes float32,bfloat16 --backends cuda --passes forward \
     --iters 20 --warmup 3 --no-save'
 fi
-# With the Triton tests, where Triton imports: its float32 forward fused (the default) and split, to
-# tell which should be the default (about a minute).
+# With the Triton tests, where Triton imports: its forward fused (the default) and split, to tell
+# which should be the default (about 2 minutes, autotuning included).
 if [[ $TESTS == *" triton "* ]] && $PY -c "import triton" 2>/dev/null; then
-  run_stage triton-forward 100 25 bash -c 'variants triton_forward CONDSEG_TRITON_FUSED_FORWARD "1 0" \
-    op_calls.py --backends triton --dtypes float32 --kernels'
+  run_stage triton-forward 150 25 bash -c 'variants triton_forward CONDSEG_TRITON_FUSED_FORWARD "1 0" \
+    op_calls.py --backends triton --dtypes float32,bfloat16 --kernels'
 fi
 
 # 4. End-to-end benchmark: only when benchmarks/fps.py exists (its arguments: FPS_ARGS).
@@ -207,7 +207,7 @@ EOF
   fi
   if [[ -s "$OUT/triton_forward.log" ]]; then
     echo
-    echo "=== Triton float32 forward, fused (default) and split (op_calls.py --kernels)"
+    echo "=== Triton forward, fused (default) and split (op_calls.py --kernels)"
     # each variant's forward: its total and its kernels (not the forward+backward pass)
     awk '/^--- /{print; next} /^  forward: /{on=1; print; next} /^  forward\+backward: /{on=0} on' \
       "$OUT/triton_forward.log" || true

@@ -17,13 +17,15 @@ block of pixels of one (batch, head):
                        [pixels, K2P, K2P] tiles: for K = 3 about ten times the issued instructions)
   _weight_kernel       Wt[b, g, d, r] from the K2 neighbours' rows of Mt (one pixel per thread)
   _mixed_apply_kernel  the forward's weight and apply in one: each Wt_t[d] summed from Mt where used
+  _mixed_apply_rows_kernel  the same with one pixel per thread: its weights summed once, then
+                       applied to each channel of the head in turn. K <= 3 on Triton >= 3.3
   _apply_kernel        out[c, t] = sum_d Wt_t[d] V[c, t + d]; TRANSPOSED gives
                        grad_value[c, t] = sum_d Wt_{t-d}[d] G[c, t - d] (a gather too)
   _grad_weight_kernel  gWt[b, g, d, r] = sum_{c in head g} G[c, r] V[c, r + d]
   _softmax_bwd_kernel  gM_q[p, s] = gWt_{q+off(p)}[off(s) - off(p)] (0 outside the image),
                        gP_fg = gM P_bg^T, gP_bg = P_fg^T gM, gA = scale P (gP - rowsum(gP P))
-Forward: mix, mixed_apply for 4- and 8-byte types; mix, weight, apply for 2-byte types or with
-FUSED_FORWARD off. Backward (only the inputs are saved): mix, weight, apply(transposed),
+Forward: mix, mixed_apply_rows for K <= 3 (Triton >= 3.3); else mix, mixed_apply for 4- and 8-byte
+types and mix, weight, apply for 2-byte types; mix, weight, apply with FUSED_FORWARD off. Backward (only the inputs are saved): mix, weight, apply(transposed),
 grad_weight, softmax_bwd. Scratch: Mt (B*heads*H*W*K^4 accumulator floats, freed after use); the
 split forward and the backward add Wt, the backward gWt too (B*heads*H*W*(2K-1)^2 each).
 
@@ -118,6 +120,12 @@ if TRITON_AVAILABLE:
             triton.Config({"BLOCK_P": 32}, num_warps=4),
             triton.Config({"BLOCK_P": 64}, num_warps=8),
         ],
+        "mixed_apply_rows": [  # one pixel per thread (BLOCK_P = 32 * num_warps), or 2
+            triton.Config({"BLOCK_P": 128}, num_warps=4),
+            triton.Config({"BLOCK_P": 64}, num_warps=2),
+            triton.Config({"BLOCK_P": 256}, num_warps=8),
+            triton.Config({"BLOCK_P": 256}, num_warps=4),
+        ],
         "grad_weight": [
             triton.Config({"BLOCK_P": 64}, num_warps=4),
             triton.Config({"BLOCK_P": 128}, num_warps=4),
@@ -132,6 +140,7 @@ if TRITON_AVAILABLE:
             "apply": [triton.Config({"BLOCK_C": 64, "BLOCK_P": 128}, num_warps=4)],
             "weight": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
             "mixed_apply": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
+            "mixed_apply_rows": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
             "grad_weight": [triton.Config({"BLOCK_P": 128}, num_warps=4)],
         }
     elif os.environ.get("CONDSEG_TRITON_AUTOTUNE", "1") == "0":
@@ -146,11 +155,12 @@ if TRITON_AVAILABLE:
     FIXED_CONFIGS = {name: configs[0] for name, configs in _CONFIGS.items()}
     AUTOTUNED = not INTERPRET and torch.cuda.is_available()
 
-    # The forward of 4- and 8-byte types sums each weight where the apply uses it
-    # (_mixed_apply_kernel: Wt never reaches global memory, one launch fewer). 2-byte types keep the
-    # backward's separate weight and apply kernels: their 16-byte vectors give each thread 8 pixel
-    # columns, whose weights it all sums, and Triton 3.6 spills that kernel. So does
-    # CONDSEG_TRITON_FUSED_FORWARD=0 for every type (benchmarks/op_calls.py times both).
+    # The forward sums each weight where the apply uses it (Wt never reaches global memory, one
+    # launch fewer): _mixed_apply_rows_kernel where K <= ROWS_MAX_K, else _mixed_apply_kernel for
+    # 4- and 8-byte types. 2-byte types keep the backward's separate weight and apply kernels for
+    # the tile form: their 16-byte vectors give each thread 8 pixel columns, whose weights it all
+    # sums, and Triton 3.6 spills that kernel. So does CONDSEG_TRITON_FUSED_FORWARD=0 for every case
+    # (benchmarks/op_calls.py times both).
     FUSED_FORWARD = os.environ.get("CONDSEG_TRITON_FUSED_FORWARD", "1") != "0"
 
     def _tuned(name, key):
@@ -432,6 +442,63 @@ if TRITON_AVAILABLE:
                 acc += w[None, :] * v.to(acc.dtype)
         tl.store(Out + (rows + t[None, :]), acc.to(Out.dtype.element_ty), mask=cmask & tmask[None, :])
 
+    @triton.jit
+    def _apply_to_channels(X, Out, plane, hw, w, row_ok, col_ok, W, dil, Cg,
+                           K: tl.constexpr, ROWS_INSIDE: tl.constexpr):
+        """Out[c, t] = sum_d w[d] X[c, t + d] for each channel c of the head, one pixel t per thread
+        (plane: the offsets of channel 0). ROWS_INSIDE: every source row lies in the image, so the
+        loads need only the columns' 5 masks, which stay in predicate registers (25 do not)."""
+        D1: tl.constexpr = 2 * K - 1
+        for c in range(Cg):
+            x_ptr = X + (plane + c * hw)
+            acc = tl.zeros_like(w[0])
+            for dyi in tl.static_range(D1):
+                row_ptr = x_ptr + dil * (dyi - (K - 1)) * W  # then the columns at constant offsets
+                for dxi in tl.static_range(D1):
+                    if ROWS_INSIDE:
+                        inside = col_ok[dxi]
+                    else:
+                        inside = row_ok[dyi] & col_ok[dxi]
+                    v = tl.load(row_ptr + dil * (dxi - (K - 1)), mask=inside, other=0.0)
+                    acc += w[dyi * D1 + dxi] * v.to(acc.dtype)
+            tl.store(Out + (plane + c * hw), acc.to(Out.dtype.element_ty), mask=row_ok[K - 1])
+
+    @_tuned("mixed_apply_rows", key=["HW", "Cg", "K"])
+    @triton.jit
+    def _mixed_apply_rows_kernel(
+        X, Mt, Out, C, H, W, HW, heads, Cg, dil,
+        K: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """_mixed_apply_kernel with one pixel per thread: its (2K-1)^2 weights are summed from Mt
+        once, into a tuple of per-pixel vectors, and then applied to each channel of the head in
+        turn. The tile form shares a pixel's weights only among the few channels one thread holds
+        (4 of 32 in float32 on sm_90: about 25 instructions per output and offset, against 4 to 6
+        here). K <= 3 on Triton >= 3.3 (tuples)."""
+        K2: tl.constexpr = K * K
+        D1: tl.constexpr = 2 * K - 1
+        bg, t, tmask, y, x = _pixel_block(HW, W, BLOCK_P)
+        hw = bg.to(tl.int64) * 0 + HW
+        m_ptr = Mt + bg.to(tl.int64) * (K2 * K2) * HW
+        # Which rows and columns of the source window lie inside the image (row K - 1: the pixel's).
+        row_ok = ()
+        col_ok = ()
+        for i in tl.static_range(D1):
+            sy = y + dil * (i - (K - 1))
+            sx = x + dil * (i - (K - 1))
+            row_ok = row_ok + (tmask & (sy >= 0) & (sy < H),)
+            col_ok = col_ok + ((sx >= 0) & (sx < W),)
+        w = ()  # weights only where the value they multiply lies inside the image
+        for dyi in tl.static_range(D1):
+            for dxi in tl.static_range(D1):
+                w = w + (_offset_weight(m_ptr, hw, y, x, row_ok[dyi] & col_ok[dxi], H, W, dil, dyi, dxi, K),)
+        plane = ((bg // heads).to(tl.int64) * C + (bg % heads) * Cg) * HW + t  # channel 0 of the head
+        first = (tl.program_id(0) % tl.cdiv(HW, BLOCK_P)) * BLOCK_P  # the block's first and last pixels
+        last = tl.minimum(first + BLOCK_P, HW) - 1
+        if (first // W >= dil * (K - 1)) & (last // W + dil * (K - 1) < H):  # most blocks
+            _apply_to_channels(X, Out, plane, hw, w, row_ok, col_ok, W, dil, Cg, K, True)
+        else:
+            _apply_to_channels(X, Out, plane, hw, w, row_ok, col_ok, W, dil, Cg, K, False)
+
     @_tuned("grad_weight", key=["HW", "Cg", "K"])
     @triton.jit
     def _grad_weight_kernel(
@@ -552,12 +619,17 @@ if TRITON_AVAILABLE:
 
     def _apply(x, weights, kernel_size, dilation, transposed=False, fused=False):
         """_apply_kernel on Wt (TRANSPOSED: the gradient of value), or with ``fused`` the forward's
-        _mixed_apply_kernel on Mt, one channel block per head where it fits."""
+        _mixed_apply_rows_kernel (K <= ROWS_MAX_K) or _mixed_apply_kernel on Mt, the latter with
+        one channel block per head where it fits."""
         B, C, H, W = x.shape
         heads = weights.shape[1]
         HW = H * W
         cg = C // heads
         out = torch.empty_like(x)
+        if fused and kernel_size <= ROWS_MAX_K:
+            _launch(_mixed_apply_rows_kernel)[_pixel_grid(B * heads, HW)](x, weights, out, C, H, W, HW, heads, cg,
+                                                                          dilation, K=kernel_size)
+            return out
         if fused:
             kernel, flags = _mixed_apply_kernel, dict(BLOCK_C=_channel_block(cg))
         else:
@@ -584,7 +656,7 @@ if TRITON_AVAILABLE:
         attn_fg = attn_fg.contiguous()
         attn_bg = None if attn_bg is None else attn_bg.contiguous()
         attn_fg, attn_bg, scale = _scale_in_float64(attn_fg, attn_bg, scale)
-        if FUSED_FORWARD and value.element_size() >= 4:
+        if FUSED_FORWARD and (kernel_size <= ROWS_MAX_K or value.element_size() >= 4):
             return _apply(value, _mix(attn_fg, attn_bg, B, H, W, kernel_size, scale), kernel_size, dilation,
                           fused=True)
         wt = _weights(attn_fg, attn_bg, B, H, W, kernel_size, dilation, scale)

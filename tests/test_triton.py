@@ -124,10 +124,38 @@ def test_matches_reference_fp32(case):
 @runnable
 @pytest.mark.parametrize("case", [MAIN, SINGLE], ids=["dual", "single"])
 def test_tile_mix_kernel_matches_reference(case, monkeypatch):
-    """K <= 3 takes the per-thread-row mix kernel where Triton has tuples (>= 3.3). The tile mix
-    kernel serves larger K and Triton 3.2, so it must stay right at K = 3 too."""
+    """K <= 3 takes the per-thread-row mix and mixed-apply kernels where Triton has tuples (>= 3.3).
+    The tile kernels serve larger K and Triton 3.2, so they must stay right at K = 3 too."""
     monkeypatch.setattr(tk, "ROWS_MAX_K", 0)
     check_against_reference(*inputs_for(case), 3, 1, 0.7)
+
+
+@runnable
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case, block_p", [((1, 72, 3, 4, 1, 3, 1, True), None), ((2, 8, 14, 9, 2, 3, 1, True), 16),
+                                           ((1, 6, 15, 10, 2, 3, 2, False), 16)],
+                         ids=["cg72", "blocks-inside-and-on-the-border", "dil2-single"])
+def test_k3_forward_applies_one_pixel_per_thread(dtype, case, block_p, monkeypatch):
+    """At K = 3 the forward of every type (2-byte ones too) sums its weights and applies them in
+    _mixed_apply_rows_kernel: no Wt tensor, and no tile kernel. Blocks whose source rows all lie
+    in the image take the loads with column masks only; the others mask rows too."""
+    if not tk.ROWS_MAX_K:
+        pytest.skip(f"triton {tk.TRITON_VERSION} has no tuples: the tile kernels run")
+    for name in ("_mixed_apply_kernel", "_apply_kernel", "_weight_kernel"):
+        monkeypatch.setattr(tk, name, None)  # any launch of them fails
+    B, C, H, W, heads, K, dil, _ = case
+    if block_p:
+        if not tk.INTERPRET and ON_GPU:
+            pytest.skip("the block size is fixed under the interpreter only (the GPU autotunes)")
+        monkeypatch.setitem(tk.FIXED_CONFIGS, "mixed_apply_rows", tk.triton.Config({"BLOCK_P": block_p}))
+        firsts = range(0, H * W, block_p)
+        inside = [f // W >= dil * (K - 1) and (min(f + block_p, H * W) - 1) // W + dil * (K - 1) < H for f in firsts]
+        assert any(inside) and not all(inside)  # both kinds of block run
+    value, fg, bg = inputs_for(case, dtype=dtype)
+    out = run_triton(value, fg, bg, K, dil, 0.7, api=False)
+    ref = contrast_aggregate_reference(*(t.double() if t is not None else None for t in (value, fg, bg)), K, dil,
+                                       0.7)
+    torch.testing.assert_close(out.double(), ref, atol=TOLERANCES[dtype][0], rtol=TOLERANCES[dtype][1])
 
 
 @runnable
@@ -343,7 +371,8 @@ AOT_ARCHS = (89, 90)
 # kernel in every dtype with its first config.
 FULL_AOT_ARCHS = (90,)
 KERNEL_CONFIGS = {"_mix_rows_kernel": "mix_rows", "_mix_kernel": "mix", "_weight_kernel": "weight",
-                  "_mixed_apply_kernel": "mixed_apply", "_apply_kernel": "apply",
+                  "_mixed_apply_kernel": "mixed_apply", "_mixed_apply_rows_kernel": "mixed_apply_rows",
+                  "_apply_kernel": "apply",
                   "_grad_weight_kernel": "grad_weight", "_softmax_bwd_kernel": "softmax_bwd"}
 TL_DTYPES = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "fp64": "fp64"}  # input -> accumulator
 
@@ -387,6 +416,9 @@ def aot_specs(full=False):
                 specs.append(("_apply_kernel", dict(X="*" + dt, Wt="*" + acc, Out="*" + dt, **args),
                               dict(K=K, TRANSPOSED=transposed)))
             block_c = max(1, min(1 << (shape["Cg"] - 1).bit_length(), 64))
+            if K <= tk.ROWS_MAX_K:  # the forward of every type
+                specs.append(("_mixed_apply_rows_kernel", dict(X="*" + dt, Mt="*" + acc, Out="*" + dt, **args),
+                              dict(K=K)))
             if dt in ("fp32", "fp64"):  # the forward of 4- and 8-byte types only
                 specs.append(("_mixed_apply_kernel", dict(X="*" + dt, Mt="*" + acc, Out="*" + dt, **args),
                               dict(K=K, BLOCK_C=block_c)))
@@ -529,7 +561,8 @@ def check_records(records, arch):
     assert records and all(r["arch"] == arch for r in records)
     kernels = {r["kernel"] for r in records}
     assert kernels == {"_mix_kernel", "_weight_kernel", "_mixed_apply_kernel", "_apply_kernel",
-                       "_grad_weight_kernel", "_softmax_bwd_kernel"} | ({"_mix_rows_kernel"} if tk.ROWS_MAX_K else set())
+                       "_grad_weight_kernel", "_softmax_bwd_kernel"} | (
+                           {"_mix_rows_kernel", "_mixed_apply_rows_kernel"} if tk.ROWS_MAX_K else set())
     # No real register spills at K = 3 in the configurations the GPU autotuner picks from (fp64
     # excepted). A few bytes of stack frame come and go with the ptxas version (triton 3.6 on sm_89
     # gives _weight_kernel 8 bytes): only frames past MAX_STACK_BYTES count.
