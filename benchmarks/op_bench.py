@@ -20,7 +20,9 @@ Examples:
   python benchmarks/op_bench.py --device cpu         # CPU main row: cpu vs reference
   python benchmarks/op_bench.py --shapes grid --dtypes float32 --backends cuda,reference --quick
 Rows go to benchmarks/results/<date>-<device>.jsonl (or --out) as JSON lines; a table and the
-speed targets (README.md, "Status"; CUDA: main shape) are printed last. Exit status 1 if any row failed.
+speed targets (README.md, "Status"; CUDA: main shape) are printed last. Every backend's results are
+checked against the reference's in float64 once per shape and dtype (``max_err``; a row past the
+tolerance is marked WRONG and counts toward no bar). Exit status 1 if any row failed or is WRONG.
 """
 import argparse
 import itertools
@@ -191,6 +193,32 @@ def measure(fn, inputs, grad, pass_name, device, warmup, iters):
     return statistics.median(times), peak_mb
 
 
+# Largest error allowed against the reference in float64 on the same (rounded) inputs, relative to
+# the largest magnitude of each tensor compared (tests/test_cuda.py's gradient tolerances).
+MAX_ERROR = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def results(fn, inputs, grad, with_grads):
+    """The output of one call and, with_grads, the gradients of value, attn_fg (and attn_bg)."""
+    leaves = [None if t is None else t.detach().requires_grad_(with_grads) for t in inputs]
+    with torch.set_grad_enabled(with_grads):
+        out = fn(*leaves)
+        if not with_grads:
+            return [out]
+        out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def max_error(got, expected):
+    """Largest |got - expected| over each tensor pair, relative to that tensor's largest |expected|."""
+    worst = 0.0
+    for a, b in zip(got, expected):
+        scale = b.abs().max().item() if b.numel() else 0.0
+        err = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
+        worst = max(worst, err / scale if scale else err)
+    return worst
+
+
 def copy_gbps(device, nbytes, iters):
     """Device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
     nbytes = int(min(max(nbytes, 64 << 20), 2 << 30))
@@ -222,8 +250,11 @@ def fmt(x, spec):
 def measure_rows(base, shapes, dtypes, softmaxes, passes, backends, device, warmup, iters, bandwidth,
                  max_ref_seconds):
     """One row per (shape, dtype, softmax form, pass, backend), the reference first: each row's
-    speedup is against the reference measured just before it. ``base`` holds the run's fields."""
+    speedup is against the reference measured just before it. ``base`` holds the run's fields.
+    Each backend's output (and gradients, when a pass has a backward) is checked once per shape
+    and dtype against the reference's in float64: ``max_err``, and a note "WRONG" past MAX_ERROR."""
     on_cuda = device == "cuda"
+    with_grads = any(p != "forward" for p in passes)
     for (B, C, H, W, heads), dtype_name, softmax in itertools.product(shapes, dtypes, softmaxes):
         dual, dtype = softmax == "dual", DTYPES[dtype_name]
         K, scale = 3, (C // heads) ** -0.5
@@ -232,13 +263,15 @@ def measure_rows(base, shapes, dtypes, softmaxes, passes, backends, device, warm
         except torch.cuda.OutOfMemoryError:
             print(f"# {B}x{C}x{H}x{W}: inputs do not fit, skipped")
             continue
+        expected, errors = None, {}  # the float64 reference's results; each backend's max_error
         for pass_name in passes:
             ref_ms = ref_peak = None
             ref_note = ""
             for backend in backends:
                 row = {**base, "backend": backend, "dtype": dtype_name, "pass": pass_name, "B": B, "C": C, "H": H,
                        "W": W, "heads": heads, "K": K, "dual": dual, "ms": None, "ref_ms": None, "speedup": None,
-                       "gbps": None, "pct_of_copy": None, "peak_mem_mb": None, "ref_peak_mem_mb": None, "note": ""}
+                       "gbps": None, "pct_of_copy": None, "peak_mem_mb": None, "ref_peak_mem_mb": None, "max_err": None,
+                       "note": ""}
                 if backend == "reference":
                     est_bytes, est_s = reference_estimate(B, C, H, W, heads, K, dual, dtype.itemsize, pass_name)
                     if on_cuda and est_bytes > 0.9 * torch.cuda.mem_get_info()[0]:
@@ -264,14 +297,24 @@ def measure_rows(base, shapes, dtypes, softmaxes, passes, backends, device, warm
                     continue
                 if backend == "reference":
                     ref_ms, ref_peak = ms, peak
+                    if expected is None:  # it fits and runs in time: so does one call in float64
+                        wide = [None if x is None else x.double() for x in (value, fg, bg, grad)]
+                        expected = results(op_for(backend, K, scale), wide[:3], wide[3], with_grads)
+                elif expected is not None and backend not in errors:
+                    errors[backend] = max_error(results(op_for(backend, K, scale), (value, fg, bg), grad,
+                                                        with_grads), expected)
+                err = errors.get(backend)
+                note = ref_note if backend != "reference" else ""
+                if err is not None and not err <= MAX_ERROR[dtype]:  # NaN too
+                    note = f"WRONG: max error {err:.2g} of the reference's scale (allowed {MAX_ERROR[dtype]:g})"
                 gbps = min_bytes(pass_name, B, C, H, W, heads, K, dual, dtype.itemsize) / (ms * 1e-3) / 1e9
                 yield dict(row, ms=round(ms, 4), ref_ms=None if ref_ms is None else round(ref_ms, 4),
                            speedup=None if ref_ms is None else round(ref_ms / ms, 2),
                            gbps=round(gbps, 1), pct_of_copy=round(gbps / bandwidth, 3),
                            peak_mem_mb=None if peak is None else round(peak, 1),
                            ref_peak_mem_mb=None if ref_peak is None else round(ref_peak, 1),
-                           note=ref_note if backend != "reference" else "")
-        del value, fg, bg, grad
+                           max_err=None if err is None else float(f"{err:.3g}"), note=note)
+        del value, fg, bg, grad, expected
         if on_cuda:
             torch.cuda.empty_cache()
 
@@ -333,7 +376,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # a time limit: report what was measured
         interrupted = True
         print(f"# interrupted after {len(rows)} rows")
-    failures = sum(row["note"].startswith("error:") for row in rows)
+    failures = sum(row["note"].startswith(("error:", "WRONG")) for row in rows)
     print_table(rows)
     print_bars(rows, on_cuda)
     if not args.no_save:
@@ -343,14 +386,15 @@ def main(argv=None):
 
 def print_table(rows):
     header = ("shape BxCxHxW/heads", "dtype", "sm", "pass", "backend", "ms", "ref ms", "speedup", "GB/s",
-              "%copy", "peak MB", "ref MB", "note")
+              "%copy", "peak MB", "ref MB", "max err", "note")
     lines = [header]
     for r in rows:
         lines.append((f"{r['B']}x{r['C']}x{r['H']}x{r['W']}/{r['heads']}", r["dtype"], "2" if r["dual"] else "1",
                       r["pass"], r["backend"], fmt(r["ms"], ".3f"), fmt(r["ref_ms"], ".3f"),
                       fmt(r["speedup"], ".1f"), fmt(r["gbps"], ".3g"),
                       fmt(None if r["pct_of_copy"] is None else 100 * r["pct_of_copy"], ".0f"),
-                      fmt(r["peak_mem_mb"], ".0f"), fmt(r["ref_peak_mem_mb"], ".0f"), r["note"][:40]))
+                      fmt(r["peak_mem_mb"], ".0f"), fmt(r["ref_peak_mem_mb"], ".0f"), fmt(r.get("max_err"), ".1e"),
+                      r["note"][:40]))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     print()
     for line in lines:
@@ -358,8 +402,10 @@ def print_table(rows):
 
 
 def find(rows, **keys):
+    """The first timed row with these fields; a WRONG row never counts toward a bar."""
     for r in rows:
-        if all(r.get(k) == v for k, v in keys.items()) and r["ms"] is not None:
+        if all(r.get(k) == v for k, v in keys.items()) and r["ms"] is not None and \
+                not r.get("note", "").startswith("WRONG"):
             return r
     return None
 

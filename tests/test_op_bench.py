@@ -32,6 +32,28 @@ def test_rows_hold_the_required_fields(op_bench, tmp_path):
     assert compiled and all(row["bench"] == "op" and row["ms"] > 0 for row in compiled)
     for row in compiled:  # the ratio is against the reference measured in the same run
         assert row["speedup"] == pytest.approx(row["ref_ms"] / row["ms"], rel=0.01, abs=0.01)
+        assert 0 <= row["max_err"] < 1e-5 and row["note"] == ""  # checked against float64
+
+
+def test_a_backend_that_disagrees_with_the_reference_is_marked_wrong(op_bench, tmp_path, monkeypatch, capsys):
+    op_for = op_bench.op_for
+
+    def off_by_a_bit(backend, K, scale):  # the compiled op, with its output 1% too large
+        fn = op_for(backend, K, scale)
+        return (lambda v, f, b: fn(v, f, b) * 1.01) if backend == "cpu" else fn
+
+    monkeypatch.setattr(op_bench, "op_for", off_by_a_bit)
+    out = tmp_path / "rows.jsonl"
+    argv = ["--device", "cpu", "--shapes", "main", "--backends", "reference,cpu", "--iters", "1", "--warmup", "0",
+            "--out", str(out)]
+    assert op_bench.main(argv) == 1
+    rows = {(r["backend"], r["pass"]): r for r in map(json.loads, out.read_text().splitlines())}
+    for pass_name in ("forward", "forward+backward"):  # the CPU default passes; the check runs once
+        assert rows[("cpu", pass_name)]["note"].startswith("WRONG")
+        assert rows[("cpu", pass_name)]["max_err"] == pytest.approx(0.01, rel=0.05)
+        assert rows[("reference", pass_name)]["note"] == ""
+    bars = capsys.readouterr().out.split("# bars")[1]
+    assert "not measured" in bars and "PASS" not in bars  # WRONG rows count toward no bar
 
 
 def test_an_interrupted_run_keeps_its_rows(op_bench, tmp_path, monkeypatch):
