@@ -131,11 +131,13 @@ def test_tile_mix_kernel_matches_reference(case, monkeypatch):
 
 
 @runnable
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case, block_p", [((1, 72, 3, 4, 1, 3, 1, True), None), ((2, 8, 14, 9, 2, 3, 1, True), 16),
-                                           ((1, 6, 15, 10, 2, 3, 2, False), 16)],
-                         ids=["cg72", "blocks-inside-and-on-the-border", "dil2-single"])
-def test_k3_forward_applies_one_pixel_per_thread(dtype, case, block_p, monkeypatch):
+@pytest.mark.parametrize("case, block_p, dtype", [
+    ((1, 72, 3, 4, 1, 3, 1, True), None, torch.float32),
+    ((1, 8, 14, 9, 2, 3, 1, True), 16, torch.float32),
+    ((1, 8, 14, 9, 2, 3, 1, True), 16, torch.bfloat16),
+    ((1, 6, 15, 10, 2, 3, 2, False), 16, torch.float32),
+], ids=["cg72", "blocks-inside-and-on-the-border", "blocks-inside-and-on-the-border-bf16", "dil2-single"])
+def test_k3_forward_applies_one_pixel_per_thread(case, block_p, dtype, monkeypatch):
     """At K = 3 the forward of every type (2-byte ones too) sums its weights and applies them in
     _mixed_apply_rows_kernel: no Wt tensor, and no tile kernel. Blocks whose source rows all lie
     in the image take the loads with column masks only; the others mask rows too."""
