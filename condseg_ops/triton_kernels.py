@@ -25,8 +25,8 @@ block of pixels of one (batch, head):
   _softmax_bwd_kernel  gM_q[p, s] = gWt_{q+off(p)}[off(s) - off(p)] (0 outside the image),
                        gP_fg = gM P_bg^T, gP_bg = P_fg^T gM, gA = scale P (gP - rowsum(gP P))
 Forward: mix, mixed_apply_rows for K <= 3 (Triton >= 3.3); else mix, mixed_apply for 4- and 8-byte
-types and mix, weight, apply for 2-byte types; mix, weight, apply with FUSED_FORWARD off. Backward (only the inputs are saved): mix, weight, apply(transposed),
-grad_weight, softmax_bwd. Scratch: Mt (B*heads*H*W*K^4 accumulator floats, freed after use); the
+types and mix, weight, apply for 2-byte types; mix, weight, apply with FUSED_FORWARD off. Backward
+(only the inputs are saved): mix, weight, apply(transposed), grad_weight, softmax_bwd. Scratch: Mt (B*heads*H*W*K^4 accumulator floats, freed after use); the
 split forward and the backward add Wt, the backward gWt too (B*heads*H*W*(2K-1)^2 each).
 
 Registration: on a GPU the op is a ``torch.library.triton_op`` (kernels launched through
@@ -472,8 +472,8 @@ if TRITON_AVAILABLE:
         """_mixed_apply_kernel with one pixel per thread: its (2K-1)^2 weights are summed from Mt
         once, into a tuple of per-pixel vectors, and then applied to each channel of the head in
         turn. The tile form shares a pixel's weights only among the few channels one thread holds
-        (4 of 32 in float32 on sm_90: about 25 instructions per output and offset, against 4 to 6
-        here). K <= 3 on Triton >= 3.3 (tuples)."""
+        (4 of 32 in float32 on sm_90: about 25 instructions per output and offset, against 4 here,
+        5 in blocks on the image's border). K <= 3 on Triton >= 3.3 (tuples)."""
         K2: tl.constexpr = K * K
         D1: tl.constexpr = 2 * K - 1
         bg, t, tmask, y, x = _pixel_block(HW, W, BLOCK_P)
@@ -492,9 +492,11 @@ if TRITON_AVAILABLE:
             for dxi in tl.static_range(D1):
                 w = w + (_offset_weight(m_ptr, hw, y, x, row_ok[dyi] & col_ok[dxi], H, W, dil, dyi, dxi, K),)
         plane = ((bg // heads).to(tl.int64) * C + (bg % heads) * Cg) * HW + t  # channel 0 of the head
-        first = (tl.program_id(0) % tl.cdiv(HW, BLOCK_P)) * BLOCK_P  # the block's first and last pixels
-        last = tl.minimum(first + BLOCK_P, HW) - 1
-        if (first // W >= dil * (K - 1)) & (last // W + dil * (K - 1) < H):  # most blocks
+        # Blocks without a pixel past the image's last, whose source rows all lie in the image
+        # (most blocks), load under the column masks alone.
+        first = (tl.program_id(0) % tl.cdiv(HW, BLOCK_P)) * BLOCK_P
+        last = first + BLOCK_P - 1
+        if (last < HW) & (first // W >= dil * (K - 1)) & (last // W + dil * (K - 1) < H):
             _apply_to_channels(X, Out, plane, hw, w, row_ok, col_ok, W, dil, Cg, K, True)
         else:
             _apply_to_channels(X, Out, plane, hw, w, row_ok, col_ok, W, dil, Cg, K, False)

@@ -150,8 +150,9 @@ def test_k3_forward_applies_one_pixel_per_thread(case, block_p, dtype, monkeypat
         if not tk.INTERPRET and ON_GPU:
             pytest.skip("the block size is fixed under the interpreter only (the GPU autotunes)")
         monkeypatch.setitem(tk.FIXED_CONFIGS, "mixed_apply_rows", tk.triton.Config({"BLOCK_P": block_p}))
-        firsts = range(0, H * W, block_p)
-        inside = [f // W >= dil * (K - 1) and (min(f + block_p, H * W) - 1) // W + dil * (K - 1) < H for f in firsts]
+        lasts = [f + block_p - 1 for f in range(0, H * W, block_p)]
+        inside = [last < H * W and (last - block_p + 1) // W >= dil * (K - 1) and last // W + dil * (K - 1) < H
+                  for last in lasts]
         assert any(inside) and not all(inside)  # both kinds of block run
     value, fg, bg = inputs_for(case, dtype=dtype)
     out = run_triton(value, fg, bg, K, dil, 0.7, api=False)
