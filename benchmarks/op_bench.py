@@ -213,9 +213,9 @@ def max_error(got, expected):
     """Largest |got - expected| over each tensor pair, relative to that tensor's largest |expected|."""
     worst = 0.0
     for a, b in zip(got, expected):
-        scale = b.abs().max().item() if b.numel() else 0.0
-        err = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
-        worst = max(worst, err / scale if scale else err)
+        if b.numel():
+            err, scale = (a.double() - b).abs().max().item(), b.abs().max().item()
+            worst = max(worst, err / scale if scale else err)
     return worst
 
 

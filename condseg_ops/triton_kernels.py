@@ -443,10 +443,10 @@ if TRITON_AVAILABLE:
         tl.store(Out + (rows + t[None, :]), acc.to(Out.dtype.element_ty), mask=cmask & tmask[None, :])
 
     @triton.jit
-    def _apply_to_channels(X, Out, plane, hw, w, row_ok, col_ok, W, dil, Cg,
+    def _apply_to_channels(X, Out, plane, hw, w, tmask, row_ok, col_ok, W, dil, Cg,
                            K: tl.constexpr, ROWS_INSIDE: tl.constexpr):
         """Out[c, t] = sum_d w[d] X[c, t + d] for each channel c of the head, one pixel t per thread
-        (plane: the offsets of channel 0). ROWS_INSIDE: every source row lies in the image, so the
+        (plane: the offsets of channel 0; tmask: the pixels in the image). ROWS_INSIDE: every source row lies in the image, so the
         loads need only the columns' 5 masks, which stay in predicate registers (25 do not)."""
         D1: tl.constexpr = 2 * K - 1
         for c in range(Cg):
@@ -461,7 +461,7 @@ if TRITON_AVAILABLE:
                         inside = row_ok[dyi] & col_ok[dxi]
                     v = tl.load(row_ptr + dil * (dxi - (K - 1)), mask=inside, other=0.0)
                     acc += w[dyi * D1 + dxi] * v.to(acc.dtype)
-            tl.store(Out + (plane + c * hw), acc.to(Out.dtype.element_ty), mask=row_ok[K - 1])
+            tl.store(Out + (plane + c * hw), acc.to(Out.dtype.element_ty), mask=tmask)
 
     @_tuned("mixed_apply_rows", key=["HW", "Cg", "K"])
     @triton.jit
@@ -479,7 +479,7 @@ if TRITON_AVAILABLE:
         bg, t, tmask, y, x = _pixel_block(HW, W, BLOCK_P)
         hw = bg.to(tl.int64) * 0 + HW
         m_ptr = Mt + bg.to(tl.int64) * (K2 * K2) * HW
-        # Which rows and columns of the source window lie inside the image (row K - 1: the pixel's).
+        # Which rows and columns of the source window lie inside the image.
         row_ok = ()
         col_ok = ()
         for i in tl.static_range(D1):
@@ -497,9 +497,9 @@ if TRITON_AVAILABLE:
         first = (tl.program_id(0) % tl.cdiv(HW, BLOCK_P)) * BLOCK_P
         last = first + BLOCK_P - 1
         if (last < HW) & (first // W >= dil * (K - 1)) & (last // W + dil * (K - 1) < H):
-            _apply_to_channels(X, Out, plane, hw, w, row_ok, col_ok, W, dil, Cg, K, True)
+            _apply_to_channels(X, Out, plane, hw, w, tmask, row_ok, col_ok, W, dil, Cg, K, True)
         else:
-            _apply_to_channels(X, Out, plane, hw, w, row_ok, col_ok, W, dil, Cg, K, False)
+            _apply_to_channels(X, Out, plane, hw, w, tmask, row_ok, col_ok, W, dil, Cg, K, False)
 
     @_tuned("grad_weight", key=["HW", "Cg", "K"])
     @triton.jit
