@@ -297,3 +297,29 @@ def test_channel_attention_matches_separate_mlp_passes():
     mlp = lambda v: torch.relu(v @ w1.T) @ w2.T  # noqa: E731
     gate = torch.sigmoid(mlp(x.mean(dim=(2, 3))) + mlp(x.amax(dim=(2, 3))))
     torch.testing.assert_close(attention(x), x * gate[:, :, None, None], rtol=1e-12, atol=1e-12)
+
+
+def test_enhancement_batches_its_branch_attentions_exactly():
+    """The FEM's one grouped channel attention over its four stacked branches is each branch's
+    own attention (conv, then its ChannelAttention), concatenated: same function, float64."""
+    from condseg.models.blocks import DilatedConvEnhancement
+
+    torch.manual_seed(0)
+    fem = DilatedConvEnhancement(12, 32, dilations=(1, 2, 3)).double().eval()
+    for module in fem.modules():   # non-trivial BatchNorm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 12, 9, 11, dtype=torch.float64)
+    per_branch = torch.cat([branch(x) for branch in fem.branches], dim=1)
+    expected = fem.sa(torch.relu(fem.fuse(per_branch) + fem.shortcut(x)))
+    with torch.no_grad():
+        torch.testing.assert_close(fem(x), expected, rtol=1e-12, atol=1e-12)
+    # and the same gradients for every branch's own MLP
+    mlp_weights = [p for branch in fem.branches for p in branch[1].parameters()]
+    upstream = torch.randn_like(expected)
+    got = torch.autograd.grad(fem(x), mlp_weights, upstream)
+    want = torch.autograd.grad(expected, mlp_weights, upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in got)

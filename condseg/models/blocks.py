@@ -55,11 +55,19 @@ class ChannelAttention(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)
 
     def forward(self, x):
-        # Both pooled vectors go through the MLP as one batch of 2B: half the kernel launches,
-        # which is what a batch-1 inference pays for here.
-        pooled = torch.cat([F.adaptive_avg_pool2d(x, 1), x.amax(dim=(2, 3), keepdim=True)])
-        avg, top = self.fc2(F.relu(self.fc1(pooled))).chunk(2)
-        return x * torch.sigmoid(avg + top)
+        return channel_attention(x, self.fc1.weight, self.fc2.weight)
+
+
+def channel_attention(x, fc1_weight, fc2_weight, groups=1):
+    """CBAM channel attention of ``x`` with the MLP's 1x1 weights. With ``groups`` > 1, x's
+    channels are that many stacked feature maps, each with its own MLP (the weights of the
+    groups concatenated along dim 0), computed in one set of kernels."""
+    # Both pooled vectors go through the MLP as one batch of 2B: half the kernel launches,
+    # which is what a batch-1 inference pays for here.
+    pooled = torch.cat([F.adaptive_avg_pool2d(x, 1), x.amax(dim=(2, 3), keepdim=True)])
+    hidden = F.relu(F.conv2d(pooled, fc1_weight, groups=groups))
+    avg, top = F.conv2d(hidden, fc2_weight, groups=groups).chunk(2)
+    return x * torch.sigmoid(avg + top)
 
 
 class SpatialAttention(nn.Module):
@@ -90,8 +98,13 @@ class DilatedConvEnhancement(nn.Module):
         self.sa = SpatialAttention()
 
     def forward(self, x):
-        fused = self.fuse(torch.cat([branch(x) for branch in self.branches], dim=1))
-        return self.sa(F.relu(fused + self.shortcut(x)))
+        # Each branch's channel attention reads only its own channels, so the four run as one
+        # grouped attention on the concatenated branches: a quarter of the kernels, same result.
+        convs, attentions = zip(*self.branches)
+        stacked = torch.cat([conv(x) for conv in convs], dim=1)
+        stacked = channel_attention(stacked, torch.cat([a.fc1.weight for a in attentions]),
+                                    torch.cat([a.fc2.weight for a in attentions]), groups=len(attentions))
+        return self.sa(F.relu(self.fuse(stacked) + self.shortcut(x)))
 
 
 class SemanticDecoupling(nn.Module):
