@@ -323,3 +323,19 @@ def test_enhancement_batches_its_branch_attentions_exactly():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     assert any(g.abs().sum() > 0 for g in got)
+
+
+def test_decoder_block_is_the_released_dense_residual_steps():
+    """DecoderBlock, written out as the released code does: each step adds every earlier output."""
+    from condseg.models.blocks import DecoderBlock, upsample
+
+    torch.manual_seed(0)
+    block = DecoderBlock(16, 8, 32).double().eval()
+    x, skip = torch.randn(2, 16, 4, 5, dtype=torch.float64), torch.randn(2, 8, 8, 10, dtype=torch.float64)
+    d0, d1, d2 = block.dense
+    s1 = block.reduce(torch.cat([upsample(x, 2), skip], dim=1))
+    s2 = torch.relu(d0(s1) + s1)
+    s3 = torch.relu(d1(s2) + s1 + s2)
+    s4 = torch.relu(d2(s3) + s1 + s2 + s3)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, skip), block.sa(block.ca(s4)), rtol=1e-12, atol=1e-12)

@@ -182,9 +182,10 @@ class DecoderBlock(nn.Module):
     def forward(self, x, skip):
         x = self.reduce(torch.cat([upsample(x, 2), skip], dim=1))
         total = x
-        for step in self.dense:
+        for step in self.dense[:-1]:
             x = F.relu(step(x) + total)
             total = total + x
+        x = F.relu(self.dense[-1](x) + total)  # (the last step's sum would go unused)
         return self.sa(self.ca(x))
 
 
