@@ -25,6 +25,8 @@ scale marks the row WRONG and keeps it out of the best-mode figures. Modes (``--
     compile    fold-cl, torch.compile (inductor, weights frozen)
     graph, bf16-graph, fp16-graph       fold-cl replayed as one CUDA graph (CUDA only)
     bf16-compile-graph                  torch.compile'd bf16 fold-cl in a CUDA graph (CUDA only)
+    bf16-graph-stack, bf16-compile-graph-stack
+               + the fg and bg guidance branches side by side, as grouped convolutions (on request)
 
 Training rows (``--train``, ``--train-modes``): ``train`` is the trainer's stage-2 step in NCHW,
 ``train-cl`` in channels_last (the trainer's default), ``train-graph`` and ``train-cl-graph`` those
@@ -93,6 +95,7 @@ class Mode:
     compile: bool = False
     graph: bool = False      # CUDA graph replay
     winograd: bool = False   # 3x3 convolutions through NNPACK's Winograd (condseg.inference.WinogradConv2d)
+    stack: bool = False      # fg and bg guidance branches as grouped convolutions (condseg.inference.stack_guidance)
     cuda_only: bool = False
     cpu_only: bool = False
 
@@ -110,6 +113,8 @@ MODES = {m.name: m for m in (
     Mode("bf16-graph", "bfloat16", True, True, graph=True, cuda_only=True),
     Mode("fp16-graph", "float16", True, True, graph=True, cuda_only=True),
     Mode("bf16-compile-graph", "bfloat16", True, True, compile=True, graph=True, cuda_only=True),
+    Mode("bf16-graph-stack", "bfloat16", True, True, graph=True, stack=True, cuda_only=True),
+    Mode("bf16-compile-graph-stack", "bfloat16", True, True, compile=True, graph=True, stack=True, cuda_only=True),
 )}
 
 # Default modes per device, and with --quick (a short GPU check: the modes the bars need plus the
@@ -240,7 +245,7 @@ def make_runner(base, mode, backend, x, device, compile_kwargs=None):
     example = x[:1] if device.type == "cuda" else None
     model = prepare_for_inference(model, fold_bn=mode.fold, channels_last=mode.channels_last,
                                   dtype=None if dtype == torch.float32 else dtype, example_input=example,
-                                  winograd=mode.winograd)
+                                  winograd=mode.winograd, stack=mode.stack)
     x = x.to(dtype).contiguous(memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
     fn = model
     if mode.compile:
@@ -369,7 +374,8 @@ def inference_rows(base, modes, batch, size, device, warmup, iters, kind, budget
             for backend in runs:
                 row = dict(fields(name), backend=resolved_backend(backend, device), backend_choice=backend,
                            bn_folded=mode.fold, channels_last=mode.channels_last, compiled=mode.compile,
-                           cuda_graph=mode.graph, warmup=warmup, interleaved=len(group) > 1)
+                           cuda_graph=mode.graph, stacked_guidance=mode.stack, warmup=warmup,
+                           interleaved=len(group) > 1)
                 row.update(summarize(times[name, backend], batch))
                 if device.type == "cuda":  # host time to queue the work; ~median_ms = launch-bound
                     row["launch_ms"] = round(1000 * statistics.median(launches[name, backend]), 4)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import condseg
-from condseg.inference import (WinogradConv2d, fold_batchnorm, prepare_for_inference, set_cdfa_backend,
-                               use_winograd_convolutions)
+from condseg.inference import (StackedGuidance, WinogradConv2d, fold_batchnorm, prepare_for_inference,
+                               set_cdfa_backend, stack_branches, use_winograd_convolutions)
 from conftest import load_benchmark, requires_cuda, requires_nnpack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +150,86 @@ def test_prepare_for_inference_channels_last_and_dtype():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     half = prepare_for_inference(model, dtype=torch.float64)
     assert half.encoder.conv1.weight.dtype == torch.float64
+
+
+# ---- Stacked guidance branches -------------------------------------------------------------------
+
+
+def _branch(channels, with_conv_bias=False):
+    """A guidance-like branch: CBR, x2 up, CBR (eval, random BatchNorm statistics)."""
+    def cbr(cin, cout):
+        conv, bn = nn.Conv2d(cin, cout, 3, padding=1, bias=with_conv_bias), nn.BatchNorm2d(cout)
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
+        return nn.Sequential(conv, bn, nn.ReLU(inplace=True))
+    from condseg.models.blocks import Upsample
+    return nn.Sequential(cbr(channels, channels), nn.Sequential(Upsample(2), cbr(channels, channels))).double().eval()
+
+
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_stacked_branches_compute_each_branch(shared_input):
+    """One grouped module on the stacked inputs = the branches one by one, concatenated (float64)."""
+    torch.manual_seed(0)
+    branches = [_branch(6, with_conv_bias=i == 1) for i in range(3)]
+    stacked = stack_branches(branches, shared_input=shared_input)
+    inputs = [torch.randn(2, 6, 5, 7, dtype=torch.float64) for _ in branches]
+    if shared_input:
+        inputs = inputs[:1] * len(branches)
+    with torch.no_grad():
+        expected = torch.cat([branch(x) for branch, x in zip(branches, inputs)], dim=1)
+        out = stacked(inputs[0] if shared_input else torch.cat(inputs, dim=1))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    convs = [m for m in stacked.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2 and convs[1].groups == 3 and convs[0].groups == (1 if shared_input else 3)
+
+
+def test_branches_that_cannot_be_stacked_give_none():
+    torch.manual_seed(0)
+    a, b = _branch(6), _branch(6)
+    assert stack_branches([a, _branch(8)]) is None                     # other widths
+    assert stack_branches([a, nn.Sequential(*list(a)[:1])]) is None    # other depth
+    b[1][0].scale = 4
+    assert stack_branches([a, b]) is None                             # other upsampling
+    assert stack_branches([a, nn.Sequential(nn.Tanh())]) is None
+    assert stack_branches([a, _branch(6)]) is not None
+    grouped = nn.Sequential(nn.Conv2d(6, 6, 3, groups=2))
+    assert stack_branches([grouped, grouped], shared_input=True) is None
+
+
+@pytest.mark.parametrize("fold_bn, channels_last", [(False, False), (True, True)])
+def test_stacked_guidance_model_matches_the_model(fold_bn, channels_last):
+    """prepare_for_inference(stack=True): the same output as the model, 13 fewer convolutions
+    (decoupling 6 -> 3, guidance 20 -> 10), and return_aux still takes the separate branches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountConvs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountConvs.count += func is torch.ops.aten.convolution.default
+            return func(*args, **(kwargs or {}))
+
+    model = _small_model(torch.float64)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    plain = prepare_for_inference(model, fold_bn=fold_bn, channels_last=channels_last, example_input=x)
+    stacked = prepare_for_inference(model, fold_bn=fold_bn, channels_last=channels_last, example_input=x,
+                                    stack=True)
+    assert isinstance(stacked.stacked_guidance, StackedGuidance) and model.stacked_guidance is None
+    counts = []
+    with torch.no_grad():
+        for prepared in (plain, stacked):
+            CountConvs.count = 0
+            with CountConvs():
+                out = prepared(x.contiguous(memory_format=fmt))
+            counts.append(CountConvs.count)
+            torch.testing.assert_close(out, model(x), rtol=1e-10, atol=1e-10)
+        for a, b in zip(stacked(x, return_aux=True), model(x, return_aux=True)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert counts[0] - counts[1] == 13
+    with pytest.warns(UserWarning, match="branches stay separate"):
+        assert condseg.inference.stack_guidance(copy.deepcopy(model).train()).stacked_guidance is None
+    with pytest.raises(ValueError, match="stack=True needs a ConDSeg"):
+        prepare_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1)), stack=True)
 
 
 def _conv64(conv, x):
@@ -324,6 +404,23 @@ def test_runner_modes_match_eager_on_cpu(nnpack_calls):
             check = fps.check_output(run(), ref)
             assert check["finite"] and check["max_rel_diff"] < 1e-3, (name, backend, check)
             assert (len(nnpack_calls) > before) == fps.MODES[name].winograd, (name, backend)
+
+
+def test_stack_modes_reach_the_stacked_guidance():
+    """The -stack modes run the model prepared with stack=True (CUDA only: here the CPU twin of
+    one) and give eager's output."""
+    import dataclasses
+
+    assert all(fps.MODES[name].stack and fps.MODES[name].cuda_only
+               for name in ("bf16-graph-stack", "bf16-compile-graph-stack"))
+    base = fps.build_model(**SMALL)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = base(x)
+    run, _ = fps.make_runner(base, dataclasses.replace(fps.MODES["fold-cl"], stack=True), "auto", x, "cpu")
+    assert run.model.stacked_guidance is not None
+    check = fps.check_output(run(), ref)
+    assert check["finite"] and check["max_rel_diff"] < 1e-3, check
 
 
 def test_fps_main_smoke(tmp_path, capsys):
@@ -560,6 +657,12 @@ def test_fps_main_cuda_smoke(tmp_path):
         "--json", str(tmp_path / "fps.jsonl")])
     assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
     assert {r["mode"] for r in rows if r["kind"] == "latency"} >= {"graph", "bf16-graph", "bf16-compile-graph"}
+    stacked = fps.main(["--device", "cuda", "--encoder", "resnet18", "--decoder-channels", "16", "--size", "64",
+                        "--warmup", "1", "--iters", "3", "--throughput-batch", "0", "--compile", "auto",
+                        "--modes", "bf16-graph-stack,bf16-compile-graph-stack"])[0]
+    assert {r["mode"] for r in stacked} == {"bf16-graph-stack", "bf16-compile-graph-stack"}
+    assert all(r["stacked_guidance"] and not r["suspect"] for r in stacked), stacked
+    rows += stacked
     for r in rows:  # the automatic and the reference backend agree in every mode
         if r["kind"] != "train":
             assert r["finite"] and not r["suspect"], r

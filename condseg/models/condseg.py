@@ -93,17 +93,24 @@ class ConDSeg(nn.Module):
         self.decoder_middle = DecoderBlock(c, c, c)
         self.decoder_large = DecoderBlock(c, c, c)
         self.head = OutputHead(c, classes, scale=self.encoder.reductions[0])
+        # An inference-only module computing the fg and bg guidance side by side, set by
+        # condseg.inference.stack_guidance; None runs the separate branches.
+        self.stacked_guidance = None
 
     def forward(self, x, return_aux=False):
         check_input_size(x, self.encoder.reductions[-1], self.in_channels, type(self).__name__)
         feats = self.encoder(x)
         enhanced = [enhance(f) for enhance, f in zip(self.enhance, feats)]
-        f_fg, f_bg, f_uc = self.decouple(feats[-1], with_uncertainty=return_aux)
+        if self.stacked_guidance is not None and not return_aux:
+            guides = self.stacked_guidance(feats[-1])
+        else:
+            f_fg, f_bg, f_uc = self.decouple(feats[-1], with_uncertainty=return_aux)
+            guides = [(fg(f_fg), bg(f_bg)) for fg, bg in zip(self.guide_fg, self.guide_bg)]
 
         fused, f = [], None
         for i in reversed(range(len(feats))):
             inp = enhanced[i] if f is None else torch.cat([enhanced[i], upsample(f, 2)], dim=1)
-            f = self.cdfa[i](inp, self.guide_fg[i](f_fg), self.guide_bg[i](f_bg))
+            f = self.cdfa[i](inp, *guides[i])
             fused.insert(0, f)
         small = self.decoder_small(fused[1], fused[0])
         middle = self.decoder_middle(fused[2], fused[1])
