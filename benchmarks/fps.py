@@ -25,6 +25,7 @@ scale marks the row WRONG and keeps it out of the best-mode figures. Modes (``--
     compile    fold-cl, torch.compile (inductor, weights frozen)
     graph, bf16-graph, fp16-graph       fold-cl replayed as one CUDA graph (CUDA only)
     bf16-compile-graph                  torch.compile'd bf16 fold-cl in a CUDA graph (CUDA only)
+    bf16-compile                        the same without the CUDA graph: what profile_model.py can see into
     bf16-graph-stack, bf16-compile-graph-stack
                + the fg and bg guidance branches side by side, as grouped convolutions (on request)
 
@@ -113,6 +114,7 @@ MODES = {m.name: m for m in (
     Mode("bf16-graph", "bfloat16", True, True, graph=True, cuda_only=True),
     Mode("fp16-graph", "float16", True, True, graph=True, cuda_only=True),
     Mode("bf16-compile-graph", "bfloat16", True, True, compile=True, graph=True, cuda_only=True),
+    Mode("bf16-compile", "bfloat16", True, True, compile=True, cuda_only=True),
     Mode("bf16-graph-stack", "bfloat16", True, True, graph=True, stack=True, cuda_only=True),
     Mode("bf16-compile-graph-stack", "bfloat16", True, True, compile=True, graph=True, stack=True, cuda_only=True),
 )}

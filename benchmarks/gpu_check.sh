@@ -7,7 +7,9 @@
 # Environment: OUT (default ./gpu_out), GPU_CHECK_BUDGET_S (default 450: stages are cut short so
 # the whole run fits), FPS_ARGS (extra arguments for benchmarks/fps.py), FPS_LIMIT_S (default 90:
 # the fps stage's limit, less where the deadline is nearer; fps.py's --budget is 20 s less; 0 leaves
-# out the fps and profile stages),
+# out the fps and profile stages), PROFILE_MODE (default bf16: the fps.py mode whose batch-1 inference
+# the profile stage profiles; bf16-compile profiles the compiled network, about 40 s more, so raise
+# PROFILE_LIMIT_S, default 70),
 # SKIP_BUILD=1 (the package is installed already: the build stage only checks it), GPU_CHECK_TESTS
 # (default "cuda triton": which of tests/test_cuda.py and tests/test_triton.py run; "cuda" alone
 # saves the Triton tests' two minutes when only the CUDA kernels changed; with the CUDA tests comes
@@ -15,7 +17,7 @@
 # that times the Triton forward fused and split; "fps" adds the CUDA tests
 # of tests/test_fps.py and tests/test_graphed.py).
 # Output: $OUT/summary.txt (the op and fps tables and the stages: the console's tail may be all a
-# caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl, profile_bf16.txt and
+# caller sees), tests.log, op_bench.jsonl (JSON lines, one per row), fps.jsonl, profile_<PROFILE_MODE>.txt and
 # profile_train.txt (when benchmarks/fps.py exists), and logs.tar.gz with the logs of the stages
 # (build, op_bench, cuda_staging, triton_forward, fps, profile; the device tool returns 8 files).
 # Logs are written by a tee that ignores SIGINT, so a stage cut short by its limit keeps its output.
@@ -169,13 +171,15 @@ if [[ -f benchmarks/fps.py && ${FPS_LIMIT_S:-90} != 0 ]]; then
   # Its report goes to the file only: the run tool returns just the tail of the console.
   # Then one training step (the training bar's): is it bound by launches, convolutions or the rest?
   profile() {
-    $PY -P benchmarks/profile_model.py --device cuda --mode bf16 --shapes --out "$OUT/profile_bf16.txt" \
+    $PY -P benchmarks/profile_model.py --device cuda --mode "${PROFILE_MODE:-bf16}" --shapes \
+      --out "$OUT/profile_${PROFILE_MODE:-bf16}.txt" \
       >"$OUT/profile.log" 2>&1 &&
     $PY -P benchmarks/profile_model.py --device cuda --train --iters 3 --shapes \
       --out "$OUT/profile_train.txt" >>"$OUT/profile.log" 2>&1
   }
   export -f profile
-  run_stage profile 70 0 bash -c profile
+  export PROFILE_MODE
+  run_stage profile "${PROFILE_LIMIT_S:-70}" 0 bash -c profile
 fi
 
 # 5. Short table last: the bars' shape from the benchmark, then the stages.
@@ -233,5 +237,5 @@ EOF
   done
   grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -12 || true
 } | tee "$OUT/summary.txt"
-pack_out logs summary.txt tests.log op_bench.jsonl fps.jsonl profile_bf16.txt profile_train.txt
+pack_out logs summary.txt tests.log op_bench.jsonl fps.jsonl "profile_${PROFILE_MODE:-bf16}.txt" profile_train.txt
 exit $FAILED

@@ -109,3 +109,11 @@ def test_gpu_check_runs_both_test_files_by_default(tmp_path):
     assert len([c for c in calls if "op_calls.py --backends triton --dtypes float32,bfloat16 --kernels" in c]) == 2
     assert "triton-forward ok" in proc.stdout
     assert "--- CONDSEG_TRITON_FUSED_FORWARD=0" in proc.stdout.split("=== Triton forward")[1]
+
+
+def test_gpu_check_profiles_the_chosen_mode(tmp_path):
+    proc, calls = run_gpu_check(tmp_path, GPU_CHECK_TESTS="cuda", PROFILE_MODE="bf16-compile")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    profiles = [c for c in calls if "profile_model.py" in c and "--train" not in c]
+    assert len(profiles) == 1 and "--mode bf16-compile --shapes" in profiles[0]
+    assert profiles[0].split("--out ")[1].endswith("/profile_bf16-compile.txt")
