@@ -13,6 +13,7 @@ from torch import nn
 import condseg
 from condseg.inference import (StackedGuidance, WinogradConv2d, fold_batchnorm, prepare_for_inference,
                                set_cdfa_backend, stack_branches, use_winograd_convolutions)
+from condseg.models.blocks import Upsample
 from conftest import load_benchmark, requires_cuda, requires_nnpack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,12 +158,13 @@ def test_prepare_for_inference_channels_last_and_dtype():
 
 def _branch(channels, with_conv_bias=False):
     """A guidance-like branch: CBR, x2 up, CBR (eval, random BatchNorm statistics)."""
-    def cbr(cin, cout):
-        conv, bn = nn.Conv2d(cin, cout, 3, padding=1, bias=with_conv_bias), nn.BatchNorm2d(cout)
-        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
-        return nn.Sequential(conv, bn, nn.ReLU(inplace=True))
-    from condseg.models.blocks import Upsample
-    return nn.Sequential(cbr(channels, channels), nn.Sequential(Upsample(2), cbr(channels, channels))).double().eval()
+    def cbr():
+        bn = nn.BatchNorm2d(channels)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=with_conv_bias), bn, nn.ReLU(inplace=True))
+    return nn.Sequential(cbr(), nn.Sequential(Upsample(2), cbr())).double().eval()
 
 
 @pytest.mark.parametrize("shared_input", [False, True])
