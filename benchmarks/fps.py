@@ -36,7 +36,7 @@ steps captured whole as one CUDA graph and replayed (``condseg train --cuda-grap
 ``train-compile-graph`` the same in torch.compile's reduce-overhead mode (CUDA graphs); the
 compiles, minutes on a GPU, are timed apart.
 
-On CUDA the order is: the batch-1 rows the bars need (eager, bf16-graph, graph, fold-cl), training rows,
+On CUDA the order is: the batch-1 rows the bars need (eager, bf16-graph and its -stack twin, graph, fold-cl), training rows,
 torch.compile rows (optional, slow to compile; with ``--budget`` they start only while 45 s of it
 are left), the other batch-1 modes, throughput rows; each mode is built, timed and freed in turn.
 On CPU every batch-1 mode is built first and all are timed interleaved (a shared machine's load
@@ -129,8 +129,9 @@ DEFAULT_MODES = {
 COMPILE_MODES = {"cuda": ["bf16-compile-graph"], "cpu": ["compile"]}
 DEFAULT_THROUGHPUT_MODES = {"cuda": (["eager", "bf16", "bf16-graph"], ["eager", "bf16-graph"]),
                             "cpu": (["eager", "fold-cl"], ["eager", "fold-cl"])}
-# Run first (the bars need them); then training, the torch.compile rows, the other modes.
-CORE_MODES = ("eager", "bf16-graph", "graph", "fold-cl")
+# Run first (the bars need them, and bf16-graph-stack, when asked for, is bf16-graph's twin); then
+# training, the torch.compile rows, the other modes.
+CORE_MODES = ("eager", "bf16-graph", "bf16-graph-stack", "graph", "fold-cl")
 COMPILE_RESERVE_S = 45  # with --budget, a compile row starts only with this much of it left
 
 # (warmup, iters) per phase; --quick uses the second set. Quick training rows keep 12 steps: with 6,
