@@ -36,9 +36,10 @@ steps captured whole as one CUDA graph and replayed (``condseg train --cuda-grap
 ``train-compile-graph`` the same in torch.compile's reduce-overhead mode (CUDA graphs); the
 compiles, minutes on a GPU, are timed apart.
 
-On CUDA the order is: the batch-1 rows the bars need (eager, bf16-graph and its -stack twin, graph, fold-cl), training rows,
-torch.compile rows (optional, slow to compile; with ``--budget`` they start only while 45 s of it
-are left), the other batch-1 modes, throughput rows; each mode is built, timed and freed in turn.
+On CUDA the order is: the batch-1 rows the bars need (eager, bf16-graph and its -stack twin, graph,
+fold-cl), training rows, torch.compile rows (optional, slow to compile; with ``--budget`` they start
+only while 45 s of it are left), the other batch-1 modes, throughput rows; each mode is built, timed
+and freed in turn.
 On CPU every batch-1 mode is built first and all are timed interleaved (a shared machine's load
 then hits every mode alike), then training and throughput rows. Rows are printed as they
 finish and appended to ``--json`` at once, so an interrupted run keeps what it measured; the table
