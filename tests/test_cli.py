@@ -252,6 +252,16 @@ def test_demo_small(tmp_path):
     assert len(list(again["predictions"].glob("*_overlay.png"))) == 4
 
 
+@pytest.mark.parametrize("args, error", [(["--epochs", "0"], "epochs must be at least 1"),
+                                         (["--device", "cuda:99"], "device cuda")])
+def test_demo_checks_its_options_before_writing_anything(tmp_path, capsys, args, error):
+    """A bad option or an absent device stops the demo before it writes its data (on a CUDA machine
+    cuda:99 is a device that is not there)."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), *args]) == 1
+    assert error in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_on_a_busy_cpu_takes_the_idle_cores_only(tmp_path, monkeypatch):
     """Beside busy processes the demo's OpenMP threads wait for each other (543 s against 34 s on one
     thread, 2 cores beside two busy processes): it trains on the idle cores' worth of threads, says
@@ -260,9 +270,9 @@ def test_demo_on_a_busy_cpu_takes_the_idle_cores_only(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "idle_cpus", lambda: 0.3)
     seen, said, real_train = [], [], demo.train
 
-    def spy_train(**kwargs):
+    def spy_train(*args, **kwargs):
         seen.append(torch.get_num_threads())
-        return real_train(**kwargs)
+        return real_train(*args, **kwargs)
 
     monkeypatch.setattr(demo, "train", spy_train)
     before = torch.get_num_threads()

@@ -3,8 +3,9 @@ from pathlib import Path
 
 from ..data.synthetic import make_synthetic_dataset
 from .evaluate import evaluate, evaluation_files
+from .config import TrainConfig
 from .predict import predict
-from .runtime import threads_for_a_busy_cpu
+from .runtime import resolve_device, threads_for_a_busy_cpu
 from .train import train
 
 DEMO = dict(image_size=64, batch_size=8, encoder="resnet18", decoder_channels=16, stage1_lr=1e-3, lr=1e-3,
@@ -21,12 +22,14 @@ def run_demo(out="condseg-demo", train_images=96, val_images=32, epochs=8, stage
 
 
 def _run(out, train_images, val_images, epochs, stage1_epochs, device, seed, echo, options):
+    # The options and the device are checked before anything is written.
+    config = TrainConfig(data_root=str(out / "data"), out=str(out / "run"), epochs=epochs,
+                         stage1_epochs=stage1_epochs, device=device, seed=seed, overwrite=True, **{**DEMO, **options})
+    resolve_device(device)
     data = make_synthetic_dataset(out / "data", train=train_images, val=val_images, size=DEMO["image_size"],
                                   seed=seed)
     echo(f"synthetic dataset: {train_images} training and {val_images} validation images in {data}")
-    config = {**DEMO, **options}
-    result = train(data_root=str(data), out=str(out / "run"), epochs=epochs, stage1_epochs=stage1_epochs,
-                   device=device, seed=seed, overwrite=True, **config)
+    result = train(config)
     evaluation, per_image = evaluation_files(out / "eval.json")
     summary = evaluate(result.best_checkpoint, data, split="val", out=evaluation, device=device)
     val_images_dir = [data / "images" / f"{i}.png" for i in (data / "val.txt").read_text().split()]
