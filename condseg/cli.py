@@ -94,9 +94,20 @@ def _train_parser(sub):
     return p
 
 
+def _version():
+    """condseg's version, torch's, and the kernels compiled into condseg_ops (cheap: no Triton import)."""
+    import condseg_ops
+    import torch
+    from . import __version__
+    info = condseg_ops.build_info()
+    compiled = ", ".join(info["backends"]) if info else "none (the reference backend only)"
+    return f"condseg {__version__}, torch {torch.__version__}, condseg_ops compiled kernels: {compiled}"
+
+
 def _commands(argv):
     parser = argparse.ArgumentParser(prog="condseg", description="ConDSeg medical image segmentation.",
                                      epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {"train": _train_parser(sub)}  # command -> its parser, for errors in its own usage
 

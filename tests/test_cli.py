@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import condseg
 from condseg.cli import main
 from condseg.data import make_synthetic_dataset
 from condseg.engine import demo, runtime
@@ -378,3 +379,14 @@ def test_predict_passes_the_winograd_choice(tmp_path, monkeypatch, capsys, flags
     monkeypatch.setattr(condseg.engine, "predict", fake_predict)
     assert main(["predict", "model.pt", "photo.png", "--out", str(tmp_path / "masks"), *flags]) == 0
     assert seen["winograd"] is winograd
+
+
+def test_version_names_the_package_torch_and_the_compiled_kernels(capsys):
+    import condseg_ops
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    said = capsys.readouterr().out
+    assert condseg.__version__ != "unknown"  # the installed distribution's version
+    assert done.value.code == 0 and said.startswith(f"condseg {condseg.__version__}, torch {torch.__version__}")
+    info = condseg_ops.build_info()
+    assert all(name in said for name in info["backends"]) if info else "reference backend only" in said
