@@ -329,8 +329,9 @@ def stack_branches(branches, shared_input=False):
 class StackedGuidance(nn.Module):
     """ConDSeg's foreground and background guidance computed side by side (see
     :func:`stack_guidance`): the decoupling's fg and bg branches and each CDFA level's pair of
-    preprocessing modules, each as one stacked module. ``forward(deepest)`` returns, per level,
-    the (fg, bg) guidance, channel halves of one tensor."""
+    preprocessing modules, each as one stacked module. ``forward(deepest)`` returns the decoupled
+    features (fg and bg stacked along channels) and, per level, the (fg, bg) guidance, channel
+    halves of one tensor."""
 
     def __init__(self, decouple, levels):
         super().__init__()
@@ -338,23 +339,28 @@ class StackedGuidance(nn.Module):
 
     def forward(self, deepest):
         both = self.decouple(deepest)
-        return [level(both).chunk(2, dim=1) for level in self.levels]
+        return both, [level(both).chunk(2, dim=1) for level in self.levels]
 
 
 def stack_guidance(model):
-    """Gives ``model`` (a ConDSeg in eval mode; changed in place and returned) a
-    :class:`StackedGuidance` that its inference (``return_aux=False``) runs instead of the
-    separate fg and bg branches: 13 convolutions instead of 26 at four levels, as grouped
-    convolutions (groups=2). The same function up to float rounding; for inference only (it
-    holds copies of the weights, and ``return_aux=True`` still takes the separate branches).
-    Warns and leaves the model alone when a branch holds a layer that cannot be stacked."""
+    """Turns ``model``, a ConDSeg in eval mode (changed in place and returned), into one whose
+    foreground and background branches run side by side: the decoupling's fg and bg branches and
+    the four levels' guidance pairs become a :class:`StackedGuidance` of grouped convolutions
+    (groups=2), 13 convolutions instead of 26. The stacked modules replace the separate ones
+    (``decouple.fg``, ``decouple.bg``, ``guide_fg`` and ``guide_bg`` become None; the parameter
+    count stays the same), so the model is for inference only and its state_dict keys change.
+    The same function up to float rounding, ``return_aux=True`` included. Warns and leaves the
+    model alone when a branch holds a layer that cannot be stacked."""
+    if model.stacked_guidance is not None:
+        return model
     decouple = stack_branches([model.decouple.fg, model.decouple.bg], shared_input=True)
     levels = [stack_branches([fg, bg]) for fg, bg in zip(model.guide_fg, model.guide_bg)]
     if decouple is None or None in levels:
         warnings.warn("stack_guidance: a guidance branch holds a layer that cannot be stacked (or a BatchNorm "
                       "in training mode); the branches stay separate", stacklevel=2)
-    else:
-        model.stacked_guidance = StackedGuidance(decouple, levels)
+        return model
+    model.stacked_guidance = StackedGuidance(decouple, levels)
+    model.decouple.fg = model.decouple.bg = model.guide_fg = model.guide_bg = None
     return model
 
 
@@ -383,8 +389,9 @@ def prepare_for_inference(model, fold_bn=True, channels_last=False, dtype=None, 
     winograd: on the CPU, float32 only: run 3x3 convolutions through NNPACK's Winograd algorithm
         (:func:`use_winograd_convolutions`). NNPACK reads NCHW, so not with ``channels_last``.
     stack: a ConDSeg only: compute its fg and bg guidance branches side by side, as grouped
-        convolutions (:func:`stack_guidance`): half the guidance kernels. Not timed on a GPU yet,
-        so off by default (grouped cuDNN convolutions can be slower than two plain ones).
+        convolutions (:func:`stack_guidance`): half the guidance kernels, the state_dict keys of
+        those modules change. Not timed on a GPU yet, so off by default (grouped cuDNN
+        convolutions can be slower than two plain ones).
     """
     if stack and not hasattr(model, "stacked_guidance"):
         raise ValueError(f"prepare_for_inference: stack=True needs a ConDSeg model, got {type(model).__name__}")

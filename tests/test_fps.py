@@ -199,8 +199,8 @@ def test_branches_that_cannot_be_stacked_give_none():
 
 @pytest.mark.parametrize("fold_bn, channels_last", [(False, False), (True, True)])
 def test_stacked_guidance_model_matches_the_model(fold_bn, channels_last):
-    """prepare_for_inference(stack=True): the same output as the model, 13 fewer convolutions
-    (decoupling 6 -> 3, guidance 20 -> 10), and return_aux still takes the separate branches."""
+    """prepare_for_inference(stack=True): the same outputs as the model (return_aux too), 13 fewer
+    convolutions (decoupling 6 -> 3, guidance 20 -> 10), as many parameters."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountConvs(TorchDispatchMode):
@@ -228,6 +228,10 @@ def test_stacked_guidance_model_matches_the_model(fold_bn, channels_last):
         for a, b in zip(stacked(x, return_aux=True), model(x, return_aux=True)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert counts[0] - counts[1] == 13
+    count = lambda m, kind: sum(isinstance(x, kind) for x in m.modules())  # noqa: E731
+    assert count(plain, nn.Conv2d) - count(stacked, nn.Conv2d) == 13
+    assert sum(p.numel() for p in stacked.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert condseg.inference.stack_guidance(stacked).stacked_guidance is stacked.stacked_guidance  # once only
     with pytest.warns(UserWarning, match="branches stay separate"):
         assert condseg.inference.stack_guidance(copy.deepcopy(model).train()).stacked_guidance is None
     with pytest.raises(ValueError, match="stack=True needs a ConDSeg"):

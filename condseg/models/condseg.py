@@ -93,16 +93,18 @@ class ConDSeg(nn.Module):
         self.decoder_middle = DecoderBlock(c, c, c)
         self.decoder_large = DecoderBlock(c, c, c)
         self.head = OutputHead(c, classes, scale=self.encoder.reductions[0])
-        # An inference-only module computing the fg and bg guidance side by side, set by
-        # condseg.inference.stack_guidance; None runs the separate branches.
+        # Set by condseg.inference.stack_guidance (an inference copy): the fg and bg branches of
+        # decouple and the guide_* modules as one module computing them side by side.
         self.stacked_guidance = None
 
     def forward(self, x, return_aux=False):
         check_input_size(x, self.encoder.reductions[-1], self.in_channels, type(self).__name__)
         feats = self.encoder(x)
         enhanced = [enhance(f) for enhance, f in zip(self.enhance, feats)]
-        if self.stacked_guidance is not None and not return_aux:
-            guides = self.stacked_guidance(feats[-1])
+        if self.stacked_guidance is not None:
+            f_both, guides = self.stacked_guidance(feats[-1])
+            f_fg, f_bg = f_both.chunk(2, dim=1)
+            f_uc = self.decouple.uc(feats[-1]) if return_aux else None
         else:
             f_fg, f_bg, f_uc = self.decouple(feats[-1], with_uncertainty=return_aux)
             guides = [(fg(f_fg), bg(f_bg)) for fg, bg in zip(self.guide_fg, self.guide_bg)]
