@@ -16,9 +16,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture
 def kvasir_root():
-    root = SHARED_DATA / "kvasir-seg"
+    """Kvasir-SEG beside the repository (../shared/data/kvasir-seg), or at $CONDSEG_KVASIR."""
+    root = Path(os.environ.get("CONDSEG_KVASIR", SHARED_DATA / "kvasir-seg"))
     if not (root / "images").is_dir():
-        pytest.skip(f"real Kvasir-SEG data not found at {root}")
+        pytest.skip(f"real Kvasir-SEG data not found at {root} (set CONDSEG_KVASIR to its folder)")
     return root
 
 
