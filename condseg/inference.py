@@ -260,12 +260,11 @@ def _stacked_conv(convs, shared_input):
         return None
     if shared_input and first.groups != 1:
         return None
-    n = len(convs)
-    weight = first.weight
+    n, like = len(convs), first.weight
     conv = nn.Conv2d(first.in_channels * (1 if shared_input else n), first.out_channels * n, first.kernel_size,
                      first.stride, first.padding, first.dilation, first.groups * (1 if shared_input else n),
                      bias=any(c.bias is not None for c in convs), padding_mode=first.padding_mode,
-                     device=weight.device, dtype=weight.dtype)
+                     device=like.device, dtype=like.dtype)
     with torch.no_grad():
         conv.weight.copy_(torch.cat([c.weight for c in convs]))
         if conv.bias is not None:
