@@ -80,6 +80,7 @@ except ImportError:  # running from a source checkout that is not installed
     import condseg
 
 import condseg_ops  # noqa: E402
+from condseg.engine.runtime import idle_cpus  # noqa: E402
 from condseg.inference import prepare_for_inference, set_cdfa_backend  # noqa: E402
 
 BENCH = "fps"
@@ -820,6 +821,20 @@ def _main_thread():
     return threading.current_thread() is threading.main_thread()
 
 
+def busy_cpu_warning(threads, load_avg, idle):
+    """A warning when other processes keep too many of this process's cores busy for ``threads``
+    OpenMP threads, else None. ``idle``: the cores other processes leave idle now (sampled; None
+    where it cannot be read), which counts; the 1-minute load average also counts jobs that just
+    ended, so it is only the fallback."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = cores - idle if idle is not None else (load_avg or 0.0)
+    if threads <= 1 or busy + threads <= cores + 0.5:
+        return None
+    seen = f"{busy:.1f} of {cores} cores busy" if idle is not None else f"load average {load_avg} on {cores} cores"
+    return (f"WARNING: {seen}: {threads} OpenMP threads will be descheduled at every barrier, which can slow "
+            "every op several-fold; measure on an idle machine or with --threads 1")
+
+
 def _resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -942,12 +957,9 @@ def main(argv=None):
     if kind == "cpu":
         print(f"CPU threads {torch.get_num_threads()}, load average {header.get('load_avg_1m')}, "
               f"GOMP_SPINCOUNT {header['gomp_spincount']}")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        load = header.get("load_avg_1m") or 0.0
-        if torch.get_num_threads() > 1 and load + torch.get_num_threads() > cores + 0.5:
-            print(f"WARNING: load average {load} on {cores} cores: {torch.get_num_threads()} OpenMP threads will "
-                  "be descheduled at every barrier, which can slow every op several-fold; measure on an idle "
-                  "machine or with --threads 1", file=sys.stderr)
+        warning = busy_cpu_warning(torch.get_num_threads(), header.get("load_avg_1m"), idle_cpus(0.5))
+        if warning:
+            print(warning, file=sys.stderr)
 
     rows = []
 

@@ -429,6 +429,16 @@ def test_stack_modes_reach_the_stacked_guidance():
     assert check["finite"] and check["max_rel_diff"] < 1e-3, check
 
 
+def test_busy_cpu_warning_trusts_the_sampled_idle_cores_over_the_load_average(monkeypatch):
+    monkeypatch.setattr(fps.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    # a high load average left by jobs that just ended: no warning while both cores are idle now
+    assert fps.busy_cpu_warning(2, 1.6, 2.0) is None
+    assert "1.5 of 2 cores busy" in fps.busy_cpu_warning(2, 0.1, 0.5)
+    assert fps.busy_cpu_warning(1, 1.6, 0.5) is None                      # one thread waits for no one
+    assert "load average 1.6 on 2 cores" in fps.busy_cpu_warning(2, 1.6, None)  # no /proc/stat
+    assert fps.busy_cpu_warning(2, None, None) is None
+
+
 def test_fps_main_smoke(tmp_path, capsys):
     out_json, out_png = tmp_path / "fps.jsonl", tmp_path / "fps.png"
     rows, result = fps.main([
