@@ -19,8 +19,9 @@ scale marks the row WRONG and keeps it out of the best-mode figures. Modes (``--
     eager      float32, the model as trained (BatchNorm, NCHW): the released code's way
     fold       + BatchNorm folded into the convolutions
     fold-cl    + channels_last weights and input
-    fold-wino  fold in NCHW, 3x3 convolutions through NNPACK's Winograd algorithm (CPU only)
-    wino       eager with those Winograd convolutions: what ``condseg predict`` runs on a CPU
+    fold-wino  fold in NCHW, 3x3 convolutions through NNPACK's Winograd algorithm (CPU only):
+               what ``condseg predict`` runs on a CPU
+    wino       eager with those Winograd convolutions
     bf16/fp16  fold-cl with weights and input cast to bfloat16 / float16 (no autocast)
     compile    fold-cl, torch.compile (inductor, weights frozen)
     graph, bf16-graph, fp16-graph       fold-cl replayed as one CUDA graph (CUDA only)

@@ -254,6 +254,29 @@ def test_predict_keeps_each_input_size(trained, tmp_path):
         predict(trained.best_checkpoint, [single], tmp_path / "o3", threshold=2, workers=0)
 
 
+def test_predict_runs_the_model_with_batchnorm_folded(trained, tmp_path, monkeypatch):
+    """predict's model has no BatchNorm left and computes what the checkpoint's model does."""
+    predict_module = importlib.import_module("condseg.engine.predict")  # (the package exports the function)
+    seen = {}
+    real = predict_module._predict_files
+
+    def spy(model, *args, **kwargs):
+        seen["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "_predict_files", spy)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8)).save(image)
+    predict(trained.best_checkpoint, [image], tmp_path / "out", workers=0, device="cpu", winograd=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in seen["model"].modules())
+    model, _ = load_model(trained.best_checkpoint, "cpu")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x, return_aux=True)
+        for got, want in zip(seen["model"](x, return_aux=True), expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 @requires_nnpack
 def test_predict_on_cpu_takes_winograd_convolutions(trained, tmp_path, nnpack_calls):
     """CPU predictions run the 3x3 convolutions of 64x64 maps and more through NNPACK, and agree
