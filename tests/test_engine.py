@@ -275,6 +275,9 @@ def test_predict_runs_the_model_with_batchnorm_folded(trained, tmp_path, monkeyp
         expected = model(x, return_aux=True)
         for got, want in zip(seen["model"](x, return_aux=True), expected):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # a stage-1 checkpoint (ConDSegStage1, another forward) folds too
+    predict(trained.run_dir / "stage1_best.pt", [image], tmp_path / "out1", workers=0, device="cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in seen["model"].modules())
 
 
 @requires_nnpack
