@@ -72,6 +72,14 @@ def append_jsonl(path, rows):
             f.write(json.dumps(row, sort_keys=False) + "\n")
 
 
+def max_diff(got, expected):
+    """(max |got - expected|, that relative to max |expected|; the absolute one where expected is 0),
+    in float64."""
+    diff = (got.double() - expected.double()).abs().max().item()
+    scale = expected.abs().max().item()
+    return diff, diff / scale if scale else diff
+
+
 def summarize(seconds, batch=1):
     """Median / p10 / p90 latency in ms and images per second from per-call times in seconds."""
     ms = sorted(1000.0 * s for s in seconds)

@@ -72,7 +72,7 @@ GOMP_SPINCOUNT = os.environ.get("GOMP_SPINCOUNT") if "torch" in sys.modules else
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_jsonl, row_header, summarize, synchronize, time_calls  # noqa: E402
+from _common import append_jsonl, max_diff, row_header, summarize, synchronize, time_calls  # noqa: E402
 
 try:
     import condseg
@@ -294,10 +294,8 @@ def _suspect(row):
 
 def check_output(out, reference):
     """Difference to ``reference`` (the float32 eager output of the automatic backend)."""
-    diff = float((out.float() - reference).abs().max())
-    scale = float(reference.abs().max())
-    return {"max_abs_diff": diff, "max_rel_diff": diff / scale if scale else diff,
-            "finite": bool(torch.isfinite(out).all())}
+    diff, rel = max_diff(out.float(), reference)
+    return {"max_abs_diff": diff, "max_rel_diff": rel, "finite": bool(torch.isfinite(out).all())}
 
 
 # ---- phases ------------------------------------------------------------------------------------

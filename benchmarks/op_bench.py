@@ -27,6 +27,7 @@ tolerance is marked WRONG and counts toward no bar). Exit status 1 if any row fa
 import argparse
 import itertools
 import json
+import math
 import re
 import statistics
 import sys
@@ -44,7 +45,7 @@ from condseg_ops.backends import unavailable_reason
 from condseg_ops.reference import contrast_aggregate_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import row_header, synchronize as sync  # noqa: E402
+from _common import max_diff, row_header, synchronize as sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -210,13 +211,10 @@ def results(fn, inputs, grad, with_grads):
 
 
 def max_error(got, expected):
-    """Largest |got - expected| over each tensor pair, relative to that tensor's largest |expected|."""
-    worst = 0.0
-    for a, b in zip(got, expected):
-        if b.numel():
-            err, scale = (a.double() - b).abs().max().item(), b.abs().max().item()
-            worst = max(worst, err / scale if scale else err)
-    return worst
+    """Largest |got - expected| over each tensor pair, relative to that tensor's largest |expected|;
+    NaN when any is (Python's max would drop it)."""
+    errors = [max_diff(a, b)[1] for a, b in zip(got, expected) if b.numel()]
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors, default=0.0)
 
 
 def copy_gbps(device, nbytes, iters):

@@ -26,8 +26,9 @@ block of pixels of one (batch, head):
                        gP_fg = gM P_bg^T, gP_bg = P_fg^T gM, gA = scale P (gP - rowsum(gP P))
 Forward: mix, mixed_apply_rows for K <= 3 (Triton >= 3.3); else mix, mixed_apply for 4- and 8-byte
 types and mix, weight, apply for 2-byte types; mix, weight, apply with FUSED_FORWARD off. Backward
-(only the inputs are saved): mix, weight, apply(transposed), grad_weight, softmax_bwd. Scratch: Mt (B*heads*H*W*K^4 accumulator floats, freed after use); the
-split forward and the backward add Wt, the backward gWt too (B*heads*H*W*(2K-1)^2 each).
+(only the inputs are saved): mix, weight, apply(transposed), grad_weight, softmax_bwd. Scratch: Mt
+(B*heads*H*W*K^4 accumulator floats, freed after use); the split forward and the backward add Wt,
+the backward gWt too (B*heads*H*W*(2K-1)^2 each).
 
 Registration: on a GPU the op is a ``torch.library.triton_op`` (kernels launched through
 ``wrap_triton``, so torch.compile sees them, no graph break). Under the Triton interpreter
@@ -446,8 +447,9 @@ if TRITON_AVAILABLE:
     def _apply_to_channels(X, Out, plane, hw, w, tmask, row_ok, col_ok, W, dil, Cg,
                            K: tl.constexpr, ROWS_INSIDE: tl.constexpr):
         """Out[c, t] = sum_d w[d] X[c, t + d] for each channel c of the head, one pixel t per thread
-        (plane: the offsets of channel 0; tmask: the pixels in the image). ROWS_INSIDE: every source row lies in the image, so the
-        loads need only the columns' 5 masks, which stay in predicate registers (25 do not)."""
+        (plane: the offsets of channel 0; tmask: the pixels in the image). ROWS_INSIDE: every source
+        row lies in the image, so the loads need only the columns' 5 masks, which stay in predicate
+        registers (25 do not)."""
         D1: tl.constexpr = 2 * K - 1
         for c in range(Cg):
             x_ptr = X + (plane + c * hw)

@@ -1,6 +1,7 @@
 """benchmarks/op_bench.py on the CPU: the JSON rows the issue asks for, written as they are measured."""
 import datetime
 import json
+import math
 
 import pytest
 import torch
@@ -104,3 +105,12 @@ def test_bars_on_cuda_judge_the_rows(op_bench, capsys):
     judged = verdicts()
     assert [judged[name] for name in op_bench.BARS_TRITON] == ["not measured"] * 2
     assert judged["forward speedup >= 10x"] == "PASS"
+
+
+def test_max_error_keeps_a_nan_wherever_it_is(op_bench):
+    ok, nan = torch.ones(3), torch.tensor([1.0, float("nan"), 1.0])
+    expected = [torch.ones(3), torch.full((3,), 2.0)]
+    assert op_bench.max_error([ok, torch.full((3,), 2.2)], expected) == pytest.approx(0.1)
+    assert math.isnan(op_bench.max_error([ok, nan], expected))
+    assert math.isnan(op_bench.max_error([nan, torch.full((3,), 2.2)], expected))
+    assert op_bench.max_error([torch.ones(0)], [torch.ones(0)]) == 0.0

@@ -132,9 +132,9 @@ def predict(checkpoint, inputs, out_dir, overlay=False, probabilities=False, unc
 
     Each input is resized to the training size, segmented, and the logits are resized back to the
     input's size. The model runs with its BatchNorms folded into the convolutions
-    (:func:`condseg.inference.fold_batchnorm`). On the CPU, unless ``winograd`` is False, the 3x3 convolutions on maps of 64x64
-    and more run through NNPACK's Winograd algorithm
-    (:func:`condseg.inference.use_winograd_convolutions`; logits within about 1e-5 of their scale).
+    (:func:`condseg.inference.fold_batchnorm`). On the CPU, unless ``winograd`` is False, the 3x3
+    convolutions on maps of 64x64 and more run through NNPACK's Winograd algorithm
+    (:func:`condseg.inference.use_winograd_convolutions`; logits within a few 1e-5 of their scale).
     Writes to ``out_dir``: ``<stem>.png`` (binary mask 0/255, or class indices),
     and optionally ``<stem>_overlay.png``, ``<stem>_prob.png`` (foreground probability x 255) and
     ``<stem>_uncertainty.png`` (the SID uncertainty branch's map, stage-2 checkpoints only).
