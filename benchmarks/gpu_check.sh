@@ -142,9 +142,11 @@ if [[ $TESTS == *" cuda "* ]]; then
   run_stage cuda-staging 60 25 bash -c 'variants cuda_staging CONDSEG_CUDA_WORD_STAGING "0 1" op_calls.py \
     --backends cuda --dtypes float32,bfloat16 --iters 10 --kernels'
   # At batch 1 (fps.py's) a fused call is one partial wave, 8 to 176 blocks, so it takes one block's
-  # latency: the fused and the generic kernels at the four levels' shapes (about 30 s).
-  run_stage cuda-batch1 60 25 bash -c 'variants cuda_batch1 CONDSEG_CUDA_GENERIC "0 1" op_bench.py \
-    --device cuda --shapes levels --batch 1 --dtypes float32,bfloat16 --backends cuda --passes forward \
+  # latency; there the split kernels run by default. The forward with the one fused kernel and
+  # with the split ones, at the four levels' shapes at batch 1 and 12: where does each win (about
+  # 45 s)?
+  run_stage cuda-batch1 75 25 bash -c 'variants cuda_batch1 CONDSEG_CUDA_SPLIT_FORWARD "0 1" op_bench.py \
+    --device cuda --shapes levels --batch 1,12 --dtypes float32,bfloat16 --backends cuda --passes forward \
     --iters 20 --warmup 3 --no-save'
 fi
 # With the Triton tests, where Triton imports: its forward fused (the default) and split, to tell
@@ -206,7 +208,7 @@ EOF
   fi
   if [[ -s "$OUT/cuda_batch1.log" ]]; then
     echo
-    echo "=== CUDA forward at batch 1, fused (default) and generic kernels (op_bench.py, ms per call)"
+    echo "=== CUDA forward at batch 1 and 12, one fused kernel (0) and split kernels (1) (op_bench.py, ms per call)"
     grep -E "^--- |^shape|cuda " "$OUT/cuda_batch1.log" || true
   fi
   if [[ -s "$OUT/triton_forward.log" ]]; then

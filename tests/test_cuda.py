@@ -3,7 +3,9 @@
 Two kernel families run on CUDA: the fused K = 3 / dilation 1 kernels (fp32, fp16, bf16) and the
 generic kernels (every other case, fp64 included). CONDSEG_CUDA_GENERIC=1 forces the generic ones,
 which lets the tests compare the two on the same inputs (and CONDSEG_CUDA_WORD_STAGING=1 the fused
-kernels' older copies of the logits).
+kernels' older copies of the logits). On small grids the fused forward's weights come from the split
+kernels, with the same bits; the tests run the fused ones unless they say otherwise
+(CONDSEG_CUDA_SPLIT_FORWARD).
 """
 import pytest
 import torch
@@ -22,6 +24,13 @@ TOLERANCES = {
     torch.float16: (5e-3, 2e-2),
     torch.bfloat16: (3e-2, 6e-2),
 }
+
+
+@pytest.fixture(autouse=True)
+def fused_forward(monkeypatch):
+    # Every shape below is a small grid, which the automatic choice gives to the split kernels; the
+    # tests are about the fused ones, except where they set CONDSEG_CUDA_SPLIT_FORWARD themselves.
+    monkeypatch.setenv("CONDSEG_CUDA_SPLIT_FORWARD", "0")
 
 
 def make_inputs(B, C, H, W, heads, K=3, dual=True, dtype=torch.float32, seed=0, logit_std=2.0, device="cuda"):
@@ -131,6 +140,47 @@ def test_vector_and_word_logit_staging_agree(dtype, dual, monkeypatch):
     for name, a, b in zip(("output", "grad_value", "grad_attn_fg", "grad_attn_bg"), vectors, words):
         assert (a is None and b is None) or torch.equal(a, b), name
     assert_close_all(vectors, run_reference(value, fg, bg, grad_out, scale=0.4), dtype, "vector staging")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, C, H, W, heads, dual", [
+    (1, 128, 64, 64, 4, True),   # ConDSeg's 64x64 level at batch 1
+    (2, 24, 19, 37, 3, True),
+    (1, 72, 13, 16, 2, False),
+    (1, 2, 1, 1, 1, True),
+])
+def test_split_forward_gives_the_fused_bits(dtype, B, C, H, W, heads, dual, monkeypatch):
+    # The split kernels do the fused kernels' float operations in the same order: equal bit for bit,
+    # the gradients included (the backward's weights come from them too).
+    value, fg, bg, grad_out = make_inputs(B, C, H, W, heads, dual=dual, dtype=dtype, seed=H + W)
+    fused = run_cuda(value, fg, bg, grad_out, scale=0.45)
+    monkeypatch.setenv("CONDSEG_CUDA_SPLIT_FORWARD", "1")
+    split = run_cuda(value, fg, bg, grad_out, scale=0.45)
+    for name, a, b in zip(("output", "grad_value", "grad_attn_fg", "grad_attn_bg"), split, fused):
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_close_all(split, run_reference(value, fg, bg, grad_out, scale=0.45), dtype, "split")
+
+
+def forward_kernel_names(value, fg, bg):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        condseg_ops.contrast_aggregate(value, fg, bg, backend="cuda")
+        torch.cuda.synchronize()
+    return " ".join(event.key for event in prof.key_averages())
+
+
+def test_split_forward_runs_where_the_fused_grid_is_small(monkeypatch):
+    # Automatic choice: the split kernels where the fused forward has fewer blocks than two per SM.
+    monkeypatch.delenv("CONDSEG_CUDA_SPLIT_FORWARD")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    small = make_inputs(1, 128, 64, 64, 4)[:3]  # 6 x 2 tiles per head: 48 blocks
+    names = forward_kernel_names(*small)
+    assert "mix_rows_kernel" in names and "gather_kernel" in names and "weights_kernel" not in names, names
+    bands = -(-2 * sms // 8)  # rows of 12 x 32 tiles, 8 blocks each (2 tiles, 4 heads): 2 per SM in all
+    large = make_inputs(1, 128, 12 * bands, 64, 4)[:3]
+    names = forward_kernel_names(*large)
+    assert "weights_kernel" in names and "mix_rows_kernel" not in names, names
 
 
 @pytest.mark.parametrize("scale", [-0.7, 0.0])

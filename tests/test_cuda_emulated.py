@@ -25,6 +25,14 @@ def emulated():
     return build.load(root / "condseg_cuda_emulated")
 
 
+@pytest.fixture(autouse=True)
+def fused_forward(monkeypatch):
+    # The emulated device has an H200's 132 SMs, where every test shape here is a small grid that the
+    # automatic choice would give to the split kernels: the tests below are about the fused ones.
+    # The split kernels' own tests set CONDSEG_CUDA_SPLIT_FORWARD themselves.
+    monkeypatch.setenv("CONDSEG_CUDA_SPLIT_FORWARD", "0")
+
+
 def run_emulated(module, value, fg, bg, grad_out, kernel_size=3, dilation=1, scale=1.0):
     """(output, grad_value, grad_fg, grad_bg) of the emulated CUDA backend."""
     out = module.forward(value, fg, bg, kernel_size, dilation, scale)
@@ -225,3 +233,52 @@ def test_writes_past_shared_memory_are_refused(emulated):
     emulated.write_shared_at(64, 63)  # the last byte
     with pytest.raises(RuntimeError, match="wrote past its 64 bytes of shared memory"):
         emulated.write_shared_at(64, 64)
+
+
+SPLIT_CASES = [
+    # (B, C, H, W, heads, dual): ragged 12 x 32 tiles whose window centres fall in both passes of
+    # the fused kernel; heads = 4 (vector staging in the fused path) and 3; Cg = 10 and 36 leave
+    # partial 8-channel groups; 1 x 1 and images narrower than the window.
+    (2, 24, 19, 37, 3, True),
+    (1, 40, 27, 70, 4, True),
+    (2, 12, 14, 35, 3, False),
+    (1, 72, 13, 16, 2, True),
+    (1, 2, 1, 1, 1, True),
+    (1, 6, 2, 3, 2, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, C, H, W, heads, dual", SPLIT_CASES)
+def test_split_forward_gives_the_fused_bits(emulated, dtype, B, C, H, W, heads, dual, monkeypatch):
+    # The split kernels do the fused kernels' float operations in the same order: the output and all
+    # three gradients (the backward's Wt comes from them too) are the same bits, whichever runs.
+    inputs = cpu_inputs(B, C, H, W, heads, dual=dual, dtype=dtype, seed=H * W + C)
+    fused = run_emulated(emulated, *inputs, scale=0.45)
+    monkeypatch.setenv("CONDSEG_CUDA_SPLIT_FORWARD", "1")
+    assert emulated.forward_kernels(*inputs[:3], scale=0.45) == "split"
+    split = run_emulated(emulated, *inputs, scale=0.45)
+    for name, a, b in zip(("out", "grad_value", "grad_fg", "grad_bg"), split, fused):
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_close_all(split, run_reference(*inputs, scale=0.45), dtype, f"{dtype} {(B, C, H, W, heads, dual)}")
+
+
+def test_split_forward_choice(emulated, monkeypatch):
+    # Automatic: the split kernels where the fused forward's grid is under one full wave of two blocks
+    # per SM. 32 x 64 at 4 heads is 3 x 2 tiles per head: 24 fused blocks, a wave of 12 SMs.
+    monkeypatch.delenv("CONDSEG_CUDA_SPLIT_FORWARD")
+    inputs = cpu_inputs(1, 16, 32, 64, 4, seed=2)
+
+    def kernels(sms, **kwargs):
+        monkeypatch.setenv("CONDSEG_EMU_SMS", str(sms))
+        return emulated.forward_kernels(*inputs[:3], **kwargs)
+
+    assert kernels(13) == kernels(132) == "split"
+    assert kernels(12) == kernels(4) == "fused"
+    assert kernels(132, scale=-1.0) == "generic"
+    monkeypatch.setenv("CONDSEG_CUDA_SPLIT_FORWARD", "0")
+    assert kernels(132) == "fused"
+    monkeypatch.setenv("CONDSEG_CUDA_SPLIT_FORWARD", "1")
+    assert kernels(4) == "split"
+    monkeypatch.setenv("CONDSEG_CUDA_GENERIC", "1")
+    assert kernels(132) == "generic"

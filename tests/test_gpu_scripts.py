@@ -76,10 +76,10 @@ def test_gpu_check_runs_the_chosen_tests_and_stages(tmp_path):
         "-P benchmarks/op_calls.py --backends cuda --dtypes float32,bfloat16 --iters 10 --kernels"] * 2
     assert "--- CONDSEG_CUDA_WORD_STAGING=1" in proc.stdout.split("=== CUDA kernels, logits staged")[1]
     assert "cuda-staging   ok" in proc.stdout
-    # the batch-1 forward, fused and generic kernels
-    batch1 = [c for c in calls if "op_bench.py" in c and "--batch 1 " in c]
+    # the forward at batch 1 and 12, with the one fused kernel and with the split kernels
+    batch1 = [c for c in calls if "op_bench.py" in c and "--batch 1,12 " in c]
     assert len(batch1) == 2 and all("--backends cuda --passes forward" in c for c in batch1)
-    assert "--- CONDSEG_CUDA_GENERIC=1" in proc.stdout.split("=== CUDA forward at batch 1")[1]
+    assert "--- CONDSEG_CUDA_SPLIT_FORWARD=1" in proc.stdout.split("=== CUDA forward at batch 1")[1]
     assert "cuda-batch1    ok" in proc.stdout
     assert "op-bench       ok" in proc.stdout and "fps" not in proc.stdout.split("=== gpu_check stages")[1]
 

@@ -9,7 +9,10 @@
 // the fused kernels need) runs the generic kernels. Both are gathers: deterministic, no atomics;
 // accumulation in fp32 (fp64 for fp64 inputs). CONDSEG_CUDA_GENERIC=1 forces the generic kernels
 // (the tests compare both). With heads a multiple of 4, the fused kernels copy the logits in 16- or
-// 8-byte granules (CONDSEG_CUDA_WORD_STAGING=1: in 4-byte words, as on other head counts).
+// 8-byte granules (CONDSEG_CUDA_WORD_STAGING=1: in 4-byte words, as on other head counts). Where the
+// fused forward's grid is less than one full wave (two blocks per SM; batch 1 at ConDSeg's sizes),
+// its weights come from the split kernels instead, with the same bits (CONDSEG_CUDA_SPLIT_FORWARD=1
+// or 0 forces either way).
 //
 // Inputs may be non-contiguous (copied once); outputs are contiguous. Everything is queued on the
 // current CUDA stream of the inputs' device, under a device guard.
@@ -65,13 +68,26 @@ float log2_scale(double scale) {
   return static_cast<float>(scale * cuda::kLog2e);
 }
 
-// How a call runs: on the fused K = 3 kernels or the generic ones, and whether the fused kernels
-// copy the logits in granules ("vector staging") or 4-byte words. The fused softmaxes take the
+// How a call runs: on the fused K = 3 kernels or the generic ones, whether the fused kernels' weights
+// come from the split kernels, and whether the fused kernels copy the logits in granules ("vector
+// staging") or 4-byte words. The fused softmaxes take the
 // maximum before scaling, which needs a finite scale * log2(e) > 0 in float (k3_kernels.cuh,
 // softmax_row). CONDSEG_CUDA_WORD_STAGING=1 keeps words (the tests compare both, bit for bit).
 struct FusedPlan {
-  bool fused = false, vector_logits = false;
+  bool fused = false, vector_logits = false, split = false;
 };
+
+// Whether the fused kernels' weights should come from the split kernels: when the fused forward's
+// grid would not fill the device once at two blocks per SM, a call takes about one block's latency
+// (53 us at batch 1, 64x64, H200), which the split kernels' many light threads cut.
+bool split_wanted(const Geo& g, int device) {
+  if (!cuda::split_sizes_ok(g)) return false;
+  if (const char* flag = std::getenv("CONDSEG_CUDA_SPLIT_FORWARD"); flag != nullptr && flag[0] != '\0')
+    return std::strcmp(flag, "0") != 0;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return cuda::fused_forward_blocks(g) < 2LL * sms;
+}
 
 template <typename T>
 FusedPlan fused_plan(const Geo& g, const at::Tensor& value, const at::Tensor& fg, const at::Tensor& bg,
@@ -85,7 +101,8 @@ FusedPlan fused_plan(const Geo& g, const at::Tensor& value, const at::Tensor& fg
     int optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, value.get_device()));
     plan.fused = cuda::fused_shared_memory_bytes<T>() <= optin;
-    plan.vector_logits = plan.fused && !env_flag("CONDSEG_CUDA_WORD_STAGING") &&
+    plan.split = plan.fused && split_wanted(g, value.get_device());
+    plan.vector_logits = plan.fused && !plan.split && !env_flag("CONDSEG_CUDA_WORD_STAGING") &&
                          cuda::fused_vector_logits_ok<T>(g, fg.data_ptr<T>(), bg.defined() ? bg.data_ptr<T>() : nullptr,
                                                          optin);
   }
@@ -105,13 +122,26 @@ at::TensorOptions acc_options(const at::Tensor& t) {
   return t.options().dtype(c10::CppTypeToScalarType<acc_t<T>>::value);
 }
 
+// The fused K = 3 forward (out) or Wt (weights), from weights_kernel or from the split kernels.
+template <typename T>
+void fused_or_split_weights(const FusedPlan& plan, const Geo& g, const at::Tensor& value, const at::Tensor& fg,
+                            const at::Tensor& bg, T* out, float* weights, double scale, cudaStream_t stream) {
+  if (!plan.split) {
+    C10_CUDA_CHECK(cuda::fused_weights<T>(g, ptr<T>(value), ptr<T>(fg), ptr<T>(bg), out, weights, log2_scale(scale),
+                                          plan.vector_logits, stream));
+    return;
+  }
+  at::Tensor mix = at::empty({cuda::split_scratch_floats(g)}, value.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::split_weights<T>(g, ptr<T>(value), ptr<T>(fg), ptr<T>(bg), out, weights, ptr<float>(mix),
+                                        log2_scale(scale), stream));
+}
+
 template <typename T>
 void forward_impl(const Geo& g, const at::Tensor& value, const at::Tensor& fg, const at::Tensor& bg,
                   const at::Tensor& out, double scale, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, double>) {
     if (const FusedPlan plan = fused_plan<T>(g, value, fg, bg, scale); plan.fused) {
-      C10_CUDA_CHECK(cuda::fused_weights<T>(g, ptr<T>(value), ptr<T>(fg), ptr<T>(bg), ptr<T>(out), nullptr,
-                                            log2_scale(scale), plan.vector_logits, stream));
+      fused_or_split_weights<T>(plan, g, value, fg, bg, ptr<T>(out), nullptr, scale, stream);
       return;
     }
   }
@@ -142,8 +172,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Geo& g, const at::Tensor&
       at::Tensor grad_weights = at::empty({g.B, g.heads, 25, g.H, g.W}, f32);
       {
         at::Tensor weights = at::empty({g.B, g.heads, 25, g.H, g.W}, f32);
-        C10_CUDA_CHECK(cuda::fused_weights<T>(g, ptr<T>(value), ptr<T>(fg), ptr<T>(bg), nullptr, ptr<float>(weights),
-                                              log2_scale(scale), plan.vector_logits, stream));
+        fused_or_split_weights<T>(plan, g, value, fg, bg, nullptr, ptr<float>(weights), scale, stream);
         C10_CUDA_CHECK(cuda::fused_value_grad<T>(g, ptr<T>(grad_out), ptr<T>(value), ptr<float>(weights),
                                                  ptr<T>(grad_value), ptr<float>(grad_weights), stream));
       }  // Wt goes back to the caching allocator (stream-ordered) before the logit gradients

@@ -1,5 +1,6 @@
-// Launchers of the fused K = 3 kernels (k3_kernels.cuh).
-#include "k3_kernels.cuh"
+// Launchers of the fused K = 3 kernels (k3_kernels.cuh) and of the split forward
+// (k3_split_kernels.cuh).
+#include "k3_split_kernels.cuh"
 #include "launch.cuh"
 
 #include <climits>
@@ -18,6 +19,8 @@ Tiles tiles_of(const Geo& g, int tile_h, int tile_w) {
   const long long tx = (g.W + tile_w - 1) / tile_w, ty = (g.H + tile_h - 1) / tile_h;
   return {tx, ty, tx * ty * g.heads * g.B};
 }
+
+long long channel_groups(const Geo& g) { return (g.Cg + k3::GATHER_CHANNELS - 1) / k3::GATHER_CHANNELS; }
 
 template <typename Kernel>
 cudaError_t allow_shared_memory(Kernel* kernel, int bytes) {
@@ -38,6 +41,15 @@ bool fused_sizes_ok(const Geo& g) {
   const long long logit_blocks = (g.B * g.HW * g.heads + k3::NT4 - 1) / k3::NT4;
   return weights_blocks <= INT_MAX && grad_blocks <= INT_MAX && logit_blocks <= INT_MAX;
 }
+
+long long fused_forward_blocks(const Geo& g) { return tiles_of(g, k3::TH, k3::TW).blocks; }
+
+bool split_sizes_ok(const Geo& g) {
+  // gather_kernel's int32 thread index and offsets inside a plane (the planes' own offsets are int64)
+  return g.B * g.heads * channel_groups(g) * g.HW <= INT_MAX && g.HW * k3::MIX_PLANES <= INT_MAX;
+}
+
+long long split_scratch_floats(const Geo& g) { return g.B * g.heads * k3::MIX_PLANES * g.HW; }
 
 template <typename T>
 int fused_shared_memory_bytes() {
@@ -112,6 +124,34 @@ cudaError_t fused_logit_grad(const Geo& g, const T* fg, const T* bg, const float
   return launch(k3::logit_grad_kernel<T, false>, k3::logit_grad_smem_bytes<T, false>());
 }
 
+template <typename T>
+cudaError_t split_weights(const Geo& g, const T* value, const T* fg, const T* bg, T* out, float* weights, float* mix,
+                          float sl2, cudaStream_t stream) {
+  const long long pixel_heads = g.B * g.HW * g.heads;
+  const unsigned int mix_blocks = static_cast<unsigned int>((pixel_heads + k3::NT4 - 1) / k3::NT4);
+  auto mix_rows = [&](auto kernel, int smem) {
+    const cudaError_t status = allow_shared_memory(kernel, smem);
+    if (status != cudaSuccess) return status;
+    kernel<<<mix_blocks, k3::NT4, smem, stream>>>(fg, bg, mix, static_cast<int>(g.HW), static_cast<int>(g.heads),
+                                                  pixel_heads, sl2);
+    return cudaGetLastError();
+  };
+  const cudaError_t status = bg != nullptr
+                                 ? mix_rows(k3::mix_rows_kernel<T, true>, k3::logit_grad_smem_bytes<T, true>())
+                                 : mix_rows(k3::mix_rows_kernel<T, false>, k3::logit_grad_smem_bytes<T, false>());
+  if (status != cudaSuccess) return status;
+  const int groups = out != nullptr ? static_cast<int>(channel_groups(g)) : 1;
+  const int threads = static_cast<int>(g.B * g.heads * groups * g.HW);
+  const unsigned int blocks = static_cast<unsigned int>((threads + k3::NT - 1) / k3::NT);
+  auto gather = [&](auto kernel) {
+    kernel<<<blocks, k3::NT, 0, stream>>>(mix, value, out, weights, static_cast<int>(g.H), static_cast<int>(g.W),
+                                          static_cast<int>(g.heads), static_cast<int>(g.C), static_cast<int>(g.Cg),
+                                          groups, threads);
+    return cudaGetLastError();
+  };
+  return out != nullptr ? gather(k3::gather_kernel<T, true>) : gather(k3::gather_kernel<T, false>);
+}
+
 #define CONDSEG_FUSED_INSTANTIATE(T)                                                                              \
   template int fused_shared_memory_bytes<T>();                                                                    \
   template bool fused_vector_logits_ok<T>(const Geo&, const T*, const T*, int);                                   \
@@ -119,7 +159,9 @@ cudaError_t fused_logit_grad(const Geo& g, const T* fg, const T* bg, const float
                                         cudaStream_t);                                                            \
   template cudaError_t fused_value_grad<T>(const Geo&, const T*, const T*, const float*, T*, float*, cudaStream_t); \
   template cudaError_t fused_logit_grad<T>(const Geo&, const T*, const T*, const float*, T*, T*, float, float,     \
-                                           cudaStream_t);
+                                           cudaStream_t);                                                         \
+  template cudaError_t split_weights<T>(const Geo&, const T*, const T*, const T*, T*, float*, float*, float,      \
+                                        cudaStream_t);
 CONDSEG_FUSED_INSTANTIATE(float)
 CONDSEG_FUSED_INSTANTIATE(c10::Half)
 CONDSEG_FUSED_INSTANTIATE(c10::BFloat16)

@@ -17,7 +17,8 @@
 // for 2-byte types), and each thread applies Wt to a column of 3 output pixels (value loads shared
 // by the 3 rows) for half of the channels. Only the logits, value and the output cross global
 // memory. weights_kernel<APPLY=false> writes Wt (fp32, layout (B, heads, 25, H, W)) instead: the
-// first step of the backward.
+// first step of the backward. On grids too small to fill the GPU, k3_split_kernels.cuh computes
+// the same, bit for bit, with many lighter threads.
 //
 // Backward: value_grad_kernel computes grad_value[c, t] = sum_d Wt_{t-d}[d] G[c, t-d] and
 // gWt_r[d] = sum_{c in head} G[c, r] V[c, r + d] (both gathers); logit_grad_kernel turns gWt into

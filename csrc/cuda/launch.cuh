@@ -42,6 +42,19 @@ template <typename T>
 cudaError_t fused_weights(const Geo& g, const T* value, const T* fg, const T* bg, T* out, float* weights, float sl2,
                           bool vector_logits, cudaStream_t stream);
 
+// The split forward (k3_split_kernels.cuh): the fused kernels' results, bit for bit, from two kernels
+// of many light threads, for grids the fused forward cannot fill (batch 1). Blocks of the fused
+// forward; whether the sizes fit the split kernels' int32 arithmetic; floats of its scratch `mix`.
+long long fused_forward_blocks(const Geo& g);
+bool split_sizes_ok(const Geo& g);
+long long split_scratch_floats(const Geo& g);
+
+// With out != nullptr the whole forward, otherwise Wt into weights, as fused_weights; mix holds
+// split_scratch_floats(g) floats.
+template <typename T>
+cudaError_t split_weights(const Geo& g, const T* value, const T* fg, const T* bg, T* out, float* weights, float* mix,
+                          float sl2, cudaStream_t stream);
+
 // grad_value and gWt (fp32, (B, heads, 25, H, W)) from grad_out, value and Wt.
 template <typename T>
 cudaError_t fused_value_grad(const Geo& g, const T* grad_out, const T* value, const float* weights, T* grad_value,

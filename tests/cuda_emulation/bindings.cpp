@@ -62,6 +62,19 @@ std::string logit_staging(const at::Tensor& value, const at::Tensor& fg, const s
   return staging;
 }
 
+// Which kernels the backend would run for a K = 3 call on these inputs: "split", "fused" or
+// "generic".
+std::string forward_kernels(const at::Tensor& value, const at::Tensor& fg, const std::optional<at::Tensor>& bg,
+                            double scale) {
+  const condseg_ops::cuda::Geo g = condseg_ops::make_geo(condseg_ops::check_inputs(value, fg, bg, 3, 1));
+  std::string kernels;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "forward_kernels", [&] {
+    const auto plan = condseg_ops::fused_plan<scalar_t>(g, value, fg, contiguous(bg), scale);
+    kernels = !plan.fused ? "generic" : plan.split ? "split" : "fused";
+  });
+  return kernels;
+}
+
 // One thread copies the 4 bytes at t's data + offset with cp.async, t registered as the only
 // input: the tests check that copies from outside the inputs are refused.
 void copy_word_at(const at::Tensor& t, int64_t offset) {
@@ -93,6 +106,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "the CUDA backend's backward, emulated");
   m.def("logit_staging", &logit_staging, "how the fused kernels would stage the logits of these inputs",
         py::arg("value"), py::arg("fg"), py::arg("bg"), py::arg("scale") = 1.0);
+  m.def("forward_kernels", &forward_kernels, "which kernels the forward would run on these inputs", py::arg("value"),
+        py::arg("fg"), py::arg("bg"), py::arg("scale") = 1.0);
   m.def("copy_word_at", &copy_word_at, "a cp.async of 4 bytes from t's data + offset (emulation check)");
   m.def("write_shared_at", &write_shared_at, "a write of one byte of shared memory (emulation check)");
 }

@@ -49,7 +49,7 @@ using cudaError_t = int;
 using cudaStream_t = void*;
 constexpr cudaError_t cudaSuccess = 0;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
 
 // CUDA's device overloads of min/max for the integer and floating types the kernels mix.
 template <typename A, typename B>
@@ -68,6 +68,12 @@ namespace emu {
 inline int shared_memory_optin() {
   const char* kb = std::getenv("CONDSEG_EMU_SHARED_OPTIN_KB");
   return (kb != nullptr && kb[0] != '\0' ? std::atoi(kb) : 227) * 1024;
+}
+
+// The emulated device's SMs: CONDSEG_EMU_SMS, or an H200's 132.
+inline int multiprocessors() {
+  const char* sms = std::getenv("CONDSEG_EMU_SMS");
+  return sms != nullptr && sms[0] != '\0' ? std::atoi(sms) : 132;
 }
 
 // One pending cp.async (or the zero-filled part of one: src == nullptr).
@@ -289,8 +295,8 @@ cudaError_t cudaFuncSetAttribute(Kernel*, cudaFuncAttribute, int bytes) {
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = emu::shared_memory_optin();
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
+  *value = attribute == cudaDevAttrMultiProcessorCount ? emu::multiprocessors() : emu::shared_memory_optin();
   return cudaSuccess;
 }
 
