@@ -70,9 +70,9 @@ float log2_scale(double scale) {
 
 // How a call runs: on the fused K = 3 kernels or the generic ones, whether the fused kernels' weights
 // come from the split kernels, and whether the fused kernels copy the logits in granules ("vector
-// staging") or 4-byte words. The fused softmaxes take the
-// maximum before scaling, which needs a finite scale * log2(e) > 0 in float (k3_kernels.cuh,
-// softmax_row). CONDSEG_CUDA_WORD_STAGING=1 keeps words (the tests compare both, bit for bit).
+// staging") or 4-byte words. The fused softmaxes take the maximum before scaling, which needs a
+// finite scale * log2(e) > 0 in float (k3_kernels.cuh, softmax_row). CONDSEG_CUDA_WORD_STAGING=1
+// keeps words (the tests compare both, bit for bit).
 struct FusedPlan {
   bool fused = false, vector_logits = false, split = false;
 };

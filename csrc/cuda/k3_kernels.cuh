@@ -713,30 +713,57 @@ __device__ __forceinline__ int stage_contiguous(uint32_t* buf, const T* first, l
   return phase;
 }
 
+// The logits of block blockIdx.x's NT4 (pixel, head) pairs (contiguous matrices), staged into shared
+// memory (logit_grad_smem_bytes) with coalesced 4-byte copies, ready for every thread to read.
+template <typename T>
+struct BlockLogits {
+  T* fg;      // matrix t of the block at fg + t * K4
+  T* bg;      // (DUAL only)
+  int count;  // pairs in this block (NT4 but in the last one)
+};
+
+template <typename T, bool DUAL>
+__device__ __forceinline__ BlockLogits<T> stage_block_logits(unsigned char* smem, const T* fg, const T* bg,
+                                                             long long pixel_heads) {
+  uint32_t* fg_words = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* bg_words = fg_words + logit_stage_words<T>();
+  const long long n0 = (long long)blockIdx.x * NT4, left = pixel_heads - n0;
+  const int count = left < NT4 ? static_cast<int>(left) : NT4;
+  auto stage = [&](uint32_t* words, const T* logits) {
+    return stage_contiguous<T>(words, logits + n0 * K4, (long long)count * K4, reinterpret_cast<const char*>(logits),
+                               reinterpret_cast<const char*>(logits + pixel_heads * K4));
+  };
+  const int fg_phase = stage(fg_words, fg);
+  const int bg_phase = DUAL ? stage(bg_words, bg) : 0;
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  return {reinterpret_cast<T*>(fg_words) + fg_phase, reinterpret_cast<T*>(bg_words) + bg_phase, count};
+}
+
+// The 9 rows of a staged matrix through softmax_row, normalised (as tile_weights computes P_bg).
+template <typename T>
+__device__ __forceinline__ void softmax_rows(const T* a, float sl2, float (&p)[K4]) {
+#pragma unroll
+  for (int j = 0; j < K2; ++j) {
+    float e[K2];
+    const float inv = softmax_row(a + j * K2, sl2, e);
+#pragma unroll
+    for (int s = 0; s < K2; ++s) p[j * K2 + s] = e[s] * inv;
+  }
+}
+
 template <typename T, bool DUAL>
 __global__ void __launch_bounds__(NT4)
     logit_grad_kernel(const T* __restrict__ fg, const T* __restrict__ bg, const float* __restrict__ grad_weights,
                       T* __restrict__ grad_fg, T* __restrict__ grad_bg, int H, int W, int heads,
                       long long pixel_heads, float sl2, float scale) {
   extern __shared__ __align__(16) unsigned char smem[];
-  uint32_t* fg_words = reinterpret_cast<uint32_t*>(smem);
-  uint32_t* bg_words = fg_words + logit_stage_words<T>();
+  const BlockLogits<T> staged = stage_block_logits<T, DUAL>(smem, fg, bg, pixel_heads);
   const long long n0 = (long long)blockIdx.x * NT4;
-  const long long left = pixel_heads - n0;
-  const int count = left < NT4 ? static_cast<int>(left) : NT4;
-  const long long numel = pixel_heads * K4;
-  const int fg_phase = stage_contiguous<T>(fg_words, fg + n0 * K4, (long long)count * K4,
-                                           reinterpret_cast<const char*>(fg), reinterpret_cast<const char*>(fg + numel));
-  int bg_phase = 0;
-  if (DUAL)
-    bg_phase = stage_contiguous<T>(bg_words, bg + n0 * K4, (long long)count * K4,
-                                   reinterpret_cast<const char*>(bg), reinterpret_cast<const char*>(bg + numel));
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-
-  T* fg_s = reinterpret_cast<T*>(fg_words) + fg_phase;
-  T* bg_s = reinterpret_cast<T*>(bg_words) + bg_phase;
+  const int count = staged.count;
+  T* fg_s = staged.fg;
+  T* bg_s = staged.bg;
   const int t = threadIdx.x;
   if (t < count) {
     const long long n = n0 + t;
@@ -765,13 +792,7 @@ __global__ void __launch_bounds__(NT4)
     for (int p = 0; p < K2; ++p) lse_fg[p] = row_lse(F + p * K2, sl2);
     if (DUAL) {
       float pb[K4];
-#pragma unroll
-      for (int j = 0; j < K2; ++j) {
-        float e[K2];
-        const float inv = softmax_row(Bm + j * K2, sl2, e);
-#pragma unroll
-        for (int s = 0; s < K2; ++s) pb[j * K2 + s] = e[s] * inv;
-      }
+      softmax_rows(Bm, sl2, pb);
       // grad of P_bg: gP_bg[j, s] = sum_p P_fg[p, j] gM[p, s]; written over the bg logits.
 #pragma unroll
       for (int j = 0; j < K2; ++j) {

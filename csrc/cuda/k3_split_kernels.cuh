@@ -32,53 +32,28 @@ __global__ void __launch_bounds__(NT4)
     mix_rows_kernel(const T* __restrict__ fg, const T* __restrict__ bg, float* __restrict__ mix, int HW, int heads,
                     long long pixel_heads, float sl2) {
   extern __shared__ __align__(16) unsigned char smem[];
-  uint32_t* fg_words = reinterpret_cast<uint32_t*>(smem);
-  uint32_t* bg_words = fg_words + logit_stage_words<T>();
-  const long long n0 = (long long)blockIdx.x * NT4;
-  const long long left = pixel_heads - n0;
-  const int count = left < NT4 ? static_cast<int>(left) : NT4;
-  const long long numel = pixel_heads * K4;
-  // The block's matrices are contiguous: staged with coalesced 4-byte copies, then read per thread.
-  const int fg_phase = stage_contiguous<T>(fg_words, fg + n0 * K4, (long long)count * K4,
-                                           reinterpret_cast<const char*>(fg), reinterpret_cast<const char*>(fg + numel));
-  int bg_phase = 0;
-  if (DUAL)
-    bg_phase = stage_contiguous<T>(bg_words, bg + n0 * K4, (long long)count * K4,
-                                   reinterpret_cast<const char*>(bg), reinterpret_cast<const char*>(bg + numel));
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-
+  const BlockLogits<T> staged = stage_block_logits<T, DUAL>(smem, fg, bg, pixel_heads);
   const int t = threadIdx.x;
-  if (t >= count) return;
-  const long long n = n0 + t, pixel = n / heads;
+  if (t >= staged.count) return;
+  const long long n = (long long)blockIdx.x * NT4 + t, pixel = n / heads;
   const int head = static_cast<int>(n % heads), q = static_cast<int>(pixel % HW);
   const long long b = pixel / HW;
   float* dst = mix + (b * heads + head) * MIX_PLANES * HW + q;  // plane k at dst[k * HW]
-  const T* F = reinterpret_cast<const T*>(fg_words) + fg_phase + t * K4;
-  const T* Bm = reinterpret_cast<const T*>(bg_words) + bg_phase + t * K4;
+  const T* F = staged.fg + t * K4;
 
-  float pbg[DUAL ? K4 : 1];  // P_bg, normalised (as tile_weights computes it)
-  if (DUAL) {
-#pragma unroll
-    for (int j = 0; j < K2; ++j) {
-      float e[K2];
-      const float inv = softmax_row(Bm + j * K2, sl2, e);
-#pragma unroll
-      for (int s = 0; s < K2; ++s) pbg[DUAL ? j * K2 + s : 0] = e[s] * inv;
-    }
-  }
+  float pbg[K4];  // P_bg, normalised (as tile_weights computes it)
+  if constexpr (DUAL) softmax_rows(staged.bg + t * K4, sl2, pbg);
 #pragma unroll
   for (int p = 0; p < K2; ++p) {
     float ef[K2], row[K2];
     const float inv = softmax_row(F + p * K2, sl2, ef);
-    if (DUAL) {
+    if constexpr (DUAL) {
 #pragma unroll
       for (int s = 0; s < K2; ++s) row[s] = 0.f;
 #pragma unroll
       for (int j = 0; j < K2; ++j) {
 #pragma unroll
-        for (int s = 0; s < K2; ++s) row[s] = fmaf(ef[j], pbg[DUAL ? j * K2 + s : 0], row[s]);
+        for (int s = 0; s < K2; ++s) row[s] = fmaf(ef[j], pbg[j * K2 + s], row[s]);
       }
     } else {
 #pragma unroll
