@@ -49,30 +49,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_i
   return condseg_ops::backward_cuda(grad, value, fg, maybe(bg), kernel_size, dilation, scale);
 }
 
-// How the backend would stage the logits of a K = 3 call on these inputs: "vectors", "words", or
-// "generic" (no fused kernels).
-std::string logit_staging(const at::Tensor& value, const at::Tensor& fg, const std::optional<at::Tensor>& bg,
-                          double scale) {
+// The backend's plan for a K = 3 call on these inputs.
+condseg_ops::FusedPlan plan_for(const at::Tensor& value, const at::Tensor& fg, const std::optional<at::Tensor>& bg,
+                                double scale) {
   const condseg_ops::cuda::Geo g = condseg_ops::make_geo(condseg_ops::check_inputs(value, fg, bg, 3, 1));
-  std::string staging;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "logit_staging", [&] {
-    const auto plan = condseg_ops::fused_plan<scalar_t>(g, value, fg, contiguous(bg), scale);
-    staging = !plan.fused ? "generic" : plan.vector_logits ? "vectors" : "words";
+  condseg_ops::FusedPlan plan;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "plan_for", [&] {
+    plan = condseg_ops::fused_plan<scalar_t>(g, value, fg, contiguous(bg), scale);
   });
-  return staging;
+  return plan;
 }
 
-// Which kernels the backend would run for a K = 3 call on these inputs: "split", "fused" or
-// "generic".
+// How the backend would stage the logits: "vectors", "words", or "generic" (no fused kernels).
+std::string logit_staging(const at::Tensor& value, const at::Tensor& fg, const std::optional<at::Tensor>& bg,
+                          double scale) {
+  const auto plan = plan_for(value, fg, bg, scale);
+  return !plan.fused ? "generic" : plan.vector_logits ? "vectors" : "words";
+}
+
+// Which kernels the forward would run: "split", "fused" or "generic".
 std::string forward_kernels(const at::Tensor& value, const at::Tensor& fg, const std::optional<at::Tensor>& bg,
                             double scale) {
-  const condseg_ops::cuda::Geo g = condseg_ops::make_geo(condseg_ops::check_inputs(value, fg, bg, 3, 1));
-  std::string kernels;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "forward_kernels", [&] {
-    const auto plan = condseg_ops::fused_plan<scalar_t>(g, value, fg, contiguous(bg), scale);
-    kernels = !plan.fused ? "generic" : plan.split ? "split" : "fused";
-  });
-  return kernels;
+  const auto plan = plan_for(value, fg, bg, scale);
+  return !plan.fused ? "generic" : plan.split ? "split" : "fused";
 }
 
 // One thread copies the 4 bytes at t's data + offset with cp.async, t registered as the only
