@@ -26,8 +26,8 @@ CUDA_INCLUDES = re.compile(r'^#include <c10/cuda/.*$', re.M)
 STALE_LOCK_S = 600
 
 SOURCES = ["contrast_aggregate.h", "contrast_aggregate.cpp", "cuda/common.cuh", "cuda/launch.cuh",
-           "cuda/k3_kernels.cuh", "cuda/k3_split_kernels.cuh", "cuda/generic_kernels.cuh", "cuda/fused_k3.cu", "cuda/generic.cu",
-           "cuda/contrast_aggregate_cuda.cu"]
+           "cuda/k3_kernels.cuh", "cuda/k3_split_kernels.cuh", "cuda/generic_kernels.cuh", "cuda/fused_k3.cu",
+           "cuda/generic.cu", "cuda/contrast_aggregate_cuda.cu"]
 
 
 def rewrite(text):
