@@ -12,8 +12,8 @@
 //     weights (the backward's first step).
 // Every float operation is one of the fused kernels', in the same order (softmax_row, the products
 // over j, the multiply-adds of rows into Wt, the apply in offset order), so the results are the same
-// bits (the tests compare them with ==): which path runs never changes a result. The planar scratch keeps both kernels' global
-// accesses coalesced: neighbouring threads hold neighbouring pixels.
+// bits (the tests compare them with ==): which path runs never changes a result. The planar scratch
+// keeps both kernels' global accesses coalesced: neighbouring threads hold neighbouring pixels.
 #pragma once
 
 #include "k3_kernels.cuh"
