@@ -83,6 +83,12 @@ def assert_close_all(got, expected, dtype, what=""):
         assert err <= tol, f"{what} {name}: relative error {err:.3e} > {tol:.0e}"
 
 
+def assert_same_bits(got, expected):
+    """(output, grad_value, grad_attn_fg, grad_attn_bg) equal bit for bit (None where there is no bg)."""
+    for name, a, b in zip(("output", "grad_value", "grad_attn_fg", "grad_attn_bg"), got, expected):
+        assert (a is None and b is None) or torch.equal(a, b), name
+
+
 def test_cuda_backend_is_built_and_available():
     assert "cuda" in condseg_ops.build_info()["backends"], condseg_ops.build_info()
     assert "cuda" in condseg_ops.available_backends("cuda")
@@ -137,8 +143,7 @@ def test_vector_and_word_logit_staging_agree(dtype, dual, monkeypatch):
     vectors = run_cuda(value, fg, bg, grad_out, scale=0.4)
     monkeypatch.setenv("CONDSEG_CUDA_WORD_STAGING", "1")
     words = run_cuda(value, fg, bg, grad_out, scale=0.4)
-    for name, a, b in zip(("output", "grad_value", "grad_attn_fg", "grad_attn_bg"), vectors, words):
-        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_same_bits(vectors, words)
     assert_close_all(vectors, run_reference(value, fg, bg, grad_out, scale=0.4), dtype, "vector staging")
 
 
@@ -156,8 +161,7 @@ def test_split_forward_gives_the_fused_bits(dtype, B, C, H, W, heads, dual, monk
     fused = run_cuda(value, fg, bg, grad_out, scale=0.45)
     monkeypatch.setenv("CONDSEG_CUDA_SPLIT_FORWARD", "1")
     split = run_cuda(value, fg, bg, grad_out, scale=0.45)
-    for name, a, b in zip(("output", "grad_value", "grad_attn_fg", "grad_attn_bg"), split, fused):
-        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_same_bits(split, fused)
     assert_close_all(split, run_reference(value, fg, bg, grad_out, scale=0.45), dtype, "split")
 
 
@@ -242,9 +246,7 @@ def test_non_contiguous_inputs(dtype):
     bg_s = torch.stack([bg, torch.zeros_like(bg)], dim=-1)[..., 0]
     grad_s = torch.cat([grad_out, grad_out], dim=1)[:, 8:]
     assert not (value_cl.is_contiguous() or fg_t.is_contiguous() or bg_s.is_contiguous())
-    got = run_cuda(value_cl, fg_t, bg_s, grad_s)
-    for a, b in zip(got, expected):
-        assert torch.equal(a, b)
+    assert_same_bits(run_cuda(value_cl, fg_t, bg_s, grad_s), expected)
 
 
 def test_odd_storage_offsets_half():
@@ -256,9 +258,7 @@ def test_odd_storage_offsets_half():
         flat[1:] = t.reshape(-1)
         return flat[1:].view(t.shape)
 
-    got = run_cuda(*(shifted(t) for t in (value, fg, bg, grad_out)))
-    for a, b in zip(got, run_cuda(value, fg, bg, grad_out)):
-        assert torch.equal(a, b)
+    assert_same_bits(run_cuda(*(shifted(t) for t in (value, fg, bg, grad_out))), run_cuda(value, fg, bg, grad_out))
 
 
 @pytest.mark.parametrize("dtype, kernel_size", [(torch.float32, 3), (torch.bfloat16, 3), (torch.float64, 5)])
@@ -266,9 +266,7 @@ def test_backward_is_bitwise_deterministic(dtype, kernel_size):
     value, fg, bg, grad_out = make_inputs(2, 16, 23, 41, 4, K=kernel_size, dtype=dtype, seed=9)
     first = run_cuda(value, fg, bg, grad_out, kernel_size=kernel_size)
     for _ in range(2):
-        again = run_cuda(value, fg, bg, grad_out, kernel_size=kernel_size)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
+        assert_same_bits(run_cuda(value, fg, bg, grad_out, kernel_size=kernel_size), first)
 
 
 def test_huge_logits_stay_finite():

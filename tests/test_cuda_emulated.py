@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cuda import AWKWARD, TOLERANCES, assert_close_all, make_inputs, rel_err, run_reference
+from test_cuda import AWKWARD, TOLERANCES, assert_close_all, assert_same_bits, make_inputs, rel_err, run_reference
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulation uses ucontext fibers")
 
@@ -68,8 +68,7 @@ def test_copies_landing_when_issued(emulated, heads, dtype, monkeypatch):
     inputs = cpu_inputs(2, 8 * heads, 19, 40, heads, dtype=dtype, seed=15)
     late = run_emulated(emulated, *inputs, scale=0.5)
     monkeypatch.setenv("CONDSEG_EMU_EAGER_COPIES", "1")
-    for name, a, b in zip(("out", "grad_value", "grad_fg", "grad_bg"), run_emulated(emulated, *inputs, scale=0.5), late):
-        assert torch.equal(a, b), name
+    assert_same_bits(run_emulated(emulated, *inputs, scale=0.5), late)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -127,8 +126,7 @@ def test_vector_logit_staging(emulated, dtype, dual, monkeypatch):
     monkeypatch.setenv("CONDSEG_CUDA_WORD_STAGING", "1")
     assert emulated.logit_staging(*inputs[:3]) == "words"
     words = run_emulated(emulated, *inputs, scale=0.6)
-    for name, a, b in zip(("out", "grad_value", "grad_fg", "grad_bg"), vectors, words):
-        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_same_bits(vectors, words)
     assert_close_all(vectors, run_reference(*inputs, scale=0.6), dtype, f"{dtype} dual={dual}")
 
 
@@ -175,8 +173,7 @@ def test_misaligned_logits_take_word_staging(emulated, dtype):
     value, fg, bg, grad_out = inputs
     assert emulated.logit_staging(value, offset_by(fg), offset_by(bg)) == "words"
     got = run_emulated(emulated, value, offset_by(fg), offset_by(bg), grad_out)
-    for a, b in zip(got, run_emulated(emulated, *inputs)):
-        assert torch.equal(a, b)
+    assert_same_bits(got, run_emulated(emulated, *inputs))
 
 
 @pytest.mark.parametrize("B, C, H, W, heads, K, dilation, dual", AWKWARD)
@@ -203,9 +200,7 @@ def test_odd_storage_offsets_half(emulated):
     # 2-byte tensors whose data pointer is not 4-byte aligned: the fused kernels stage them through
     # 4-byte words and must neither lose nor read past an element at either end.
     inputs = cpu_inputs(1, 6, 14, 35, 2, dtype=torch.float16, seed=4)
-    got = run_emulated(emulated, *(offset_by(t) for t in inputs))
-    for a, b in zip(got, run_emulated(emulated, *inputs)):
-        assert torch.equal(a, b)
+    assert_same_bits(run_emulated(emulated, *(offset_by(t) for t in inputs)), run_emulated(emulated, *inputs))
 
 
 def test_huge_logits_stay_finite(emulated):
@@ -258,8 +253,7 @@ def test_split_forward_gives_the_fused_bits(emulated, dtype, B, C, H, W, heads, 
     monkeypatch.setenv("CONDSEG_CUDA_SPLIT_FORWARD", "1")
     assert emulated.forward_kernels(*inputs[:3], scale=0.45) == "split"
     split = run_emulated(emulated, *inputs, scale=0.45)
-    for name, a, b in zip(("out", "grad_value", "grad_fg", "grad_bg"), split, fused):
-        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_same_bits(split, fused)
     assert_close_all(split, run_reference(*inputs, scale=0.45), dtype, f"{dtype} {(B, C, H, W, heads, dual)}")
 
 
