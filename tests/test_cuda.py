@@ -9,6 +9,7 @@ kernels, with the same bits; the tests run the fused ones unless they say otherw
 """
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import condseg_ops
 from condseg_ops.reference import contrast_aggregate_reference
@@ -166,8 +167,7 @@ def test_split_forward_gives_the_fused_bits(dtype, B, C, H, W, heads, dual, monk
 
 
 def forward_kernel_names(value, fg, bg):
-    from torch.profiler import ProfilerActivity, profile
-
+    """The names of the CUDA kernels one forward call runs, joined by spaces."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         condseg_ops.contrast_aggregate(value, fg, bg, backend="cuda")
         torch.cuda.synchronize()

@@ -11,8 +11,8 @@
 // (the tests compare both). With heads a multiple of 4, the fused kernels copy the logits in 16- or
 // 8-byte granules (CONDSEG_CUDA_WORD_STAGING=1: in 4-byte words, as on other head counts). Where the
 // fused forward's grid is less than one full wave (two blocks per SM; batch 1 at ConDSeg's sizes),
-// its weights come from the split kernels instead, with the same bits (CONDSEG_CUDA_SPLIT_FORWARD=1
-// or 0 forces either way).
+// the split kernels run in its place (and give the backward its Wt), with the same bits
+// (CONDSEG_CUDA_SPLIT_FORWARD=1 or 0 forces either way).
 //
 // Inputs may be non-contiguous (copied once); outputs are contiguous. Everything is queued on the
 // current CUDA stream of the inputs' device, under a device guard.
@@ -68,8 +68,8 @@ float log2_scale(double scale) {
   return static_cast<float>(scale * cuda::kLog2e);
 }
 
-// How a call runs: on the fused K = 3 kernels or the generic ones, whether the fused kernels' weights
-// come from the split kernels, and whether the fused kernels copy the logits in granules ("vector
+// How a call runs: on the fused K = 3 kernels or the generic ones, whether the split kernels take
+// the place of weights_kernel, and whether the fused kernels copy the logits in granules ("vector
 // staging") or 4-byte words. The fused softmaxes take the maximum before scaling, which needs a
 // finite scale * log2(e) > 0 in float (k3_kernels.cuh, softmax_row). CONDSEG_CUDA_WORD_STAGING=1
 // keeps words (the tests compare both, bit for bit).
@@ -77,7 +77,7 @@ struct FusedPlan {
   bool fused = false, vector_logits = false, split = false;
 };
 
-// Whether the fused kernels' weights should come from the split kernels: when the fused forward's
+// Whether the split kernels should take the place of weights_kernel: when the fused forward's
 // grid would not fill the device once at two blocks per SM, a call takes about one block's latency
 // (53 us at batch 1, 64x64, H200), which the split kernels' many light threads cut.
 bool split_wanted(const Geo& g, int device) {
